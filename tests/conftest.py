@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny mini release and its prepared folder, built once per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsb.data.mini import MiniSpec, write_release
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = MiniSpec(seed=1, classes=20, train_per_class=8, val_per_class=4, v2_per_class=2, image_size=48)
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+
+def run_if(min_gpus: int = 0):
+    """Missing hardware becomes a readable skip."""
+    have = torch.cuda.device_count()
+    return pytest.mark.skipif(have < min_gpus, reason=f"needs {min_gpus} CUDA GPU(s), found {have}")
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mini")
+    return out, write_release(out, TINY)
+
+
+@pytest.fixture
+def release_copy(release, tmp_path) -> Path:
+    """A private copy of the release a test may damage."""
+    dst = tmp_path / "raw"
+    shutil.copytree(release[0], dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prepared(release, tmp_path_factory) -> Path:
+    from stages.prepare import build
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    build(release[0], out, "mini", verify_md5=False)
+    return out
