@@ -43,3 +43,22 @@ def prepared(release, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "prepared"
     build(release[0], out, "mini", verify_md5=False)
     return out
+
+
+def write_params(path: Path, prepared: Path, overrides: dict | None = None) -> Path:
+    """The project's params.yaml at a test's scale: tiny model, tiny images, few updates; `overrides` by dotted key."""
+    import yaml
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = {"data.prepared": str(prepared), "models": ["test_resnet", "resnet18"], "run": ["a1", "a3"],
+            "scale.epochs": 0.005, "scale.min_epochs": 2, "scale.img_size": 32, "scale.batch_size": 16,
+            "train.micro_batch": 8, "train.workers": 0, "train.threads": 1, "evaluate.workers": 0,
+            "benchmark.img_size": 64, "benchmark.batch_size": 8, "benchmark.repeats": 2, "benchmark.warmup": 1}
+    for key, value in {**base, **(overrides or {})}.items():
+        d = p
+        *parents, last = key.split(".")
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    return path

@@ -1,0 +1,79 @@
+"""Save and resume: DeepSpeed checkpoints (model + optimizer) plus client state (scheduler, epoch, history, run id).
+
+Layout: checkpoints/<arch>-<recipe>/<digest>/{epoch<N>/, latest}. The digest is the resolved recipe's (everything
+that changes the math), so a changed recipe starts fresh beside the old one instead of resuming a different run.
+`latest` is written only after every rank has finished writing its files, and atomically (write, then rename): a
+checkpoint whose write was interrupted is never the one that is loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from rsb.distributed import barrier, is_main
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint from another recipe or architecture."""
+
+
+def run_dir(root: Path, name: str, digest: str) -> Path:
+    return Path(root) / name / digest
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    f = Path(ckpt_dir) / "latest"
+    tag = f.read_text().strip() if f.is_file() else None
+    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def peek(ckpt_dir: Path) -> dict:
+    """The latest checkpoint's small metadata (digest, epoch, MLflow run id), without loading it."""
+    tag = latest_tag(ckpt_dir)
+    meta = Path(ckpt_dir) / str(tag) / "rsb.json"
+    return json.loads(meta.read_text()) if tag and meta.is_file() else {}
+
+
+def save(engine, ckpt_dir: Path, epoch: int, client_state: dict, keep: int = 1) -> None:
+    """Collective: every rank must call it (DeepSpeed writes per-rank files)."""
+    tag = f"epoch{epoch}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    barrier()
+    if is_main():
+        meta = {k: client_state.get(k) for k in ("digest", "epoch", "mlflow_run_id")}
+        (Path(ckpt_dir) / tag / "rsb.json").write_text(json.dumps(meta))
+        tmp = Path(ckpt_dir) / f".latest.{os.getpid()}"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(ckpt_dir) / "latest")
+        for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load(engine, ckpt_dir: Path, digest: str) -> dict | None:
+    """Resume from `latest` if there is one; returns the client state, or None to start fresh."""
+    tag = latest_tag(ckpt_dir)
+    if dist.is_initialized():  # every rank must agree on what to load
+        tags = [None] * dist.get_world_size()
+        dist.all_gather_object(tags, tag)
+        if len(set(tags)) > 1:
+            raise CheckpointMismatch(f"{ckpt_dir}: ranks see different latest checkpoints {tags}; the folder must "
+                                     "be on a filesystem shared by all nodes")
+    if tag is None:
+        return None
+    meta = Path(ckpt_dir) / tag / "rsb.json"
+    written_for = peek(ckpt_dir).get("digest")
+    if written_for != digest:
+        raise CheckpointMismatch(
+            f"{ckpt_dir}/{tag}: written for recipe digest {written_for}, but this run's resolved recipe has digest "
+            f"{digest}; it is another run's checkpoint. Move it away to start fresh")
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    if client is None or client.get("digest") != digest:
+        raise CheckpointMismatch(f"{ckpt_dir}/{tag}: its client state does not match {meta}; the checkpoint is "
+                                 "damaged or was edited. Move it away to start fresh")
+    return client

@@ -1,0 +1,140 @@
+"""The two loops: `train_one_epoch` and `evaluate`, each returning a dict of averaged numbers."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged: the last good checkpoint is left as it was."""
+
+
+@dataclass
+class Step:
+    """What one training step needs, built once per run."""
+    engine: object                   # deepspeed.DeepSpeedEngine
+    loss_fn: Callable
+    mixup_fn: Callable | None
+    scheduler: object                # timm scheduler, stepped per update here (never by DeepSpeed)
+    device: torch.device
+    dtype: torch.dtype | None        # autocast dtype; None = fp32
+    channels_last: bool = True
+    num_updates: int = 0
+    log_every: int = 10
+    on_log: Callable[[list[dict]], None] = field(default=lambda rows: None)
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+
+def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One micro-step: forward and loss under autocast (as timm's train.py), backward through DeepSpeed, which
+    scales by 1/accumulation and all-reduces on the update boundary; `engine.step()` updates only there."""
+    with s.autocast():
+        loss = s.loss_fn(s.engine(images), targets)
+    s.engine.backward(loss)
+    s.engine.step()
+    return loss.detach()
+
+
+def train_one_epoch(s: Step, loader, epoch: int, accum: int, show_progress: bool) -> dict:
+    s.engine.train()
+    losses, rows, seen, t0 = [], [], 0, time.perf_counter()
+    bar = tqdm(total=len(loader) // accum, desc=f"epoch {epoch}", disable=not show_progress, leave=False,
+               dynamic_ncols=True)
+    for i, (images, labels) in enumerate(loader):
+        images, labels = s.to_device(images), labels.to(s.device, non_blocking=True)
+        if s.mixup_fn is not None:
+            images, labels = s.mixup_fn(images, labels)
+        losses.append(forward_backward(s, images, labels))
+        seen += images.shape[0]
+        if (i + 1) % accum:
+            continue
+        lr = s.engine.optimizer.param_groups[0]["lr"]  # the lr this update used
+        s.num_updates += 1
+        s.scheduler.step_update(num_updates=s.num_updates)
+        rows.append({"step": s.num_updates, "lr": lr, "loss": torch.stack(losses[-accum:]).mean()})
+        if len(rows) % s.log_every == 0:
+            _flush(s, rows[-s.log_every:], epoch, bar, seen / (time.perf_counter() - t0))
+        bar.update(1)
+    if tail := len(rows) % s.log_every:
+        _flush(s, rows[-tail:], epoch, bar, seen / (time.perf_counter() - t0))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"train/loss": sum(r["loss"] for r in rows) / max(1, len(rows)), "train/lr": rows[-1]["lr"] if rows else 0.0,
+            "train/img_per_s": seen / elapsed, "train/epoch_s": elapsed, "train/updates": len(rows)}
+
+
+def _flush(s: Step, rows: list[dict], epoch: int, bar, img_per_s: float) -> None:
+    """Turn a window of loss tensors into numbers (one sync per window, not per step) and check they are finite."""
+    values = torch.stack([r["loss"] for r in rows]).float().cpu().tolist()
+    for r, v in zip(rows, values):
+        r["loss"] = v
+        if not math.isfinite(v):
+            raise NonFiniteLoss(f"non-finite loss {v} at update {r['step']} (epoch {epoch}); the last good "
+                                "checkpoint is kept. Lower the lr or use precision fp32/bf16")
+    bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{rows[-1]['lr']:.2e}", img_s=f"{img_per_s:.0f}")
+    s.on_log(rows)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+            channels_last: bool, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k class indices and labels for every sample of `loader`, in order."""
+    model.eval()
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    tops, labels = [], []
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with ctx():
+            logits = model(images)
+        tops.append(logits.float().topk(k, dim=1).indices.cpu())
+        labels.append(y)
+    return torch.cat(tops), torch.cat(labels)
+
+
+def topk_correct(top: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
+    hit = top == labels[:, None]
+    return {"top1": int(hit[:, :1].any(1).sum()), "top5": int(hit[:, :5].any(1).sum()), "count": len(labels)}
+
+
+def real_correct(top: torch.Tensor, real: list[list[int]]) -> dict[str, int]:
+    """ReaL: images with an empty list are not scored; top-k is correct if any of its k predictions is listed."""
+    out = {"top1": 0, "top5": 0, "count": 0}
+    for pred, labels in zip(top.tolist(), real):
+        if labels:
+            out["count"] += 1
+            out["top1"] += pred[0] in labels
+            out["top5"] += any(p in labels for p in pred[:5])
+    return out
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+             channels_last: bool) -> dict[str, float]:
+    """Top-1/top-5 in percent over `loader`; summed over ranks when each rank holds a shard."""
+    top, labels = predict(model, loader, device, dtype, channels_last, k=min(5, _num_classes(model)))
+    c = topk_correct(top, labels)
+    counts = torch.tensor([c["top1"], c["top5"], c["count"]], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    top1, top5, n = counts.tolist()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n)}
+
+
+def _num_classes(model: torch.nn.Module) -> int:
+    return getattr(model, "num_classes", 1000)

@@ -1,0 +1,135 @@
+"""A recipe becomes timm's components, assembled as timm's train.py assembles them; then the epoch loop."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from timm.loss import BinaryCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import distribute_bn
+
+from rsb import checkpoint, distributed, engine
+from rsb.config import Resolved
+from rsb.data import loader as loaders
+from rsb.data.datasets import Split
+from rsb.tracking import Tracker
+
+
+def create_model(r: Resolved, num_classes: int) -> torch.nn.Module:
+    return timm.create_model(r.arch, num_classes=num_classes, drop_path_rate=r.recipe.drop_path)
+
+
+def create_optimizer(model: torch.nn.Module, r: Resolved) -> torch.optim.Optimizer:
+    # filter_bias_and_bn (timm's default): no weight decay on 1-D parameters (biases, BN) and model.no_weight_decay()
+    return create_optimizer_v2(model, opt=r.recipe.opt, lr=r.lr, weight_decay=r.recipe.weight_decay)
+
+
+def create_loss(r: Resolved) -> torch.nn.Module:
+    # With Mixup active timm's train.py leaves smoothing to Mixup and only thresholds the targets here.
+    mixing = r.recipe.mixup > 0 or r.recipe.cutmix > 0
+    return BinaryCrossEntropy(smoothing=0.0 if mixing else r.recipe.smoothing,
+                              target_threshold=r.recipe.bce_target_thresh)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, r: Resolved, updates_per_epoch: int):
+    """Cosine with warmup, stepped per update (`scheduler.step_update`), as timm's `--sched-on-updates`."""
+    scheduler, _ = create_scheduler_v2(optimizer, sched=r.recipe.sched, num_epochs=r.epochs,
+                                       warmup_epochs=r.warmup_epochs, warmup_lr=r.recipe.warmup_lr,
+                                       min_lr=r.recipe.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+def seed_everything(seed: int, rank: int, epoch: int) -> None:
+    """All randomness of an epoch (augmentation in the main process, Mixup, drop path) is a function of (seed, rank,
+    epoch), so a run resumed at an epoch boundary continues exactly as the uninterrupted one."""
+    s = (seed * 1_000_003 + rank * 10_007 + epoch) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+@dataclass
+class Run:
+    """One (arch, recipe) training: what the loop needs beyond the step."""
+    r: Resolved
+    prepared: Path
+    ckpt_dir: Path
+    rank: int
+    device: torch.device
+    tracker: Tracker
+    history: list[dict] = field(default_factory=list)
+    updates: list[dict] = field(default_factory=list)
+
+
+def train(run: Run) -> tuple[torch.nn.Module, dict]:
+    r = run.r
+    dtype = distributed.AUTOCAST[r.train.precision]
+    torch.manual_seed(r.train.seed)  # identical initial weights on every rank
+    train_set = Split(run.prepared, "train", loaders.train_transform(r))
+    val_set = Split(run.prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct))
+    model = create_model(r, train_set.num_classes).to(run.device)
+    optimizer = create_optimizer(model, r)
+    ds_engine = distributed.initialize(model, optimizer, r)
+    if r.train.channels_last:  # after initialize: DeepSpeed's parameter broadcast needs contiguous tensors
+        ds_engine.module.to(memory_format=torch.channels_last)
+    if r.train.compile:
+        ds_engine.compile()
+    updates_per_epoch = loaders.MicroBatchSampler(train_set, r.micro_batch, r.grad_accum, r.world_size, run.rank,
+                                                  r.recipe.aug_repeats).updates
+    if updates_per_epoch == 0:
+        raise ValueError(f"{run.prepared}: {len(train_set)} train images make no full update of batch "
+                         f"{r.batch_size}; lower scale.batch_size")
+    step = engine.Step(engine=ds_engine, loss_fn=create_loss(r), mixup_fn=loaders.mixup(r, train_set.num_classes),
+                       scheduler=create_scheduler(optimizer, r, updates_per_epoch), device=run.device, dtype=dtype,
+                       channels_last=r.train.channels_last, on_log=lambda rows: _log_updates(run, rows))
+    start = _resume(run, step)
+    val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
+    val_loader = loaders.eval_loader(val_shard, 100, r.train.workers)
+    for epoch in range(start, r.epochs):
+        seed_everything(r.train.seed, run.rank, epoch)
+        stats = engine.train_one_epoch(step, loaders.train_loader(train_set, r, run.rank, epoch,
+                                                                  run.device.type == "cuda"),
+                                       epoch, r.grad_accum, show_progress=run.rank == 0)
+        if r.world_size > 1:
+            distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce
+        last = epoch == r.epochs - 1
+        if last or (r.train.eval_every and (epoch + 1) % r.train.eval_every == 0):
+            val = engine.evaluate(ds_engine.module, val_loader, run.device, dtype, r.train.channels_last)
+            stats.update({"val/top1": val["top1"], "val/top5": val["top5"]})
+        row = {"epoch": epoch + 1, **stats}
+        run.history.append(row)
+        run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        checkpoint.save(ds_engine, run.ckpt_dir, epoch + 1, _client_state(run, step, epoch + 1))
+    return ds_engine.module, {"updates_per_epoch": updates_per_epoch}
+
+
+def _log_updates(run: Run, rows: list[dict]) -> None:
+    run.updates.extend({"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in rows)
+    run.tracker.log_rows(rows, {"loss": "train/loss_step", "lr": "train/lr_step"})
+
+
+def _client_state(run: Run, step: engine.Step, epochs_done: int) -> dict:
+    return {"digest": run.r.digest(), "epoch": epochs_done, "num_updates": step.num_updates,
+            "scheduler": step.scheduler.state_dict(), "sampler_epoch": epochs_done,
+            "rng": {"seed": run.r.train.seed, "derived_from": "(seed, rank, epoch)"},
+            "history": run.history, "updates": run.updates, "mlflow_run_id": run.tracker.run_id}
+
+
+def _resume(run: Run, step: engine.Step) -> int:
+    client = checkpoint.load(step.engine, run.ckpt_dir, run.r.digest())
+    if client is None:
+        return 0
+    step.num_updates = client["num_updates"]
+    step.scheduler.load_state_dict(client["scheduler"])
+    step.scheduler.step_update(num_updates=step.num_updates)  # the lr of the next update, as the loop leaves it
+    run.history[:] = client["history"]
+    run.updates[:] = client["updates"]
+    if run.rank == 0:
+        print(f"resumed {run.ckpt_dir} at epoch {client['epoch']}/{run.r.epochs}")
+    return client["epoch"]

@@ -1,0 +1,122 @@
+"""train@<arch>-<recipe>: one of the paper's recipes, scaled by params.yaml `scale`, with DeepSpeed on 1..N processes.
+
+    deepspeed --num_nodes 1 --num_gpus 1 --module stages.train --arch resnet50 --recipe a1      (what dvc.yaml runs)
+    python -m stages.train --arch resnet18 --recipe a3                                         (one process, no launcher)
+
+Writes models/<name>.pt (plain state_dict), metrics/train/<name>.json, plots/train/<name>.csv (per epoch) and
+<name>.updates.csv (per update), runs/<name>.json (MLflow run + resolved recipe); keeps checkpoints/<name>/<digest>/
+to resume from. Rerunning after an interruption resumes from the last finished epoch.
+
+Results card (2 cores, mini default, bf16 autocast + channels_last, batch 64 = 2 x 32 accumulated):
+    resnet18-a3 (2 epochs at 46 px): see BENCHMARKS.md / the issue notes for measured times.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rsb import checkpoint, distributed, tracking
+from rsb.config import ConfigError, flatten, load_params, resolve
+from rsb.checkpoint import CheckpointMismatch
+from rsb.data.datasets import PreparedError, load_classes
+from rsb.training import Run, train
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Train one (architecture, recipe) with DeepSpeed.")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by older launchers
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    name = f"{args.arch}-{args.recipe}"
+    world = int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
+    r = resolve(params, args.arch, args.recipe, world_size=world)
+    prepared = Path(params.data.prepared)
+    info = json.loads((prepared / "info.json").read_text()) if (prepared / "info.json").is_file() else {}
+    load_classes(prepared)  # fails clearly before any process group work if prepare has not run
+
+    rank, local_rank, world = distributed.init()
+    threads = distributed.set_threads(r.train.threads)
+    device = distributed.device_for(local_rank)
+    distributed.check_precision(r.train.precision, device)
+    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), name, r.digest())
+    tags = {"rsb.stage": f"train@{name}", "rsb.arch": args.arch, "rsb.recipe": args.recipe,
+            "rsb.params_hash": r.digest(), "rsb.data_digest": info.get("digest", "unknown"),
+            "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "mlflow.source.git.commit": tracking.git_commit(),
+            "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
+            "rsb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
+    resolved = {**r.to_dict(), "threads": threads, "ds_config": distributed.ds_config(r)}
+    tracker.log_params(flatten(resolved))
+
+    run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker)
+    t0 = time.perf_counter()
+    try:
+        model, extra = train(run)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    metrics = _outputs(run, model, name, time.perf_counter() - t0, extra, resolved) if rank == 0 else {}
+    distributed.barrier()
+    return metrics
+
+
+def _outputs(run: Run, model: torch.nn.Module, name: str, seconds: float, extra: dict, resolved: dict) -> dict:
+    """Rank 0 writes the declared outputs; the final weights go last (a stage with no model has not finished)."""
+    h = run.history
+    final = h[-1]
+    metrics = {"train/loss": final["train/loss"], "val/top1": final.get("val/top1"), "val/top5": final.get("val/top5"),
+               "train/img_per_s": sum(x["train/img_per_s"] for x in h) / len(h),
+               "train/time_s": sum(x["train/epoch_s"] for x in h), "train/stage_s": seconds,
+               "epochs": run.r.epochs, "updates": extra["updates_per_epoch"] * run.r.epochs}
+    write_csv(Path("plots/train") / f"{name}.csv", [{k.replace("/", "_"): v for k, v in row.items()} for row in h])
+    write_csv(Path("plots/train") / f"{name}.updates.csv", run.updates)
+    write_json(Path("metrics/train") / f"{name}.json", metrics)
+    write_json(Path("runs") / f"{name}.json", {"run_id": run.tracker.run_id, "experiment_id":
+                                               run.tracker.experiment_id, "resolved": resolved})
+    models = Path("models")
+    models.mkdir(exist_ok=True)
+    tmp = models / f".{name}.pt.tmp"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, models / f"{name}.pt")
+    t = run.tracker
+    t.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=run.r.epochs)
+    for path, where in ((Path("runs") / f"{name}.json", "config"), (Path("plots/train") / f"{name}.csv", "history"),
+                        (Path("plots/train") / f"{name}.updates.csv", "history"), (models / f"{name}.pt", "model")):
+        t.log_artifact(path, where)
+    t.end()
+    print(f"{name}: val top-1 {metrics['val/top1']:.2f}%, {metrics['train/img_per_s']:.0f} img/s, "
+          f"{metrics['train/time_s']:.0f} s")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, PreparedError, CheckpointMismatch) as e:
+        sys.exit(f"error: {e}")
