@@ -138,11 +138,13 @@ class Benchmark:
     img_size: int = 224
     warmup: int = 2
     repeats: int = 5
-    precision: str = "bf16"
+    precision: str = "auto"
     channels_last: bool = True
 
     def check(self) -> None:
         _positive("benchmark", batch_size=self.batch_size, img_size=self.img_size, repeats=self.repeats)
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"benchmark.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ same extraction code on both:
     imagenetv2-matched-frequency.tar.gz   imagenetv2-matched-frequency-format-val/<class index>/<hash>.jpeg
     real.json                         one label list per val image (ReaL): some with two labels, some empty
 
-A class is a concept a CNN picks up in a few epochs at ~64 px: a shape (disc, square, triangle, cross, ring) in a
-colour family, drawn at a random position, scale and rotation over a textured, cluttered background. Augmentation
+A class is a concept a CNN picks up in a few epochs at ~32-64 px: a surface texture (solid, horizontal stripes,
+vertical stripes, checker) in a colour family, on an object of random outline, position, scale and rotation over a
+noisy, cluttered background. Augmentation
 helps because the nuisances (position, scale, clutter, lighting) vary more than 100 images per class can cover.
 ImageNetV2 comes from a deliberately shifted, harder distribution (smaller objects, more clutter, wider hue spread,
 lower contrast), as the real V2 is harder than val. Like ImageNet, one train "JPEG" is a PNG and one is CMYK.
@@ -56,9 +57,12 @@ WNIDS = [
     ("n01667114", "mud turtle"), ("n01667778", "terrapin"), ("n01669191", "box turtle, box tortoise"),
     ("n01675722", "banded gecko"), ("n01677366", "common iguana, iguana, Iguana iguana"),
 ]
-SHAPES = ("disc", "square", "triangle", "cross", "ring")
-# Colour families as hue centres (fractions of the colour wheel), far enough apart to survive hue jitter.
-HUES = (0.0, 0.33, 0.62, 0.14, 0.8, 0.5, 0.08, 0.92)
+# A class is a colour family x a surface texture; the outline (disc, square, triangle, cross) is a nuisance. Texture
+# and colour survive RandomResizedCrop down to ~32 px, which is what lets a CNN learn them in a few epochs.
+TEXTURES = ("solid", "hstripes", "vstripes", "checker")
+SHAPES = ("disc", "square", "triangle", "cross")
+# Colour families as hue centres (fractions of the colour wheel): 5 far apart, then 5 in between (classes 21-40).
+HUES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.1, 0.3, 0.5, 0.7, 0.9)
 DEVKIT = "ILSVRC2012_devkit_t12"
 V2_TOP = "imagenetv2-matched-frequency-format-val"
 ARCHIVES = {
@@ -100,8 +104,8 @@ class Style:
 
 
 TRAIN_STYLE = Style()
-V2_STYLE = Style(scale=(0.2, 0.4), clutter=(5, 10), hue_jitter=0.06, contrast=0.75, blur=0.6)
-TINY_STYLE = Style(scale=(0.06, 0.1), clutter=(8, 12))  # val images ReaL leaves unscored
+V2_STYLE = Style(scale=(0.22, 0.4), clutter=(5, 10), hue_jitter=0.06, contrast=0.7, blur=0.7)
+TINY_STYLE = Style(scale=(0.07, 0.1), clutter=(8, 12))  # val images ReaL leaves unscored
 
 
 def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -123,43 +127,59 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
-def draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, label: int, size: tuple[int, int],
-                style: Style, scale: tuple[float, float] | None = None) -> None:
-    shape, hue = SHAPES[label % len(SHAPES)], HUES[label // len(SHAPES)]
+def object_mask(rng: np.random.Generator, size: tuple[int, int], r: float) -> np.ndarray:
     w, h = size
-    r = 0.5 * min(w, h) * rng.uniform(*(scale or style.scale))
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-    v = rng.uniform(0.55, 1.0) * style.contrast + (1 - style.contrast) * 0.5
-    colour = _rgb(hue + rng.normal(0, style.hue_jitter), rng.uniform(0.6, 1.0), v)
+    mask = Image.new("L", size, 0)
+    draw, shape = ImageDraw.Draw(mask), SHAPES[rng.integers(len(SHAPES))]
     if shape == "disc":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r * 0.35)))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:
-        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=colour)
+        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=255)
+    return np.asarray(mask) > 127
+
+
+def draw_object(img: np.ndarray, rng: np.random.Generator, label: int, style: Style,
+                scale: tuple[float, float] | None = None) -> None:
+    """Paint an object of class `label` into `img` (H, W, 3 float): its colour family and texture are the class."""
+    texture, hue = TEXTURES[label % len(TEXTURES)], HUES[label // len(TEXTURES)]
+    h, w, _ = img.shape
+    mask = object_mask(rng, (w, h), 0.5 * min(w, h) * rng.uniform(*(scale or style.scale)))
+    v = rng.uniform(0.6, 1.0)
+    light = np.array(_rgb(hue + rng.normal(0, style.hue_jitter), rng.uniform(0.65, 1.0), v), dtype=np.float32)
+    dark = light * (1 - 0.6 * style.contrast)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.normal(0, 0.15)  # stripes stay near-horizontal / near-vertical: hflip and RandAugment keep the class
+    u, t = xx * math.cos(angle) - yy * math.sin(angle), xx * math.sin(angle) + yy * math.cos(angle)
+    period = rng.uniform(0.09, 0.14) * max(w, h)
+    phase = rng.uniform(0, period)
+    on = {"solid": np.zeros_like(u, dtype=bool), "hstripes": ((t + phase) // (period / 2)) % 2 == 1,
+          "vstripes": ((u + phase) // (period / 2)) % 2 == 1,
+          "checker": (((u + phase) // (period / 2)) + ((t + phase) // (period / 2))) % 2 == 1}[texture]
+    img[mask] = np.where(on[..., None], dark, light)[mask]
 
 
 def render(rng: np.random.Generator, labels: list[int], style: Style, image_size: int) -> Image.Image:
     """An image of `labels[0]`, plus smaller objects of any further labels (ReaL's multi-label images)."""
     short = int(image_size * rng.uniform(0.8, 1.0))
     size = (image_size, short) if rng.random() < 0.5 else (short, image_size)
-    # Background: a low-saturation colour with smooth noise (lighting) and grain (texture).
+    # Background: a low-saturation colour with smooth noise (lighting) and grain; clutter strokes of any colour.
     base = np.array(_rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.2, 0.8)), dtype=np.float32)
     low = rng.normal(0, 25, size=(4, 4, 1)).astype(np.float32)
     light = np.asarray(Image.fromarray(low[..., 0]).resize(size, Image.BICUBIC))[..., None]
     grain = rng.normal(0, 10, size=(size[1], size[0], 1)).astype(np.float32)
-    img = Image.fromarray(np.clip(base + light + grain, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(*style.clutter, endpoint=True)):  # clutter: thin strokes and specks, any colour
+    bg = Image.fromarray(np.clip(base + light + grain, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(bg)
+    for _ in range(rng.integers(*style.clutter, endpoint=True)):
         x0, y0 = rng.uniform(0, size[0]), rng.uniform(0, size[1])
         x1, y1 = x0 + rng.normal(0, size[0] / 5), y0 + rng.normal(0, size[1] / 5)
         draw.line([x0, y0, x1, y1], fill=_rgb(rng.random(), rng.random(), rng.random()), width=int(rng.integers(1, 3)))
+    img = np.asarray(bg, dtype=np.float32).copy()
     for extra in labels[1:]:
-        draw_object(draw, rng, extra, size, style, scale=(0.18, 0.28))
-    draw_object(draw, rng, labels[0], size, style)
-    if style.blur:
-        img = img.filter(ImageFilter.GaussianBlur(style.blur))
-    return img
+        draw_object(img, rng, extra, style, scale=(0.2, 0.3))
+    draw_object(img, rng, labels[0], style)
+    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return out.filter(ImageFilter.GaussianBlur(style.blur)) if style.blur else out
 
 
 def jpeg_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:

@@ -1,0 +1,64 @@
+"""Params, GMACs, inference throughput and peak memory of an architecture (the paper's figure-4 columns).
+
+GMACs come from DeepSpeed's flops profiler (as timm's benchmark.py uses it): multiply-accumulates, which is what the
+paper's "FLOPs" and timm's tables count (resnet50 at 224: 4.09). Throughput is timed after warm-up, per batch, with a
+device synchronize around each timed batch; the median batch gives img/s. Peak memory: on CUDA the allocator's peak
+after a reset; on a CPU the process's peak resident set (ru_maxrss), which includes the interpreter and libraries.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def count(model: torch.nn.Module, img_size: int) -> dict:
+    from deepspeed.profiling.flops_profiler import get_model_profile
+
+    _, macs, params = get_model_profile(model, input_shape=(1, 3, img_size, img_size), print_profile=False,
+                                        detailed=False, as_string=False)
+    return {"params_m": params / 1e6, "gmacs": macs / 1e9}
+
+
+def throughput(model: torch.nn.Module, batch: int, img_size: int, device: torch.device, dtype: torch.dtype | None,
+               channels_last: bool, warmup: int, repeats: int) -> dict:
+    model = model.eval().to(device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            with ctx():
+                model(x)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu process peak RSS (ru_maxrss)"
+    med = statistics.median(times)
+    return {"img_per_s": batch / med, "batch_ms_median": 1000 * med, "batch_ms": [1000 * t for t in times],
+            "peak_mem_mb": peak, "peak_mem_kind": kind}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"cpu x{torch.get_num_threads()} threads"

@@ -1,0 +1,74 @@
+"""benchmark@<arch>: params (M), GMACs at 224, inference img/s and peak memory at batch 128 (the paper's figure 4).
+
+    python -m stages.benchmark --arch resnet50
+
+Architecture-level: it depends on the architecture and the benchmark params, not on training, and measures the
+ImageNet model (1000 classes) at the paper's 224 x 224 so that params and GMACs compare with the paper's table.
+Precision auto: bf16 autocast on GPUs (the paper's AMP), fp32 on CPUs without native bf16.
+
+Results card (2 cores, AMD EPYC, fp32, batch 128 at 224, 1 warm-up + 3 timed batches): see BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from rsb import distributed, profiling, tracking
+from rsb.config import ConfigError, auto_precision, check_arch, load_params
+from stages.train import write_json
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Benchmark one architecture.")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--params", default="params.yaml")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    check_arch(params, args.arch)
+    b = params.benchmark
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = auto_precision() if b.precision == "auto" else b.precision
+    distributed.check_precision(precision, device)
+    torch.manual_seed(0)
+    model = timm.create_model(args.arch, num_classes=1000)
+    metrics = {"arch": args.arch, **profiling.count(model, 224)}
+    metrics.update(profiling.throughput(model, b.batch_size, b.img_size, device, distributed.AUTOCAST[precision],
+                                        b.channels_last, b.warmup, b.repeats))
+    metrics.update({"batch": b.batch_size, "resolution": b.img_size, "precision": precision,
+                    "channels_last": b.channels_last, "warmup": b.warmup, "repeats": b.repeats,
+                    "device": profiling.device_name(device),
+                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                 "timm": timm.__version__, "deepspeed": _version("deepspeed")},
+                    "bench_s": time.perf_counter() - t0})
+    write_json(Path("metrics/benchmark") / f"{args.arch}.json", metrics)
+    t = tracking.start(True, params.experiment, f"benchmark-{args.arch}", None,
+                       {"rsb.stage": f"benchmark@{args.arch}", "rsb.arch": args.arch, "rsb.kind": "benchmark",
+                        "mlflow.source.git.commit": tracking.git_commit()})
+    t.log_params({k: v for k, v in metrics.items() if k in ("batch", "resolution", "precision", "device",
+                                                             "channels_last", "warmup", "repeats")})
+    t.log_metrics({f"bench/{k}": metrics[k] for k in ("params_m", "gmacs", "img_per_s", "peak_mem_mb")})
+    t.log_artifact(Path("metrics/benchmark") / f"{args.arch}.json", "benchmark")
+    t.end()
+    print(f"{args.arch}: {metrics['params_m']:.2f} M params, {metrics['gmacs']:.3f} GMACs, "
+          f"{metrics['img_per_s']:.1f} img/s, {metrics['peak_mem_mb']:.0f} MB on {metrics['device']}")
+    return metrics
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

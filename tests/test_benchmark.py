@@ -1,0 +1,34 @@
+"""benchmark: params and GMACs at 224 equal the published values; the JSON carries every field, positive, with device."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+
+from rsb import profiling
+from rsb.report import reference
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_params_and_gmacs_match_the_reference(arch):
+    ref = reference()[(arch, "a1")]
+    got = profiling.count(timm.create_model(arch, num_classes=1000), 224)
+    assert got["params_m"] == pytest.approx(float(ref["params_m"]), rel=0.01)
+    assert got["gmacs"] == pytest.approx(float(ref["gmacs_at_224"]), rel=0.01)
+
+
+def test_stage_json_fields(tmp_path, prepared, monkeypatch):
+    from conftest import write_params
+    from stages.benchmark import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = write_params(tmp_path / "params.yaml", prepared)
+    main(["--arch", "test_resnet", "--params", str(p)])
+    m = json.loads((tmp_path / "metrics/benchmark/test_resnet.json").read_text())
+    for key in ("params_m", "gmacs", "img_per_s", "peak_mem_mb", "batch", "resolution"):
+        assert m[key] > 0, key
+    assert m["batch"] == 8 and m["resolution"] == 64 and len(m["batch_ms"]) == 2
+    assert m["device"] and m["precision"] in ("fp32", "bf16", "fp16") and m["peak_mem_kind"]
+    assert set(m["versions"]) == {"python", "torch", "timm", "deepspeed"}

@@ -1,0 +1,98 @@
+"""evaluate: ReaL scoring rules, V2's folder-index labels through evaluation, the paper's eval transform."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torchvision import transforms as T
+
+from rsb.data import loader as loaders
+from rsb.data.datasets import Split
+from rsb.engine import real_correct, topk_correct
+from stages.evaluate import evaluate_model
+
+
+def test_real_scoring_on_crafted_cases():
+    top = torch.tensor([[3, 1, 2, 0, 4],   # top-1 in a multi-label list
+                        [1, 2, 3, 4, 5],   # unscored (empty list): counts nowhere
+                        [9, 8, 7, 6, 5],   # only the 5th prediction is listed: top-5 hit, top-1 miss
+                        [0, 1, 2, 3, 4],   # nothing listed
+                        [2, 0, 1, 3, 4]])  # second label of a multi-label list
+    real = [[3, 7], [], [5], [9], [1, 2]]
+    assert real_correct(top, real) == {"top1": 2, "top5": 3, "count": 4}
+
+
+def test_topk_scoring():
+    top = torch.tensor([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [0, 6, 7, 8, 9]])
+    assert topk_correct(top, torch.tensor([1, 2, 5])) == {"top1": 1, "top5": 2, "count": 3}
+
+
+@pytest.mark.parametrize("size, crop_pct, resize", [(224, 0.95, 235), (64, 0.95, 67), (160, 0.875, 182)])
+def test_eval_transform_is_the_papers(size, crop_pct, resize):
+    tf = loaders.eval_transform(size, crop_pct)
+    r, c = tf.transforms[0], tf.transforms[1]
+    assert isinstance(r, T.Resize) and r.size == resize and r.interpolation == T.InterpolationMode.BICUBIC
+    assert isinstance(c, T.CenterCrop) and tuple(c.size) == (size, size)
+    norm = tf.transforms[-1]
+    assert norm.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert norm.std.tolist() == pytest.approx([0.229, 0.224, 0.225])
+    from PIL import Image
+    assert tf(Image.new("RGB", (300, 250))).shape == (3, size, size)
+
+
+class FolderOracle(torch.nn.Module):
+    """A 'model' that predicts the class an image was stored under: it reads the label smuggled in the pixels."""
+    num_classes = 20
+
+    def forward(self, x):
+        label = x[:, 0, 0, 0].round().long()
+        return torch.nn.functional.one_hot(label, self.num_classes).float() * 10
+
+
+def test_v2_folder_index_maps_through_evaluation(prepared, monkeypatch):
+    """Evaluation scores V2 folder k as class k: an oracle of each sample's folder gets 100% on V2 and val."""
+    from rsb.data import datasets
+
+    def getitem(self, i):
+        path, label = self.samples[i]
+        truth = int(path.parent.name) if self.split == "v2" else \
+            json.loads((self.root / "classes.json").read_text())[label]["index"]
+        return torch.full((3, 8, 8), float(truth)), label
+
+    monkeypatch.setattr(datasets.Split, "__getitem__", getitem)
+    out = evaluate_model(FolderOracle(), prepared, 8, 0.95, 16, 0, "fp32")
+    assert out["v2/top1"] == 100.0 and out["val/top1"] == 100.0
+    assert out["v2/count"] == len(Split(prepared, "v2")) and out["val/count"] == len(Split(prepared, "val"))
+    real = Split(prepared, "val").real_labels()
+    assert out["real/count"] == sum(1 for r in real if r) < out["val/count"]
+    assert out["real/top1"] < 100.0, "ReaL relabels some val images, so val labels are not all ReaL-correct"
+
+
+def test_stage_writes_and_logs(tmp_path, prepared, monkeypatch):
+    from conftest import write_params
+    from stages.evaluate import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = write_params(tmp_path / "params.yaml", prepared)
+    (tmp_path / "models").mkdir()
+    torch.save(timm.create_model("test_resnet", num_classes=20).state_dict(), tmp_path / "models/test_resnet-a3.pt")
+    m = main(["--arch", "test_resnet", "--recipe", "a3", "--params", str(p)])
+    saved = json.loads((tmp_path / "metrics/eval/test_resnet-a3.json").read_text())
+    for key in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5", "val/count", "real/count",
+                "v2/count", "transform"):
+        assert key in saved
+    assert saved["transform"]["crop"] == 32 and saved["transform"]["resize_shorter"] == 33
+    assert m["val/top1"] == saved["val/top1"]
+
+
+def test_missing_weights_name_the_stage(tmp_path, prepared, monkeypatch):
+    from conftest import write_params
+    from stages.evaluate import main
+
+    monkeypatch.chdir(tmp_path)
+    p = write_params(tmp_path / "params.yaml", prepared)
+    with pytest.raises(FileNotFoundError, match="run `dvc repro train@test_resnet-a1`"):
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
