@@ -21,7 +21,7 @@ import torch
 
 from rsb import distributed, profiling, tracking
 from rsb.config import ConfigError, auto_precision, check_arch, load_params
-from stages.train import write_json
+from rsb.io import write_json
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,7 +25,7 @@ from rsb.config import ConfigError, load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import PreparedError, Split
 from rsb.engine import predict, real_correct, topk_correct
-from stages.train import write_json
+from rsb.io import write_json
 
 
 def load_model(arch: str, weights: Path, num_classes: int) -> torch.nn.Module:

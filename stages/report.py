@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rsb import report, tracking
 from rsb.config import ConfigError, load_params, scaled_size
+from rsb.io import write_csv
 
 
 def caption(params, info: dict, device: str) -> str:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = caption(params, info, ", ".join(devices) or "(no benchmark)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "figure4.md").write_text(report.markdown(table, text))
-    report.write_csv(table, args.out / "figure4.csv")
+    write_csv(args.out / "figure4.csv", table)
     report.plot(table, args.out / "figure4.png", text)
     t = tracking.start(True, params.experiment, "report", None,
                        {"rsb.stage": "report", "rsb.kind": "report", "mlflow.source.git.commit": tracking.git_commit()})

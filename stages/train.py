@@ -13,7 +13,6 @@ Results card (2 cores, mini default, bf16 autocast + channels_last, batch 64 = 2
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -26,23 +25,8 @@ from rsb import checkpoint, distributed, tracking
 from rsb.config import ConfigError, flatten, load_params, resolve
 from rsb.checkpoint import CheckpointMismatch
 from rsb.data.datasets import PreparedError, load_classes
+from rsb.io import write_csv, write_json
 from rsb.training import Run, train
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,10 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
             "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
             "rsb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
-    resolved = {**r.to_dict(), "threads": threads, "ds_config": distributed.ds_config(r)}
+    resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
     tracker.log_params(flatten(resolved))
 
-    run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker)
+    run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags)
     t0 = time.perf_counter()
     try:
         model, extra = train(run)
@@ -98,7 +82,7 @@ def _outputs(run: Run, model: torch.nn.Module, name: str, seconds: float, extra:
     write_csv(Path("plots/train") / f"{name}.updates.csv", run.updates)
     write_json(Path("metrics/train") / f"{name}.json", metrics)
     write_json(Path("runs") / f"{name}.json", {"run_id": run.tracker.run_id, "experiment_id":
-                                               run.tracker.experiment_id, "resolved": resolved})
+                                               run.tracker.experiment_id, "tags": run.tags, "resolved": resolved})
     models = Path("models")
     models.mkdir(exist_ok=True)
     tmp = models / f".{name}.pt.tmp"

@@ -93,7 +93,8 @@ def test_lr_follows_warmup_then_cosine_per_update(params):
 def test_scale_rules(params):
     r = resolve(params, "resnet18", "a3", world_size=1)
     assert (r.img_size, r.test_img_size) == (round(160 * 32 / 224), 32)
-    assert r.lr == pytest.approx(8e-3 * (16 / 2048) ** 0.5) if params.scale.lr_rule == "sqrt" else True
+    rule = {"sqrt": (16 / 2048) ** 0.5, "linear": 16 / 2048, "none": 1.0}[params.scale.lr_rule]
+    assert r.lr == pytest.approx(8e-3 * rule * params.scale.lr_factor)
     assert r.batch_size == r.micro_batch * r.grad_accum * r.world_size
     with pytest.raises(ConfigError, match="scale.batch_size=16 is not micro_batch x devices"):
         resolve(params, "resnet18", "a3", world_size=3)

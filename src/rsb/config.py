@@ -72,10 +72,11 @@ class Scale:
     img_size: int = 224        # what the paper's 224 becomes; other sizes (A3's 160) scale in proportion
     batch_size: int = 2048     # global batch
     lr_rule: str = "sqrt"      # lr follows batch: sqrt (timm's rule for LAMB/Adam), linear, none
+    lr_factor: float = 1.0     # a further factor for runs of very few updates (the mini default); 1 = the paper
 
     def check(self) -> None:
         _positive("scale", epochs=self.epochs, min_epochs=self.min_epochs, img_size=self.img_size,
-                  batch_size=self.batch_size)
+                  batch_size=self.batch_size, lr_factor=self.lr_factor)
         if self.lr_rule not in ("sqrt", "linear", "none"):
             raise ConfigError(f"scale.lr_rule must be sqrt, linear or none, got {self.lr_rule!r}")
 
@@ -294,8 +295,8 @@ def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None 
     r, s, t = params.recipe(recipe_name), params.scale, params.train
     world = world_size or t.devices * t.nodes
     epochs = max(s.min_epochs, round(r.epochs * s.epochs))
-    lr = r.lr * {"sqrt": math.sqrt(s.batch_size / r.batch_size), "linear": s.batch_size / r.batch_size,
-                 "none": 1.0}[s.lr_rule]
+    lr = s.lr_factor * r.lr * {"sqrt": math.sqrt(s.batch_size / r.batch_size), "linear": s.batch_size / r.batch_size,
+                               "none": 1.0}[s.lr_rule]
     if s.batch_size % (t.micro_batch * world):
         raise ConfigError(
             f"scale.batch_size={s.batch_size} is not micro_batch x devices x accumulation: train.micro_batch="

@@ -68,15 +68,6 @@ def _delta(v: float | None) -> str:
     return "–" if v is None else f"{v:+.2f}"
 
 
-def write_csv(table: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in table for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(table)
-
-
 def plot(table: list[dict], path: Path, caption: str) -> None:
     import matplotlib
 

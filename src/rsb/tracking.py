@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -68,17 +67,16 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient(self.uri)
         self.experiment_id = experiment_id(self.client, experiment)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in
-                                                                                       tags.items()})
-            run_id = run.info.run_id
-        else:
+            tags = {k: str(v) for k, v in tags.items()}
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        else:  # resuming a run, or evaluate adding to the model's run
+            self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.set_tags(tags)
-        self.run_id = run_id
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10)
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
             self._monitor.start()
 
     def _safe(self, fn, *args) -> None:
@@ -88,7 +86,7 @@ class MlflowTracker(Tracker):
             fn(*args)
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self.enabled = False
-            warnings.warn(f"MLflow at {redact(self.uri)} failed ({type(e).__name__}: {str(e)[:200]}); tracking is "
+            warnings.warn(f"MLflow at {redact(self.uri)} failed ({type(e).__name__}: {redact(str(e))[:200]}); tracking is "
                           "off for the rest of this run. Every number is in the DVC outputs; log them later with "
                           "`python -m rsb.tracking backfill`", RuntimeWarning, stacklevel=3)
 
@@ -150,7 +148,62 @@ def start(main_process: bool, experiment: str, run_name: str, run_id: str | None
     return MlflowTracker(experiment, run_name, run_id, tags)
 
 
-if __name__ == "__main__":
-    from rsb.backfill import main
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
 
-    sys.exit(main())
+    if not path.is_file():
+        return []
+    return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(open(path))]
+
+
+def backfill(experiment: str, root: Path = Path(".")) -> list[str]:
+    """Log every trained run's DVC outputs (runs/, plots/train/, metrics/) into the current store, for the runs whose
+    MLflow run is missing or unfinished there (the server was down). Idempotent: a back-filled run is found by tag."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from rsb.config import flatten
+
+    client = MlflowClient(tracking_uri())
+    exp_id, done = experiment_id(client, experiment), []
+    for run_file in sorted((root / "runs").glob("*.json")):
+        name, info = run_file.stem, json.loads(run_file.read_text())
+        key = info.get("run_id") or f"{name}:{info.get('resolved', {}).get('digest', '')}"
+        try:
+            if info.get("run_id") and client.get_run(info["run_id"]).info.status == "FINISHED":
+                continue
+        except Exception:  # noqa: BLE001 - not in this store
+            pass
+        if client.search_runs([exp_id], f"tags.`rsb.backfill_of` = '{key}'"):
+            continue
+        t = MlflowTracker(experiment, name, None, {**info.get("tags", {}), "rsb.backfill_of": key},
+                          system_metrics=False)
+        t.log_params(flatten(info.get("resolved", {})))
+        t.log_rows(_csv_rows(root / "plots/train" / f"{name}.updates.csv"), {"loss": "train/loss_step",
+                                                                             "lr": "train/lr_step"})
+        epochs = [{**r, "step": r["epoch"]} for r in _csv_rows(root / "plots/train" / f"{name}.csv")]
+        t.log_rows(epochs, {k: k.replace("_", "/", 1) for k in (epochs[0] if epochs else {}) if k not in ("epoch",
+                                                                                                        "step")})
+        for kind in ("train", "eval"):
+            f = root / "metrics" / kind / f"{name}.json"
+            if f.is_file():
+                values = {k: v for k, v in json.loads(f.read_text()).items() if isinstance(v, (int, float))}
+                t.log_metrics(values, step=len(epochs))
+        t.end()
+        if t.enabled:
+            done.append(name)
+    return done
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from rsb.config import load_params
+
+    parser = argparse.ArgumentParser(description="MLflow helpers")
+    parser.add_argument("command", choices=["backfill"])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    names = backfill(load_params(args.params).experiment)
+    print(f"back-filled {len(names)} run(s) into {redact(tracking_uri())}: {', '.join(names) or 'none needed'}")

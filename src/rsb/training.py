@@ -63,6 +63,7 @@ class Run:
     rank: int
     device: torch.device
     tracker: Tracker
+    tags: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     updates: list[dict] = field(default_factory=list)
 

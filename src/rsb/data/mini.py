@@ -96,7 +96,7 @@ class MiniSpec:
 @dataclass(frozen=True)
 class Style:
     """How hard a split's images are: the shift between val and V2 lives here."""
-    scale: tuple[float, float] = (0.3, 0.6)
+    scale: tuple[float, float] = (0.45, 0.75)
     clutter: tuple[int, int] = (2, 6)
     hue_jitter: float = 0.04
     contrast: float = 1.0
@@ -104,8 +104,8 @@ class Style:
 
 
 TRAIN_STYLE = Style()
-V2_STYLE = Style(scale=(0.22, 0.4), clutter=(5, 10), hue_jitter=0.06, contrast=0.7, blur=0.7)
-TINY_STYLE = Style(scale=(0.07, 0.1), clutter=(8, 12))  # val images ReaL leaves unscored
+V2_STYLE = Style(scale=(0.3, 0.5), clutter=(5, 10), hue_jitter=0.06, contrast=0.7, blur=0.8)
+TINY_STYLE = Style(scale=(0.08, 0.12), clutter=(8, 12))  # val images ReaL leaves unscored
 
 
 def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -151,7 +151,7 @@ def draw_object(img: np.ndarray, rng: np.random.Generator, label: int, style: St
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.normal(0, 0.15)  # stripes stay near-horizontal / near-vertical: hflip and RandAugment keep the class
     u, t = xx * math.cos(angle) - yy * math.sin(angle), xx * math.sin(angle) + yy * math.cos(angle)
-    period = rng.uniform(0.09, 0.14) * max(w, h)
+    period = rng.uniform(0.2, 0.28) * max(w, h)  # >= ~8 px per period at 40 px: visible at the mini resolution
     phase = rng.uniform(0, period)
     on = {"solid": np.zeros_like(u, dtype=bool), "hstripes": ((t + phase) // (period / 2)) % 2 == 1,
           "vstripes": ((u + phase) // (period / 2)) % 2 == 1,

@@ -1,0 +1,113 @@
+"""The pipeline end to end: the real `dvc repro` in a temporary git copy of the project, on a tiny profile."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = {"models": ["test_resnet"], "run": ["a1", "a3"],
+        "data.mini": {"seed": 0, "classes": 20, "train_per_class": 6, "val_per_class": 3, "v2_per_class": 2,
+                      "image_size": 48},
+        "scale.epochs": 0.004, "scale.min_epochs": 1, "scale.img_size": 32, "scale.batch_size": 16,
+        "train.micro_batch": 8, "train.workers": 0, "train.threads": 1, "evaluate.workers": 0,
+        "benchmark.img_size": 64, "benchmark.batch_size": 8, "benchmark.repeats": 2, "benchmark.warmup": 1}
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "MLFLOW_TRACKING_URI", "RSB_TRACKING"):
+        env.pop(k, None)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def set_params(repo: Path, values: dict) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in values.items():
+        d = p
+        *parents, last = key.split(".")
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(sh(repo, "dvc", "status", "--json").stdout or "{}"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git copy of the project's tracked files, with the tiny profile, after one full `dvc repro`."""
+    repo = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (ROOT / f).is_file() and not f.startswith(("metrics/", "plots/", "runs/", "reports/", "dvc.lock")):
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    set_params(repo, TINY)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile")
+    sh(repo, "dvc", "repro")
+    return repo
+
+
+def test_repro_produces_every_output(repo):
+    for name in ("test_resnet-a1", "test_resnet-a3"):
+        assert (repo / "models" / f"{name}.pt").is_file()
+        ev = json.loads((repo / "metrics/eval" / f"{name}.json").read_text())
+        assert {"val/top1", "real/top1", "v2/top1"} <= set(ev)
+        run = json.loads((repo / "runs" / f"{name}.json").read_text())
+        assert run["run_id"] and run["resolved"]["arch"] == "test_resnet"
+    bench = json.loads((repo / "metrics/benchmark/test_resnet.json").read_text())
+    assert bench["img_per_s"] > 0
+    rows = list(csv.DictReader(open(repo / "reports/figure4.csv")))
+    assert [(r["arch"], r["recipe"]) for r in rows] == [("test_resnet", "a1"), ("test_resnet", "a3")]
+    assert "NOT comparable" in (repo / "reports/figure4.md").read_text()
+    assert (repo / "mlflow.db").is_file(), "the default store is the project's sqlite file"
+
+
+def test_second_repro_does_nothing(repo):
+    assert changed_stages(repo) == set()
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out
+
+
+def test_changing_a3_lr_reruns_only_a3(repo):
+    set_params(repo, {"recipes.a3.lr": 0.007})
+    assert changed_stages(repo) == {"train@test_resnet-a3"}  # downstream stages follow through their deps
+    out = sh(repo, "dvc", "repro").stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@test_resnet-a3", "evaluate@test_resnet-a3", "report"}
+    assert changed_stages(repo) == set()
+
+
+def test_mlflow_run_has_training_and_evaluation(repo):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = json.loads((repo / "runs/test_resnet-a1.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {"train/loss", "val/top1", "real/top1", "v2/top1"} <= set(run.data.metrics)
+    assert run.data.params["recipe.mixup"] == "0.2" and run.data.tags["rsb.stage"] == "train@test_resnet-a1"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "rsb" and exp.artifact_location.startswith(f"file://{repo}")
+    kinds = {r.data.tags.get("rsb.kind") for r in client.search_runs([exp.experiment_id])}
+    assert {"benchmark", "report"} <= kinds
