@@ -7,7 +7,8 @@ scaled sizes under the mini profile). ReaL: images with an empty label list are 
 correct if any of its k classes is in the list. Writes metrics/eval/<name>.json and logs the same numbers into the
 model's MLflow run (runs/<name>.json), so one run row holds recipe, curves and results.
 
-Results card (2 cores, mini default, 500 val + 200 V2 images at 64 px): a few seconds per model.
+Results card (2 cores AMD EPYC, 2026-11-27, mini default, 500 val + 200 V2 images at 32 px): 1.7 s (resnet18) to
+3.2 s (resnet50) of evaluation per model, plus ~10 s of imports (torch, timm, MLflow).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Reads only the stages' JSON metrics (metrics/train, metrics/eval, metrics/benchm
 never MLflow; writes reports/figure4.md, .csv and .png, and logs them as the artifacts of a "report" MLflow run. The
 caption states the scale and the device, so a mini run is never mistaken for the paper's.
 
-Results card (2 cores, mini default): about a second.
+Results card (2 cores AMD EPYC, mini default): about a second after imports; 6 rows.
 """
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ Writes models/<name>.pt (plain state_dict), metrics/train/<name>.json, plots/tra
 <name>.updates.csv (per update), runs/<name>.json (MLflow run + resolved recipe); keeps checkpoints/<name>/<digest>/
 to resume from. Rerunning after an interruption resumes from the last finished epoch.
 
-Results card (2 cores, mini default, bf16 autocast + channels_last, batch 64 = 2 x 32 accumulated):
-    resnet18-a3 (2 epochs at 46 px): see BENCHMARKS.md / the issue notes for measured times.
+Results card (2 cores AMD EPYC, no native bf16 so fp32 + channels_last, 2026-11-27, mini default, batch 64 = 2 x 32
+accumulated, `dvc repro` on a fresh clone; stage wall includes ~30 s of launcher, imports and DeepSpeed init):
+    resnet50  a1 3 ep 32 px: 52.6 img/s, 103 s training, val 23.0%   a2 2 ep: 49.8 img/s, 72 s, 22.8%
+              a3 2 ep 23 px: 56.3 img/s,  71 s,          val 26.6%
+    resnet18  a1: 94.9 img/s, 57 s, 25.4%   a2: 89.2 img/s, 40 s, 21.2%   a3: 98.8 img/s, 40 s, 21.6%   (chance: 5%)
 """
 from __future__ import annotations
 
