@@ -14,6 +14,7 @@ import pytest
 import torch
 from timm.data.auto_augment import RandAugment
 from timm.layers import DropPath
+from timm.loss import BinaryCrossEntropy
 
 from rsb import distributed, engine
 from rsb.config import ConfigError, load_params, resolve
@@ -44,7 +45,14 @@ def world():
 def test_recipe_becomes_timm_components(params, name, thresh, mixup, smoothing, aa, drop_path, wd):
     r = resolve(params, "resnet18", name, world_size=1)
     loss = create_loss(r)
-    assert loss.target_threshold == thresh and loss.smoothing == 0.0  # smoothing lives in Mixup, as in timm
+    # timm train.py with Mixup active: BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
+    expected = BinaryCrossEntropy(target_threshold=thresh)
+    assert type(loss) is BinaryCrossEntropy and vars(loss).keys() == vars(expected).keys()
+    assert (loss.target_threshold, loss.smoothing, loss.reduction) == \
+        (expected.target_threshold, expected.smoothing, expected.reduction)
+    soft = torch.softmax(torch.randn(4, 20), 1)  # dense (Mixup) targets: the loss's smoothing has no effect
+    logits = torch.randn(4, 20)
+    assert loss(logits, soft) == BinaryCrossEntropy(smoothing=0.0, target_threshold=thresh)(logits, soft)
 
     m = loaders.mixup(r, 20)
     assert (m.mixup_alpha, m.cutmix_alpha, m.label_smoothing, m.mix_prob, m.switch_prob, m.mode) == \

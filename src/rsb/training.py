@@ -30,10 +30,11 @@ def create_optimizer(model: torch.nn.Module, r: Resolved) -> torch.optim.Optimiz
 
 
 def create_loss(r: Resolved) -> torch.nn.Module:
-    # With Mixup active timm's train.py leaves smoothing to Mixup and only thresholds the targets here.
-    mixing = r.recipe.mixup > 0 or r.recipe.cutmix > 0
-    return BinaryCrossEntropy(smoothing=0.0 if mixing else r.recipe.smoothing,
-                              target_threshold=r.recipe.bce_target_thresh)
+    """As timm's train.py: with Mixup active, `BinaryCrossEntropy(target_threshold=...)` (smoothing happened in Mixup;
+    the loss's own default smoothing applies only to class-index targets, which Mixup never passes)."""
+    if r.recipe.mixup > 0 or r.recipe.cutmix > 0:
+        return BinaryCrossEntropy(target_threshold=r.recipe.bce_target_thresh)
+    return BinaryCrossEntropy(smoothing=r.recipe.smoothing, target_threshold=r.recipe.bce_target_thresh)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, r: Resolved, updates_per_epoch: int):
