@@ -7,8 +7,8 @@ ImageNet model (1000 classes) at the paper's 224 x 224 so that params and GMACs 
 Precision auto: bf16 autocast on GPUs (the paper's AMP), fp32 on CPUs without native bf16.
 
 Results card (2 cores AMD EPYC, 2026-11-27, fp32 + channels_last, batch 128 at 224, 1 warm-up + 2 timed batches):
-    resnet50: 25.56 M params, 4.089 GMACs, 10.0 img/s, 2,465 MB peak RSS, 41 s
-    resnet18: 11.69 M params, 1.814 GMACs, 30.9 img/s, 1,889 MB peak RSS, 16 s
+    resnet50: 25.56 M params, 4.089 GMACs,  9.2-10.0 img/s, 2,465 MB peak RSS, 41-46 s (two runs)
+    resnet18: 11.69 M params, 1.814 GMACs, 26.8-30.9 img/s, 1,879-1,889 MB peak RSS, 16-18 s
 """
 from __future__ import annotations
 

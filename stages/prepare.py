@@ -7,9 +7,9 @@ Every input is checked before anything is published: the archives exist, the dev
 per val image, every image decodes. The output is built in a temporary sibling folder and renamed into place at the
 end, so a failed run never leaves a data/prepared that looks complete.
 
-Results card (2 cores AMD EPYC, 2026-11-27, mini default: 20 classes, 2,002 train / 500 val / 200 V2 images, <=80 px):
-    python -m rsb.data.mini    ->  10.7 s, 10.5 MB of archives
-    python -m stages.prepare   ->   1.7 s, 2,702 images decoded and checked, 8.8 MB in data/prepared
+Results card (2 cores AMD EPYC, 2026-11-27, mini default: 20 classes, 1,602 train / 500 val / 200 V2 images, <=80 px):
+    python -m rsb.data.mini    ->  ~10 s, 8.9 MB of archives
+    python -m stages.prepare   ->  1.9 s, 2,302 images decoded and checked, 7.5 MB in data/prepared
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ to resume from. Rerunning after an interruption resumes from the last finished e
 
 Results card (2 cores AMD EPYC, no native bf16 so fp32 + channels_last, 2026-11-27, mini default, batch 64 = 2 x 32
 accumulated, `dvc repro` on a fresh clone; stage wall includes ~30 s of launcher, imports and DeepSpeed init):
-    resnet50  a1 3 ep 32 px: 52.6 img/s, 103 s training, val 23.0%   a2 2 ep: 49.8 img/s, 72 s, 22.8%
-              a3 2 ep 23 px: 56.3 img/s,  71 s,          val 26.6%
-    resnet18  a1: 94.9 img/s, 57 s, 25.4%   a2: 89.2 img/s, 40 s, 21.2%   a3: 98.8 img/s, 40 s, 21.6%   (chance: 5%)
+    resnet50  a1 3 ep 32 px: 48.7 img/s, 95 s training, val 23.4%   a2 2 ep: 49.8 img/s, 63 s, 24.2%
+              a3 2 ep 23 px: 48.9 img/s, 66 s,          val 19.6%
+    resnet18  a1: 84.5 img/s, 55 s, 22.0%   a2: 73.9 img/s, 42 s, 21.0%   a3: 83.6 img/s, 39 s, 21.0%   (chance: 5%)
 """
 from __future__ import annotations
 
