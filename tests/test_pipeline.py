@@ -98,6 +98,16 @@ def test_changing_a3_lr_reruns_only_a3(repo):
     assert changed_stages(repo) == set()
 
 
+def test_adding_an_architecture_runs_only_its_rows(repo):
+    set_params(repo, {"models": ["test_resnet", "resnet10t"]})
+    out = sh(repo, "dvc", "repro").stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@resnet10t-a1", "train@resnet10t-a3", "evaluate@resnet10t-a1", "evaluate@resnet10t-a3",
+                   "benchmark@resnet10t", "report"}
+    rows = list(csv.DictReader(open(repo / "reports/figure4.csv")))
+    assert [(r["arch"], r["recipe"]) for r in rows][-2:] == [("resnet10t", "a1"), ("resnet10t", "a3")]
+
+
 def test_mlflow_run_has_training_and_evaluation(repo):
     from mlflow.tracking import MlflowClient
 
