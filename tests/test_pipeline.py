@@ -89,6 +89,15 @@ def test_second_repro_does_nothing(repo):
     assert "Running stage" not in out
 
 
+def test_metrics_and_plots_show(repo):
+    metrics = sh(repo, "dvc", "metrics", "show").stdout
+    assert "metrics/eval/test_resnet-a1.json" in metrics and "val/top1" in metrics
+    out = sh(repo, "dvc", "plots", "show")
+    assert "failed to load" not in out.stdout + out.stderr
+    html = (repo / "dvc_plots" / "index.html").read_text()
+    assert "train_loss" in html and (repo / "dvc_plots/static/workspace_reports_figure4.png").is_file()
+
+
 def test_changing_a3_lr_reruns_only_a3(repo):
     set_params(repo, {"recipes.a3.lr": 0.007})
     assert changed_stages(repo) == {"train@test_resnet-a3"}  # downstream stages follow through their deps
