@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = distributed.set_threads(r.train.threads)
     device = distributed.device_for(local_rank)
     distributed.check_precision(r.train.precision, device)
-    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), name, r.digest())
+    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), name, checkpoint.resume_digest(r.digest()))
     tags = {"rsb.stage": f"train@{name}", "rsb.arch": args.arch, "rsb.recipe": args.recipe,
             "rsb.params_hash": r.digest(), "rsb.data_digest": info.get("digest", "unknown"),
             "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "mlflow.source.git.commit": tracking.git_commit(),

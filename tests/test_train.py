@@ -277,3 +277,17 @@ def test_stage_outputs_and_mlflow_run(tmp_path, prepared, monkeypatch, world):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")][:2] == [1, 2]
     artifacts = {a.path for d in ("config", "history", "model") for a in client.list_artifacts(run.info.run_id, d)}
     assert {f"config/{name}.json", f"history/{name}.csv", f"model/{name}.pt"} <= artifacts
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, world):
+    from rsb import checkpoint
+
+    d = tmp_path / "ck"
+    (d / "epoch1").mkdir(parents=True)
+    (d / "epoch1" / "rsb.json").write_text(json.dumps({"digest": "aaaa", "epoch": 1}))
+    (d / "latest").write_text("epoch1")
+    with pytest.raises(checkpoint.CheckpointMismatch, match="written for recipe digest aaaa"):
+        checkpoint.load(None, d, "bbbb")
+    # the resume digest covers the recipe (and the training code and library versions)
+    assert checkpoint.resume_digest("a") != checkpoint.resume_digest("b")
+    assert checkpoint.resume_digest("a") == checkpoint.resume_digest("a")

@@ -1,12 +1,14 @@
 """Save and resume: DeepSpeed checkpoints (model + optimizer) plus client state (scheduler, epoch, history, run id).
 
-Layout: checkpoints/<arch>-<recipe>/<digest>/{epoch<N>/, latest}. The digest is the resolved recipe's (everything
-that changes the math), so a changed recipe starts fresh beside the old one instead of resuming a different run.
+Layout: checkpoints/<arch>-<recipe>/<digest>/{epoch<N>/, latest}. The digest covers the resolved recipe (everything
+that changes the math), the training code and the library versions, so a changed recipe or a code fix starts fresh
+beside the old run instead of resuming a different one.
 `latest` is written only after every rank has finished writing its files, and atomically (write, then rename): a
 checkpoint whose write was interrupted is never the one that is loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +21,23 @@ from rsb.distributed import barrier, is_main
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint from another recipe or architecture."""
+
+
+TRAINING_CODE = ("training.py", "engine.py", "distributed.py", "checkpoint.py", "config.py", "data/loader.py",
+                 "data/datasets.py")
+
+
+def resume_digest(recipe_digest: str) -> str:
+    """What a checkpoint must match to be resumed: the resolved recipe, the training code and the library versions.
+    A code fix (or a timm/torch upgrade) therefore trains afresh instead of resuming a finished run of the old code."""
+    import importlib.metadata as md
+
+    h = hashlib.sha256(recipe_digest.encode())
+    for f in TRAINING_CODE:
+        h.update((Path(__file__).parent / f).read_bytes())
+    for pkg in ("torch", "timm", "deepspeed"):
+        h.update(md.version(pkg).encode())
+    return h.hexdigest()[:16]
 
 
 def run_dir(root: Path, name: str, digest: str) -> Path:

@@ -117,14 +117,14 @@ def _log_updates(run: Run, rows: list[dict]) -> None:
 
 
 def _client_state(run: Run, step: engine.Step, epochs_done: int) -> dict:
-    return {"digest": run.r.digest(), "epoch": epochs_done, "num_updates": step.num_updates,
+    return {"digest": run.ckpt_dir.name, "epoch": epochs_done, "num_updates": step.num_updates,
             "scheduler": step.scheduler.state_dict(), "sampler_epoch": epochs_done,
             "rng": {"seed": run.r.train.seed, "derived_from": "(seed, rank, epoch)"},
             "history": run.history, "updates": run.updates, "mlflow_run_id": run.tracker.run_id}
 
 
 def _resume(run: Run, step: engine.Step) -> int:
-    client = checkpoint.load(step.engine, run.ckpt_dir, run.r.digest())
+    client = checkpoint.load(step.engine, run.ckpt_dir, run.ckpt_dir.name)
     if client is None:
         return 0
     step.num_updates = client["num_updates"]
