@@ -8,19 +8,12 @@ is what timm's `--amp` does.
 from __future__ import annotations
 
 import os
-import socket
-
 import torch
 
 from rsb.config import Resolved
+from rsb.launch import free_port
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init(timeout_s: int = 1800) -> tuple[int, int, int]:
@@ -93,13 +86,3 @@ def is_main() -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-if __name__ == "__main__":
-    import sys
-
-    # `python -m rsb.distributed port N`: N, or a free port when N is 0 (concurrent queued runs must not collide).
-    if len(sys.argv) == 3 and sys.argv[1] == "port":
-        print(int(sys.argv[2]) or free_port())
-    else:
-        sys.exit("usage: python -m rsb.distributed port N")
