@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "timm": timm.__version__, "deepspeed": _version("deepspeed")},
                     "bench_s": time.perf_counter() - t0})
-    write_json(Path("metrics/benchmark") / f"{args.arch}.json", metrics)
+    out = Path("metrics/benchmark") / f"{args.arch}.json"
+    write_json(out, metrics)
     t = tracking.start(True, params.experiment, f"benchmark-{args.arch}", None,
-                       {"rsb.stage": f"benchmark@{args.arch}", "rsb.arch": args.arch, "rsb.kind": "benchmark",
-                        "mlflow.source.git.commit": tracking.git_commit()})
+                       {**tracking.provenance(f"benchmark@{args.arch}", tracking.digest(b)), "rsb.arch": args.arch,
+                        "rsb.kind": "benchmark", "rsb.output_digest": tracking.output_key(f"benchmark@{args.arch}", out)})
     t.log_params({k: v for k, v in metrics.items() if k in ("batch", "resolution", "precision", "device",
                                                              "channels_last", "warmup", "repeats")})
     t.log_metrics({f"bench/{k}": metrics[k] for k in ("params_m", "gmacs", "img_per_s", "peak_mem_mb")})
-    t.log_artifact(Path("metrics/benchmark") / f"{args.arch}.json", "benchmark")
+    t.log_artifact(out, "benchmark")
     t.end()
     print(f"{args.arch}: {metrics['params_m']:.2f} M params, {metrics['gmacs']:.3f} GMACs, "
           f"{metrics['img_per_s']:.1f} img/s, {metrics['peak_mem_mb']:.0f} MB on {metrics['device']}")

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_file = Path("runs") / f"{name}.json"
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
-    t = tracking.start(True, params.experiment, name, run_id, {"rsb.evaluated": "true"})
+    t = tracking.start(True, params.experiment, name, run_id, {"rsb.evaluated": "true",
+                                                           "rsb.eval_stage": f"evaluate@{name}"})
     t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
     t.log_artifact(Path("metrics/eval") / f"{name}.json", "eval")
     t.end()

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_csv(args.out / "figure4.csv", table)
     report.plot(table, args.out / "figure4.png", text)
     t = tracking.start(True, params.experiment, "report", None,
-                       {"rsb.stage": "report", "rsb.kind": "report", "mlflow.source.git.commit": tracking.git_commit()})
+                       {**tracking.provenance("report", tracking.digest(params), Path(params.data.prepared)),
+                        "rsb.kind": "report"})
     for name in ("figure4.md", "figure4.csv", "figure4.png"):
         t.log_artifact(args.out / name, "report")
     t.end()

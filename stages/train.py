@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
     r = resolve(params, args.arch, args.recipe, world_size=world)
     prepared = Path(params.data.prepared)
-    info = json.loads((prepared / "info.json").read_text()) if (prepared / "info.json").is_file() else {}
     load_classes(prepared)  # fails clearly before any process group work if prepare has not run
 
     rank, local_rank, world = distributed.init()
@@ -52,10 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = distributed.device_for(local_rank)
     distributed.check_precision(r.train.precision, device)
     ckpt_dir = checkpoint.run_dir(Path("checkpoints"), name, checkpoint.resume_digest(r.digest()))
-    tags = {"rsb.stage": f"train@{name}", "rsb.arch": args.arch, "rsb.recipe": args.recipe,
-            "rsb.params_hash": r.digest(), "rsb.data_digest": info.get("digest", "unknown"),
-            "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "mlflow.source.git.commit": tracking.git_commit(),
-            "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
+    tags = {**tracking.provenance(f"train@{name}", r.digest(), prepared), "rsb.kind": "train", "rsb.arch": args.arch,
+            "rsb.recipe": args.recipe, "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
             "rsb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import re
 import shutil
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,7 @@ TINY = {"models": ["test_resnet"], "run": ["a1", "a3"],
 
 
 def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "MLFLOW_TRACKING_URI", "RSB_TRACKING"):
-        env.pop(k, None)
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(cwd)), capture_output=True, text=True, timeout=900)
     if check and out.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
@@ -130,3 +126,87 @@ def test_mlflow_run_has_training_and_evaluation(repo):
     assert exp.name == "rsb" and exp.artifact_location.startswith(f"file://{repo}")
     kinds = {r.data.tags.get("rsb.kind") for r in client.search_runs([exp.experiment_id])}
     assert {"benchmark", "report"} <= kinds
+
+
+# --- experiments, the queue and a remote, as users drive them ------------------------------------------------------
+
+def commit(repo: Path, message: str) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """`dvc exp show --json` as {experiment name: {rev, params, metrics by file}}."""
+    out = {}
+    for base in json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout):
+        for exp in base.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev.get("data") or {}
+                out[rev["name"]] = {"rev": rev["rev"], "params": data["params"]["params.yaml"]["data"],
+                                    "metrics": {f: m["data"] for f, m in data["metrics"].items()}}
+    return out
+
+
+def mlflow_runs(repo: Path, **tags: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([client.get_experiment_by_name("rsb").experiment_id], query)
+
+
+def test_exp_run_temp_reruns_only_what_changed(repo):
+    set_params(repo, {"models": ["test_resnet"]})
+    commit(repo, "results")
+    out = sh(repo, "dvc", "exp", "run", "--temp", "-n", "lr6", "-S", "recipes.a3.lr=0.006").stdout
+    assert ran(out) == {"train@test_resnet-a3", "evaluate@test_resnet-a3", "report"}, out
+    exp = experiments(repo)["lr6"]
+    assert exp["params"]["recipes"]["a3"]["lr"] == 0.006
+    ev = exp["metrics"]["metrics/eval/test_resnet-a3.json"]
+    (run,) = mlflow_runs(repo, **{"rsb.dvc_exp": "lr6", "rsb.stage": "train@test_resnet-a3"})
+    assert run.data.metrics["v2/top1"] == pytest.approx(ev["v2/top1"]) and float(run.data.params["lr"]) == pytest.approx(3 * 0.006)
+    assert run.info.run_name == "test_resnet-a3 @lr6"
+    (report,) = mlflow_runs(repo, **{"rsb.dvc_exp": "lr6", "rsb.kind": "report"})
+    assert report.data.tags["mlflow.source.git.commit"] == sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+
+
+def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
+    for seed in (1, 2):
+        sh(repo, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seed={seed}",
+           "-S", "models=[test_resnet]", "-S", "run=[a3]")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline and re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status").stdout):
+        time.sleep(3)
+    status = sh(repo, "dvc", "queue", "status").stdout
+    assert re.search(r"seed1\s.*Success", status) and re.search(r"seed2\s.*Success", status), status
+    exps, seen = experiments(repo), set()
+    for seed in (1, 2):
+        exp = exps[f"seed{seed}"]
+        assert exp["params"]["train"]["seed"] == seed
+        ev = exp["metrics"]["metrics/eval/test_resnet-a3.json"]
+        info = json.loads(sh(repo, "git", "show", f"{exp['rev']}:runs/test_resnet-a3.json").stdout)
+        (run,) = mlflow_runs(repo, **{"rsb.dvc_exp": f"seed{seed}", "rsb.stage": "train@test_resnet-a3"})
+        assert run.info.run_id == info["run_id"] and run.data.params["train.seed"] == str(seed)
+        assert run.data.metrics["val/top1"] == pytest.approx(ev["val/top1"])
+        assert run.data.tags["rsb.params_hash"] == info["resolved"]["digest"]
+        seen.add(info["resolved"]["digest"])
+    assert len(seen) == 2
+
+
+def test_push_then_pull_into_a_fresh_clone(repo, tmp_path):
+    remote = tmp_path / "remote"
+    sh(repo, "dvc", "remote", "add", "-d", "local", str(remote))
+    commit(repo, "remote")
+    out = sh(repo, "dvc", "push").stdout
+    assert "pushed" in out, out
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    for f in ("models/test_resnet-a1.pt", "data/prepared/info.json", "data/mini/ILSVRC2012_img_val.tar"):
+        assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
+    assert changed_stages(clone) == set(), "a pulled clone is up to date: nothing to rerun"

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from rsb import tracking
 from rsb.distributed import free_port
+
+from conftest import clean_env
 
 
 def test_project_root_sees_through_dvc_temp_runs(tmp_path):
@@ -78,3 +88,118 @@ def test_training_finishes_without_a_server_and_backfill_logs_it(tmp_path, prepa
         "train@test_resnet-a3"
     assert len(client.get_metric_history(run.info.run_id, "train/loss_step")) == metrics["updates"]
     assert run.data.metrics["train/loss"] == pytest.approx(metrics["train/loss"])
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store; `restart()` brings it back on the same port."""
+    port, store = free_port(), tmp_path / "server"
+    store.mkdir()
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
+             str(store / "artifacts")], stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "a"),
+            start_new_session=True))  # the server runs uvicorn in a child: stop them together
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server did not start: {(store / 'server.log').read_text()[-2000:]}")
+
+    def stop():
+        os.killpg(procs[-1].pid, signal.SIGKILL)
+        procs[-1].wait()
+
+    start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", stop=stop, restart=start)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _get(url: str, endpoint: str, **query) -> dict:
+    """The REST API itself, as the MLflow UI reads it."""
+    q = urllib.parse.urlencode(query)
+    return json.loads(urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}?{q}", timeout=30).read())
+
+
+@pytest.mark.slow
+def test_runs_read_back_from_a_real_server(tmp_path, prepared, monkeypatch, mlflow_server):
+    from stages.evaluate import main as evaluate
+    from stages.train import main as train
+
+    from conftest import write_params
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RSB_TRACKING", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-exp")
+    p = str(write_params(tmp_path / "params.yaml", prepared))
+    metrics = train(["--arch", "test_resnet", "--recipe", "a3", "--params", p])
+    ev = evaluate(["--arch", "test_resnet", "--recipe", "a3", "--params", p])
+    run_id = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())["run_id"]
+
+    run = _get(mlflow_server.url, "runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "test_resnet-a3 @tidy-exp"
+    params = {x["key"]: x["value"] for x in run["data"]["params"]}
+    tags = {x["key"]: x["value"] for x in run["data"]["tags"]}
+    values = {x["key"]: x["value"] for x in run["data"]["metrics"]}
+    assert params["recipe.aa"] == "rand-m6-mstd0.5-inc1" and params["epochs"] == str(metrics["epochs"])
+    assert tags["rsb.stage"] == "train@test_resnet-a3" and tags["rsb.dvc_exp"] == "tidy-exp"
+    assert tags["rsb.data_digest"] == json.loads((prepared / "info.json").read_text())["digest"]
+    assert len(tags["rsb.params_hash"]) == 16 and tags["mlflow.source.git.commit"]
+    assert values["v2/top1"] == pytest.approx(ev["v2/top1"]) and values["train/loss"] == pytest.approx(
+        metrics["train/loss"])
+    history = _get(mlflow_server.url, "metrics/get-history", run_id=run_id, metric_key="train/loss_step")
+    assert len(history["metrics"]) == metrics["updates"]
+    files = _get(mlflow_server.url, "artifacts/list", run_id=run_id, path="model")["files"]
+    assert [f["path"] for f in files] == ["model/test_resnet-a3.pt"]  # proxied to the server's artifact store
+
+
+@pytest.mark.slow
+def test_server_dying_mid_run_then_backfill_loses_nothing(tmp_path, prepared, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import write_params
+
+    p = write_params(tmp_path / "params.yaml", prepared, {"scale.min_epochs": 40, "train.eval_every": 1})
+    env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--arch", "test_resnet", "--recipe", "a3",
+                             "--params", str(p)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(mlflow_server.url)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill the server once the first epoch is logged
+        exp = client.get_experiment_by_name("rsb")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and "train/loss" in runs[0].data.metrics:
+            break
+        time.sleep(0.3)
+    mlflow_server.stop()
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "tracking is off" in out and "backfill" in out
+    metrics = json.loads((tmp_path / "metrics/train/test_resnet-a3.json").read_text())
+    run_id = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())["run_id"]
+    history = lambda key: [m.step for m in client.get_metric_history(run_id, key)]  # noqa: E731
+
+    mlflow_server.restart()
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert len(history("train/loss")) < metrics["epochs"], "the server died before the run ended"
+    out = subprocess.run([sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "back-filled 1 run(s)" in out.stdout, out.stdout + out.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] == pytest.approx(metrics["train/loss"])
+    assert history("train/loss") == list(range(1, metrics["epochs"] + 1)), "every epoch once, none twice"
+    assert sorted(history("train/loss_step")) == list(range(1, metrics["updates"] + 1))
+    again = subprocess.run([sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert "none needed" in again.stdout, again.stdout

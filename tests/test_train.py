@@ -21,7 +21,7 @@ from rsb.config import ConfigError, load_params, resolve
 from rsb.data import loader as loaders
 from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
 
-from conftest import ROOT, write_params
+from conftest import ROOT, clean_env, write_params
 
 
 @pytest.fixture
@@ -208,10 +208,7 @@ def _train_cmd(params_path: Path) -> list[str]:
 
 
 def _env(tmp: Path) -> dict:
-    env = {**os.environ, "RSB_TRACKING": "off", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return clean_env(RSB_TRACKING="off")
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, prepared):

@@ -40,6 +40,34 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
+def digest(value) -> str:
+    """A short stable hash of a params section (dataclass or dict): the `rsb.params_hash` tag."""
+    import dataclasses
+    import hashlib
+    import json
+
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def output_key(stage: str, path: Path) -> str:
+    """`rsb.output_digest` of a run that logs one DVC output: how backfill knows the output is already logged."""
+    return f"{stage}:{digest(Path(path).read_text())}"
+
+
+def provenance(stage: str, params_hash: str, prepared: Path | None = None) -> dict:
+    """The tags that lead an MLflow run back to its code, params and data: git commit, DVC experiment, stage, params
+    hash and the prepared data's content digest (prepare's info.json)."""
+    import json
+
+    info = Path(prepared) / "info.json" if prepared else None
+    data = "none (synthetic input)" if info is None else \
+        json.loads(info.read_text()).get("digest", "unknown") if info.is_file() else "unknown"
+    return {"rsb.stage": stage, "rsb.params_hash": params_hash, "rsb.data_digest": data,
+            "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME") or "workspace", "mlflow.source.git.commit": git_commit()}
+
+
 class Tracker:
     """The null tracker: what non-zero ranks and unit tests get."""
     run_id: str | None = None
@@ -145,7 +173,8 @@ def start(main_process: bool, experiment: str, run_name: str, run_id: str | None
           tags: dict | None = None) -> Tracker:
     if not main_process or os.environ.get("RSB_TRACKING") == "off":
         return Tracker()
-    return MlflowTracker(experiment, run_name, run_id, tags)
+    exp = os.environ.get("DVC_EXP_NAME")  # runs of several experiments stay apart in the UI's Compare view
+    return MlflowTracker(experiment, f"{run_name} @{exp}" if exp else run_name, run_id, tags)
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -156,9 +185,39 @@ def _csv_rows(path: Path) -> list[dict]:
     return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(open(path))]
 
 
+def _numbers(path: Path) -> dict:
+    import json
+
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, (int, float))}
+
+
+def _fill(t: MlflowTracker, params: dict, series: list[tuple[list[dict], dict[str, str]]]) -> None:
+    """Log into t's run what it lacks: params not yet there, and per metric the rows after its last logged step."""
+    run = t.client.get_run(t.run_id)
+    t.log_params({k: v for k, v in params.items() if k not in run.data.params})
+    for rows, keys in series:
+        for key, name in keys.items():
+            last = max((m.step for m in t.client.get_metric_history(t.run_id, name)), default=-1) \
+                if name in run.data.metrics else -1
+            t.log_rows([r for r in rows if r["step"] > last], {key: name})
+
+
+def _train_series(root: Path, name: str) -> list[tuple[list[dict], dict[str, str]]]:
+    updates = _csv_rows(root / "plots/train" / f"{name}.updates.csv")
+    epochs = [{**r, "step": r["epoch"]} for r in _csv_rows(root / "plots/train" / f"{name}.csv")]
+    keys = {k: k.replace("_", "/", 1) for k in (epochs[0] if epochs else {}) if k not in ("epoch", "step")}
+    final = [{**_numbers(root / "metrics" / kind / f"{name}.json"), "step": len(epochs)} for kind in ("train", "eval")]
+    return [(updates, {"loss": "train/loss_step", "lr": "train/lr_step"}), (epochs, keys),
+            *[([row], {k: k for k in row if k != "step"}) for row in final]]
+
+
 def backfill(experiment: str, root: Path = Path(".")) -> list[str]:
-    """Log every trained run's DVC outputs (runs/, plots/train/, metrics/) into the current store, for the runs whose
-    MLflow run is missing or unfinished there (the server was down). Idempotent: a back-filled run is found by tag."""
+    """Log the DVC outputs into the current store wherever MLflow lacks them (the server was down, or died mid-run):
+    each trained model's run (runs/<name>.json) gets its missing params, per-update and per-epoch metrics, final
+    train and eval metrics, and is marked FINISHED; a run that never reached the store is created, tagged
+    `rsb.backfill_of`. Benchmarks without a run get one. Idempotent: a second call logs nothing."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -170,30 +229,40 @@ def backfill(experiment: str, root: Path = Path(".")) -> list[str]:
     for run_file in sorted((root / "runs").glob("*.json")):
         name, info = run_file.stem, json.loads(run_file.read_text())
         key = info.get("run_id") or f"{name}:{info.get('resolved', {}).get('digest', '')}"
+        run_id = _existing(client, exp_id, info.get("run_id"), key)
+        before = _snapshot(client, run_id) if run_id else None
+        t = MlflowTracker(experiment, name, run_id, {} if run_id else {**info.get("tags", {}), "rsb.backfill_of": key},
+                          system_metrics=False)
+        _fill(t, flatten(info.get("resolved", {})), _train_series(root, name))
+        t.end()
+        if t.enabled and _snapshot(client, t.run_id) != before:
+            done.append(name)
+    for f in sorted((root / "metrics/benchmark").glob("*.json")):
+        key = output_key(f"benchmark@{f.stem}", f)
+        if not client.search_runs([exp_id], f"tags.`rsb.output_digest` = '{key}'"):
+            t = MlflowTracker(experiment, f"benchmark-{f.stem}", None, {"rsb.stage": f"benchmark@{f.stem}",
+                              "rsb.kind": "benchmark", "rsb.output_digest": key, "rsb.backfill_of": key},
+                              system_metrics=False)
+            t.log_metrics({f"bench/{k}": v for k, v in _numbers(f).items()})
+            t.end()
+            done.append(f"benchmark@{f.stem}")
+    return done
+
+
+def _existing(client, exp_id: str, run_id: str | None, key: str) -> str | None:
+    if run_id:
         try:
-            if info.get("run_id") and client.get_run(info["run_id"]).info.status == "FINISHED":
-                continue
+            return client.get_run(run_id).info.run_id
         except Exception:  # noqa: BLE001 - not in this store
             pass
-        if client.search_runs([exp_id], f"tags.`rsb.backfill_of` = '{key}'"):
-            continue
-        t = MlflowTracker(experiment, name, None, {**info.get("tags", {}), "rsb.backfill_of": key},
-                          system_metrics=False)
-        t.log_params(flatten(info.get("resolved", {})))
-        t.log_rows(_csv_rows(root / "plots/train" / f"{name}.updates.csv"), {"loss": "train/loss_step",
-                                                                             "lr": "train/lr_step"})
-        epochs = [{**r, "step": r["epoch"]} for r in _csv_rows(root / "plots/train" / f"{name}.csv")]
-        t.log_rows(epochs, {k: k.replace("_", "/", 1) for k in (epochs[0] if epochs else {}) if k not in ("epoch",
-                                                                                                        "step")})
-        for kind in ("train", "eval"):
-            f = root / "metrics" / kind / f"{name}.json"
-            if f.is_file():
-                values = {k: v for k, v in json.loads(f.read_text()).items() if isinstance(v, (int, float))}
-                t.log_metrics(values, step=len(epochs))
-        t.end()
-        if t.enabled:
-            done.append(name)
-    return done
+    found = client.search_runs([exp_id], f"tags.`rsb.backfill_of` = '{key}'")
+    return found[0].info.run_id if found else None
+
+
+def _snapshot(client, run_id: str) -> tuple:
+    run = client.get_run(run_id)
+    steps = {k: len(client.get_metric_history(run_id, k)) for k in run.data.metrics}
+    return run.info.status, len(run.data.params), tuple(sorted(steps.items()))
 
 
 if __name__ == "__main__":
