@@ -35,13 +35,14 @@ class Writer:
     """Writes files under one split folder, hashing each for the data digest, with a progress bar."""
 
     def __init__(self, root: Path, split: str, bar: tqdm):
-        self.root, self.split, self.bar, self.hashes = root / split, split, bar, {}
+        self.root, self.split, self.bar, self.hashes, self.bytes = root / split, split, bar, {}, 0
 
     def __call__(self, rel: str, data: bytes) -> None:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         self.hashes[f"{self.split}/{rel}"] = hashlib.sha256(data).hexdigest()
+        self.bytes += len(data)
         self.bar.update(1)
 
 
@@ -65,6 +66,24 @@ def check_images(root: Path, origin: dict[str, Path]) -> None:
                                    "replace the archive with an intact copy")
 
 
+def _remove_abandoned(out: Path) -> None:
+    """Partial folders of a prepare that was killed (its pid is gone): at ImageNet scale each holds up to 150 GB."""
+    for d in out.parent.glob(f".{out.name}.partial-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
     """Check the release under `raw`, then extract it into a fresh folder that replaces `out` on success."""
     paths = archives.require(raw)
@@ -78,7 +97,8 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
     real = archives.load_real(paths["real"], len(devkit.val_wnids), n_classes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_abandoned(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         with tqdm(desc=f"prepare {raw}", unit="img", disable=None, file=sys.stderr) as bar:
             w = {s: Writer(tmp, s, bar) for s in ("train", "val", "v2")}
@@ -90,7 +110,8 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
         check_images(tmp, {"train": paths["train"], "val": paths["val"], "v2": paths["v2"]})
         hashes = {k: v for writer in w.values() for k, v in writer.hashes.items()}
         info = {"source": source, "classes": n_classes, "images": {"train": sum(train.values()), "val": n_val,
-                "v2": n_v2}, "real_scored": sum(1 for r in real if r),
+                "v2": n_v2}, "bytes": {s: writer.bytes for s, writer in w.items()},
+                "real_scored": sum(1 for r in real if r),
                 "digest": hashlib.sha256("".join(f"{k}\t{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()}
         (tmp / "real.json").write_text(json.dumps(real))
         classes = [{"index": i, "wnid": wn, "name": devkit.names[wn][0], "words": list(devkit.names[wn])}

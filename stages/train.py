@@ -16,7 +16,6 @@ accumulated, `dvc repro` on a fresh clone; stage wall includes ~30 s of launcher
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from rsb import checkpoint, distributed, tracking
 from rsb.config import ConfigError, flatten, load_params, resolve
 from rsb.checkpoint import CheckpointMismatch
 from rsb.data.datasets import PreparedError, load_classes
+from rsb.engine import NonFiniteLoss
 from rsb.io import write_csv, write_json
 from rsb.training import Run, train
 
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     distributed.check_precision(r.train.precision, device)
     ckpt_dir = checkpoint.run_dir(Path("checkpoints"), name, checkpoint.resume_digest(r.digest()))
     tags = {**tracking.provenance(f"train@{name}", r.digest(), prepared), "rsb.kind": "train", "rsb.arch": args.arch,
-            "rsb.recipe": args.recipe, "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
+            "rsb.recipe": args.recipe,
+            "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
             "rsb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
@@ -100,7 +101,11 @@ def _outputs(run: Run, model: torch.nn.Module, name: str, seconds: float, extra:
 
 
 if __name__ == "__main__":
+    where = f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}"
     try:
         main()
-    except (ConfigError, PreparedError, CheckpointMismatch) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, PreparedError, CheckpointMismatch, NonFiniteLoss, ValueError) as e:
+        sys.exit(f"error: {e} [{where}]")
+    except Exception as e:  # the launcher stops the other ranks; this line says which one failed, and why
+        print(f"error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise

@@ -225,7 +225,7 @@ def test_failed_run_keeps_the_previous_complete_output(release_copy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
 
 
-@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink"])
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink", "device"])
 def test_escaping_members_are_refused(release_copy, tmp_path, kind):
     p = release_copy / ARCHIVES["val"]
     items = members(p)
@@ -233,6 +233,10 @@ def test_escaping_members_are_refused(release_copy, tmp_path, kind):
         items.append(file_info("/tmp/evil.JPEG", b"x"))
     elif kind == "dotdot":
         items.append(file_info("../../evil.JPEG", b"x"))
+    elif kind == "device":
+        dev = tarfile.TarInfo("ILSVRC2012_val_99999999.JPEG")
+        dev.type, dev.devmajor, dev.devminor = tarfile.CHRTYPE, 1, 3  # /dev/null's numbers
+        items.insert(1, (dev, b""))
     else:
         link = tarfile.TarInfo("ILSVRC2012_val_99999999.JPEG")
         link.type, link.linkname = (tarfile.SYMTYPE, "/etc/passwd") if kind == "symlink" else \

@@ -4,7 +4,9 @@ Layout: checkpoints/<arch>-<recipe>/<digest>/{epoch<N>/, latest}. The digest cov
 that changes the math), the training code and the library versions, so a changed recipe or a code fix starts fresh
 beside the old run instead of resuming a different one.
 `latest` is written only after every rank has finished writing its files, and atomically (write, then rename): a
-checkpoint whose write was interrupted is never the one that is loaded.
+checkpoint whose write was interrupted is never the one that is loaded. rsb.json records the sha256 of every file;
+before DeepSpeed loads a checkpoint (with a full unpickler) each file must match its hash and load with
+`torch.load(weights_only=True)`, so a truncated, edited or crafted checkpoint is refused, never executed.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict, keep: int = 1) 
     barrier()
     if is_main():
         meta = {k: client_state.get(k) for k in ("digest", "epoch", "mlflow_run_id")}
+        meta["files"] = {f.name: _sha256(f) for f in sorted((Path(ckpt_dir) / tag).iterdir()) if f.name != "rsb.json"}
         (Path(ckpt_dir) / tag / "rsb.json").write_text(json.dumps(meta))
         tmp = Path(ckpt_dir) / f".latest.{os.getpid()}"
         tmp.write_text(tag)
@@ -71,6 +74,34 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict, keep: int = 1) 
         for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(tag_dir: Path) -> None:
+    """Every file as it was written (sha256 in rsb.json), and loadable without executing code."""
+    import torch
+
+    files = json.loads((tag_dir / "rsb.json").read_text()).get("files")
+    present = {f.name for f in tag_dir.iterdir() if f.name != "rsb.json"}
+    if not files or set(files) != present:
+        raise CheckpointMismatch(f"{tag_dir}: files {sorted(present)} are not the ones written ({sorted(files or [])})"
+                                 "; the checkpoint is incomplete or was edited. Move it away to start fresh")
+    for name, digest in files.items():
+        if _sha256(tag_dir / name) != digest:
+            raise CheckpointMismatch(f"{tag_dir / name}: content differs from what was written (sha256); the "
+                                     "checkpoint is damaged or was tampered with. Move it away to start fresh")
+        try:
+            torch.load(tag_dir / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not hand it to a full unpickler
+            raise CheckpointMismatch(f"{tag_dir / name}: does not load with weights_only=True ({type(e).__name__}: "
+                                     f"{str(e)[:200]}); refusing to unpickle it") from None
 
 
 def load(engine, ckpt_dir: Path, digest: str) -> dict | None:
@@ -90,6 +121,7 @@ def load(engine, ckpt_dir: Path, digest: str) -> dict | None:
         raise CheckpointMismatch(
             f"{ckpt_dir}/{tag}: written for recipe digest {written_for}, but this run's resolved recipe has digest "
             f"{digest}; it is another run's checkpoint. Move it away to start fresh")
+    verify(Path(ckpt_dir) / tag)
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)
     if client is None or client.get("digest") != digest:

@@ -44,6 +44,18 @@ class Split(Dataset):
                 raise PreparedError(f"{folder}: not a class of {self.root / 'classes.json'}; re-run prepare")
             self.samples += [(f, folder_label[folder.name]) for f in sorted(folder.iterdir())]
         self.num_classes = len(classes)
+        self._check_unedited()
+
+    def _check_unedited(self) -> None:
+        """The split holds what prepare wrote (file count and bytes from info.json); content edits that keep both
+        are DVC's to catch (`dvc status` hashes data/prepared)."""
+        info = json.loads((self.root / "info.json").read_text())
+        want = (info["images"][self.split], info.get("bytes", {}).get(self.split))
+        have = (len(self.samples), sum(f.stat().st_size for f, _ in self.samples) if want[1] is not None else None)
+        if have != want:
+            raise PreparedError(f"{self.root / self.split}: {have[0]} files ({have[1]} bytes), but prepare wrote "
+                                f"{want[0]} ({want[1]} bytes); the prepared folder was edited after preparation. "
+                                "Restore it with `dvc checkout data/prepared` or rebuild it with `dvc repro prepare`")
 
     def __len__(self) -> int:
         return len(self.samples)

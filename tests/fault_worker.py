@@ -1,0 +1,88 @@
+"""Run a stage with a fault at a named point, for test_reliability's fault matrix.
+
+    python tests/fault_worker.py POINT MODULE [stage args...]
+
+Kill points send SIGKILL to this very process (what `kill -9` or an OOM killer does): nothing is flushed or cleaned
+up. The patches only decide *when*; the stage runs its real code up to that moment.
+  mid-epoch        the 3rd update of epoch 2
+  checkpoint-write after epoch 2's states file (model + optimizer) is on disk, before rsb.json and `latest`
+  between-epochs   right after epoch 1's checkpoint is published, before epoch 2 starts
+  evaluation       in the evaluate stage, after val is scored, while V2 is being predicted
+  rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
+"""
+import os
+import runpy
+import signal
+import sys
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(point: str) -> None:
+    from rsb import checkpoint, engine
+
+    calls = {"n": 0}
+    if point == "mid-epoch":
+        original = engine.train_one_epoch
+
+        def train_one_epoch(s, loader, epoch, *args, **kwargs):
+            if epoch == 1:
+                inner = s.engine.step
+
+                def step():
+                    inner()
+                    if s.engine.is_gradient_accumulation_boundary():
+                        calls["n"] += 1
+                        if calls["n"] == 3:
+                            die()
+                s.engine.step = step
+            return original(s, loader, epoch, *args, **kwargs)
+        engine.train_one_epoch = train_one_epoch
+    elif point == "checkpoint-write":
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        save = TorchCheckpointEngine.save
+
+        def killing_save(self, state_dict, path):
+            save(self, state_dict, path)
+            if "epoch2" in str(path):
+                die()
+        TorchCheckpointEngine.save = killing_save
+    elif point == "between-epochs":
+        save = checkpoint.save
+
+        def killing_save(engine_, ckpt_dir, epoch, *args, **kwargs):
+            save(engine_, ckpt_dir, epoch, *args, **kwargs)
+            if epoch == 1:
+                die()
+        checkpoint.save = killing_save
+    elif point == "evaluation":  # the stage runs as __main__ and imports `predict` then: patch it at the source
+        predict = engine.predict
+
+        def killing_predict(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                die()
+            return predict(*args, **kwargs)
+        engine.predict = killing_predict
+    elif point == "rank1-crash":
+        forward_backward = engine.forward_backward
+
+        def crashing(*args, **kwargs):
+            calls["n"] += 1
+            if os.environ.get("RANK") == "1" and calls["n"] == 3:
+                raise RuntimeError("injected fault on this rank")
+            return forward_backward(*args, **kwargs)
+        engine.forward_backward = crashing
+    else:
+        sys.exit(f"unknown fault point {point!r}")
+
+
+if __name__ == "__main__":
+    # the deepspeed launcher puts --local_rank=N first; the rank is in the environment as well
+    point, module, *args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    arm(point)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

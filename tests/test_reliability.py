@@ -1,0 +1,312 @@
+"""The fault matrix and the bad-input table of RELIABILITY.md: each row's test.
+
+Faults are real: `kill -9` of the stage process at a chosen point (tests/fault_worker.py picks the moment), then the
+same command again, as `dvc repro` would run it. On the CPU the result must be bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsb import checkpoint
+from rsb.config import ConfigError, load_params
+from rsb.data.datasets import PreparedError, Split
+
+from conftest import ROOT, clean_env, write_params
+
+FAULTS = ROOT / "tests" / "fault_worker.py"
+NAME = "test_resnet-a1"
+OVER = {"scale.min_epochs": 3, "train.workers": 1}
+
+
+def train_args(params: Path) -> list[str]:
+    return ["stages.train", "--arch", "test_resnet", "--recipe", "a1", "--params", str(params)]
+
+
+def run(cwd: Path, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *cmd], cwd=cwd, env=clean_env(RSB_TRACKING="off"), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def killed_then_rerun(tmp: Path, prepared: Path, point: str) -> subprocess.CompletedProcess:
+    tmp.mkdir()
+    p = write_params(tmp / "params.yaml", prepared, OVER)
+    out = run(tmp, str(FAULTS), point, *train_args(p))
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert not (tmp / "models" / f"{NAME}.pt").exists(), "a killed stage must not look finished"
+    again = run(tmp, "-m", *train_args(p))
+    assert again.returncode == 0, again.stderr[-3000:]
+    return again
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, prepared) -> Path:
+    d = tmp_path_factory.mktemp("straight")
+    out = run(d, "-m", *train_args(write_params(d / "params.yaml", prepared, OVER)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d
+
+
+def assert_same_result(a: Path, b: Path) -> None:
+    wa, wb = torch.load(a / "models" / f"{NAME}.pt"), torch.load(b / "models" / f"{NAME}.pt")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
+    ma, mb = (json.loads((d / "metrics/train" / f"{NAME}.json").read_text()) for d in (a, b))
+    assert ma["train/loss"] == mb["train/loss"] and ma["val/top1"] == mb["val/top1"]
+
+
+# --- faults: kill -9, then the same command ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, resumed_at", [("mid-epoch", 1), ("checkpoint-write", 1), ("between-epochs", 1)])
+def test_killed_training_resumes_to_identical_weights(tmp_path, prepared, straight, point, resumed_at):
+    again = killed_then_rerun(tmp_path / point, prepared, point)
+    assert f"at epoch {resumed_at}/3" in again.stdout
+    assert_same_result(straight, tmp_path / point)
+    (ckpts,) = (tmp_path / point / "checkpoints" / NAME).iterdir()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch3", "latest"], "partial epoch folders are cleaned up"
+
+
+@pytest.mark.slow
+def test_killed_evaluation_reruns_cleanly(tmp_path, prepared, straight):
+    args = ["stages.evaluate", "--arch", "test_resnet", "--recipe", "a1", "--params", str(straight / "params.yaml")]
+    first = run(straight, "-m", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    clean = (straight / "metrics/eval" / f"{NAME}.json").read_text()
+    (straight / "metrics/eval" / f"{NAME}.json").unlink()
+    assert run(straight, str(FAULTS), "evaluation", *args).returncode == -signal.SIGKILL
+    assert not list((straight / "metrics").glob("eval/*")), "nothing half-written that looks complete"
+    assert run(straight, "-m", *args).returncode == 0
+    drop = ("eval_s",)
+    a, b = (json.loads(t) for t in (clean, (straight / "metrics/eval" / f"{NAME}.json").read_text()))
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+@pytest.mark.slow
+def test_killed_prepare_leaves_no_partial_folder_and_reruns(release, prepared, tmp_path):
+    out = tmp_path / "data" / "prepared"
+    p = write_params(tmp_path / "params.yaml", prepared)
+    cmd = [sys.executable, "-m", "stages.prepare", "--params", str(p), "--raw", str(release[0]), "--out", str(out),
+           "--source", "mini"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and \
+            not list((tmp_path / "data").glob(".prepared.partial-*/train/*/*")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare ended before the kill"
+    proc.kill()
+    proc.wait()
+    assert list((tmp_path / "data").glob(".prepared.partial-*")) and not out.exists(), "killed during extraction"
+    assert subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"], "the abandoned partial is removed"
+    assert json.loads((out / "info.json").read_text())["digest"] == json.loads(
+        (prepared / "info.json").read_text())["digest"]
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
+    p = write_params(tmp_path / "params.yaml", prepared, {"train.devices": 2})
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", "rank1-crash",
+                          *train_args(p)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"))
+    assert out.returncode != 0
+    assert time.time() - t0 < 300, "the surviving rank must not wait for the dead one"
+    assert "error: rank 1 of 2 failed: RuntimeError: injected fault on this rank" in out.stdout + out.stderr
+    assert not (tmp_path / "models" / f"{NAME}.pt").exists()
+
+
+def test_a_non_finite_loss_stops_with_step_and_epoch_and_keeps_the_checkpoint(tmp_path, prepared, monkeypatch):
+    from rsb import engine
+    from rsb.engine import NonFiniteLoss
+    from stages.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = write_params(tmp_path / "params.yaml", prepared, {"scale.min_epochs": 2})
+    original, calls = engine.forward_backward, {"n": 0}
+
+    def diverging(s, images, targets):
+        calls["n"] += 1
+        loss = original(s, images, targets)
+        return loss * float("nan") if calls["n"] > 21 else loss  # epoch 1 has 20 micro-steps (10 updates)
+    monkeypatch.setattr(engine, "forward_backward", diverging)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss nan at update 11 \(epoch 1\)"):
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
+    (ckpt,) = (tmp_path / "checkpoints" / NAME).iterdir()
+    assert checkpoint.latest_tag(ckpt) == "epoch1"
+    checkpoint.verify(ckpt / "epoch1")  # intact
+    assert not (tmp_path / "models" / f"{NAME}.pt").exists()
+
+
+# --- security: checkpoints ------------------------------------------------------------------------------------------
+
+def _epoch_dir(d: Path) -> Path:
+    (run_dir,) = (d / "checkpoints" / NAME).iterdir()
+    return run_dir / checkpoint.latest_tag(run_dir)
+
+
+@pytest.mark.slow
+def test_a_tampered_checkpoint_is_refused(straight, tmp_path):
+    import shutil
+
+    tag = tmp_path / "epoch3"
+    shutil.copytree(_epoch_dir(straight), tag)
+    checkpoint.verify(tag)
+    model = next(tag.glob("*model_states.pt"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="content differs from what was written"):
+        checkpoint.verify(tag)
+
+
+@pytest.mark.slow
+def test_a_crafted_checkpoint_is_never_unpickled(straight, tmp_path):
+    """Even with its hash updated in rsb.json, a pickle that runs code is refused by the weights_only loader."""
+    import hashlib
+    import shutil
+
+    tag = tmp_path / "epoch3"
+    shutil.copytree(_epoch_dir(straight), tag)
+    model = next(tag.glob("*model_states.pt"))
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+    torch.save({"module": Payload()}, model)
+    meta = json.loads((tag / "rsb.json").read_text())
+    meta["files"][model.name] = hashlib.sha256(model.read_bytes()).hexdigest()
+    (tag / "rsb.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="does not load with weights_only=True"):
+        checkpoint.verify(tag)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_a_truncated_or_incomplete_checkpoint_is_refused(straight, tmp_path):
+    import shutil
+
+    tag = tmp_path / "epoch3"
+    shutil.copytree(_epoch_dir(straight), tag)
+    model = next(tag.glob("*model_states.pt"))  # ZeRO-0 with a client optimizer: one file holds model + optimizer
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointMismatch, match="content differs"):
+        checkpoint.verify(tag)
+    model.unlink()
+    with pytest.raises(checkpoint.CheckpointMismatch, match="incomplete or was edited"):
+        checkpoint.verify(tag)
+
+
+def test_weights_load_with_weights_only(tmp_path):
+    from stages.evaluate import load_model
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_model("test_resnet", tmp_path / "evil.pt", 20)
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- bad input: one clear error naming the key or file, before expensive work ----------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ({"run": ["a1", "a4"]}, "run lists recipe 'a4', which is not under recipes"),
+    ({"recipes.a1.mixpu": 0.2}, "unknown key recipes.a1.mixpu"),
+    ({"scale.batchsize": 64}, "unknown key scale.batchsize"),
+    ({"recipes.a1.epochs": 0}, "recipes.a1.epochs must be > 0, got 0"),
+    ({"recipes.a2.epochs": -5}, "recipes.a2.epochs must be > 0, got -5"),
+    ({"scale.epochs": 0.0}, "scale.epochs must be > 0"),
+    ({"recipes.a1.lr": "fast"}, "recipes.a1.lr must be float, got 'fast'"),
+    ({"models": []}, "models must be a non-empty list"),
+    ({"train.zero_stage": 2}, "zero_stage"),
+])
+def test_bad_params_name_the_key(tmp_path, prepared, override, message):
+    p = write_params(tmp_path / "params.yaml", prepared, override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_params(p)
+
+
+@pytest.mark.parametrize("override, arch, message", [
+    ({}, "resnet5", "architecture 'resnet5' is not under models"),
+    ({"models": ["resnet5"]}, "resnet5", "models: 'resnet5' is not a timm architecture"),
+    ({"scale.batch_size": 24, "train.micro_batch": 16}, "test_resnet",
+     "scale.batch_size=24 is not micro_batch x devices x accumulation"),
+    ({"train.micro_batch": 5, "scale.batch_size": 15}, "test_resnet", "Mixup/CutMix need an even batch"),
+])
+def test_bad_training_setups_fail_before_any_work(tmp_path, prepared, override, arch, message):
+    from stages.train import main
+
+    p = write_params(tmp_path / "params.yaml", prepared, override)
+    with pytest.raises(ConfigError, match=message):
+        main(["--arch", arch, "--recipe", "a1", "--params", str(p)])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_precision_the_device_lacks_is_refused(tmp_path, prepared, monkeypatch):
+    from stages.train import main
+
+    monkeypatch.chdir(tmp_path)
+    p = write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp16"})
+    with pytest.raises(ValueError, match="train.precision=fp16 is not supported on the CPU"):
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_params_file_that_is_not_yaml_or_missing(tmp_path):
+    (tmp_path / "params.yaml").write_text("recipes: [unclosed\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml: not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_training_before_prepare_names_the_stage(tmp_path, prepared):
+    from stages.train import main
+
+    p = write_params(tmp_path / "params.yaml", prepared, {"data.prepared": str(tmp_path / "absent")})
+    with pytest.raises(PreparedError, match="run `dvc repro prepare` first"):
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
+
+
+@pytest.mark.parametrize("edit", ["remove", "append", "add"])
+def test_prepared_folder_edited_after_preparation_is_refused(prepared, tmp_path, edit):
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    first = sorted((copy / "val").rglob("*.JPEG"))[0]
+    if edit == "remove":
+        first.unlink()
+    elif edit == "append":
+        first.write_bytes(first.read_bytes() + b"\0")
+    else:
+        shutil.copy(first, first.with_name("extra.JPEG"))
+    with pytest.raises(PreparedError, match=r"prepared folder was edited after preparation.*dvc checkout"):
+        Split(copy, "val")
+    Split(copy, "train")  # the untouched split still loads
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, prepared):
+    p = write_params(tmp_path / "params.yaml", prepared, {"recipes.a1.mixpu": 0.2})
+    out = run(tmp_path, "-m", *train_args(p))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "recipes.a1.mixpu" in out.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_files_are_plain_zip_tensors(straight):
+    """What verify() accepts is what DeepSpeed writes here: torch zip files that weights_only can read."""
+    for f in _epoch_dir(straight).glob("*.pt"):
+        assert zipfile.is_zipfile(f)
+        torch.load(f, map_location="cpu", weights_only=True)
