@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "bench_s": time.perf_counter() - t0})
     out = Path("metrics/benchmark") / f"{args.arch}.json"
     write_json(out, metrics)
+    stage = f"benchmark@{args.arch}"
     t = tracking.start(True, params.experiment, f"benchmark-{args.arch}", None,
-                       {**tracking.provenance(f"benchmark@{args.arch}", tracking.digest(b)), "rsb.arch": args.arch,
-                        "rsb.kind": "benchmark", "rsb.output_digest": tracking.output_key(f"benchmark@{args.arch}", out)})
+                       {**tracking.provenance(stage, tracking.digest(b)), "rsb.arch": args.arch,
+                        "rsb.kind": "benchmark", "rsb.output_digest": tracking.output_key(stage, out)})
     t.log_params({k: v for k, v in metrics.items() if k in ("batch", "resolution", "precision", "device",
                                                              "channels_last", "warmup", "repeats")})
     t.log_metrics({f"bench/{k}": metrics[k] for k in ("params_m", "gmacs", "img_per_s", "peak_mem_mb")})

@@ -114,9 +114,9 @@ class MlflowTracker(Tracker):
             fn(*args)
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self.enabled = False
-            warnings.warn(f"MLflow at {redact(self.uri)} failed ({type(e).__name__}: {redact(str(e))[:200]}); tracking is "
-                          "off for the rest of this run. Every number is in the DVC outputs; log them later with "
-                          "`python -m rsb.tracking backfill`", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"MLflow at {redact(self.uri)} failed ({type(e).__name__}: {redact(str(e))[:200]}); "
+                          "tracking is off for the rest of this run. Every number is in the DVC outputs; log them "
+                          "later with `python -m rsb.tracking backfill`", RuntimeWarning, stacklevel=3)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
