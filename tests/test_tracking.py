@@ -169,7 +169,7 @@ def test_server_dying_mid_run_then_backfill_loses_nothing(tmp_path, prepared, ml
 
     from conftest import write_params
 
-    p = write_params(tmp_path / "params.yaml", prepared, {"scale.min_epochs": 40, "train.eval_every": 1})
+    p = write_params(tmp_path / "params.yaml", prepared, {"scale.min_epochs": 20, "train.eval_every": 1})
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--arch", "test_resnet", "--recipe", "a3",
                              "--params", str(p)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
