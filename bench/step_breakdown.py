@@ -21,28 +21,25 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.train_vs_bare import ROOT, prepared_mini
+from bench.train_vs_bare import ROOT, bare_parts, prepared_mini
 from rsb import distributed
 from rsb.config import load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
-from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
 
 
 def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
-    dtype = distributed.AUTOCAST[r.train.precision]
-    train_set = Split(prepared, "train", loaders.train_transform(r))
-    model = create_model(r, train_set.num_classes).to(memory_format=torch.channels_last)
-    optimizer, loss_fn, mixup_fn = create_optimizer(model, r), create_loss(r), loaders.mixup(r, train_set.num_classes)
-    scheduler = create_scheduler(optimizer, r, 100)
+    b = bare_parts(r, prepared)
+    model, optimizer, loss_fn, mixup_fn, scheduler, dtype = (b.model, b.optimizer, b.loss_fn, b.mixup_fn, b.scheduler,
+                                                             b.dtype)
     t = dict.fromkeys(("data", "mixup", "forward", "backward", "optimizer", "logging"), 0.0)
-    it, seen, n = iter(loaders.train_loader(train_set, r, 0, 0, False)), 0, 0
+    it, seen, n = iter(loaders.train_loader(b.train_set, r, 0, 0, False)), 0, 0
     next(it)  # worker start-up is not a per-step cost
     model.train()
     for i in range(updates * r.grad_accum):
         c = time.perf_counter()
         x, y = next(it)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last) if r.train.channels_last else x
         t["data"] += (b := time.perf_counter()) - c
         x, y = mixup_fn(x, y)
         t["mixup"] += (c := time.perf_counter()) - b

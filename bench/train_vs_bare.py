@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -42,36 +43,42 @@ def prepared_mini(work: Path, params_file: Path) -> Path:
     return work / "prepared"
 
 
-def bare_epochs(r, prepared: Path) -> float:
-    """timm train.py's loop, one process: img/s over all epochs."""
-    dtype = distributed.AUTOCAST[r.train.precision]
+def bare_parts(r, prepared: Path) -> SimpleNamespace:
+    """timm train.py's components for one process, as both bare benches use them."""
     torch.manual_seed(r.train.seed)
     train_set = Split(prepared, "train", loaders.train_transform(r))
     model = create_model(r, train_set.num_classes)
     if r.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, loss_fn = create_optimizer(model, r), create_loss(r)
-    mixup_fn = loaders.mixup(r, train_set.num_classes)
+    optimizer = create_optimizer(model, r)
     updates = loaders.MicroBatchSampler(train_set, r.micro_batch, r.grad_accum, 1, 0, r.recipe.aug_repeats).updates
-    scheduler = create_scheduler(optimizer, r, updates)
+    return SimpleNamespace(train_set=train_set, model=model, optimizer=optimizer, loss_fn=create_loss(r),
+                           mixup_fn=loaders.mixup(r, train_set.num_classes),
+                           scheduler=create_scheduler(optimizer, r, updates),
+                           dtype=distributed.AUTOCAST[r.train.precision])
+
+
+def bare_epochs(r, prepared: Path) -> float:
+    """timm train.py's loop, one process: img/s over all epochs."""
+    b = bare_parts(r, prepared)
     seen, seconds, num_updates = 0, 0.0, 0
     for epoch in range(r.epochs):
         seed_everything(r.train.seed, 0, epoch)
-        model.train()
+        b.model.train()
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(loaders.train_loader(train_set, r, 0, epoch, False)):
+        for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, False)):
             if r.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            x, y = mixup_fn(x, y)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                loss = loss_fn(model(x), y)
+            x, y = b.mixup_fn(x, y)
+            with torch.autocast("cpu", dtype=b.dtype, enabled=b.dtype is not None):
+                loss = b.loss_fn(b.model(x), y)
             (loss / r.grad_accum).backward()
             seen += x.shape[0]
             if (i + 1) % r.grad_accum == 0:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                b.optimizer.step()
+                b.optimizer.zero_grad(set_to_none=True)
                 num_updates += 1
-                scheduler.step_update(num_updates=num_updates)
+                b.scheduler.step_update(num_updates=num_updates)
         loss.item()
         seconds += time.perf_counter() - t0
     return seen / seconds
