@@ -25,7 +25,6 @@ from bench.train_vs_bare import ROOT, bare_parts, prepared_mini
 from rsb import distributed
 from rsb.config import load_params, resolve
 from rsb.data import loader as loaders
-from rsb.data.datasets import Split
 
 
 def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
@@ -64,7 +63,7 @@ def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
 
 
 def loader_rate(r, prepared: Path, workers: int) -> float:
-    train_set = Split(prepared, "train", loaders.train_transform(r))
+    train_set = bare_parts(r, prepared).train_set
     r = dataclasses.replace(r, train=dataclasses.replace(r.train, workers=workers))
     loader = loaders.train_loader(train_set, r, 0, 0, False)
     t0, seen = time.perf_counter(), 0

@@ -28,7 +28,7 @@ from rsb import distributed
 from rsb.config import load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
-from rsb.training import create_loss, create_model, create_optimizer, create_scheduler, seed_everything
+from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def prepared_mini(work: Path, params_file: Path) -> Path:
 def bare_parts(r, prepared: Path) -> SimpleNamespace:
     """timm train.py's components for one process, as both bare benches use them."""
     torch.manual_seed(r.train.seed)
-    train_set = Split(prepared, "train", loaders.train_transform(r))
-    model = create_model(r, train_set.num_classes)
+    model = create_model(r, len(json.loads((prepared / "classes.json").read_text())))
+    train_set = Split(prepared, "train", loaders.train_transform(r, model))
     if r.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, r)
@@ -63,7 +63,7 @@ def bare_epochs(r, prepared: Path) -> float:
     b = bare_parts(r, prepared)
     seen, seconds, num_updates = 0, 0.0, 0
     for epoch in range(r.epochs):
-        seed_everything(r.train.seed, 0, epoch)
+        loaders.seed_all(loaders.stream_seed(r.train.seed, epoch, 0))
         b.model.train()
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, False)):

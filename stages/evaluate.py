@@ -42,7 +42,7 @@ def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).to(memory_format=torch.channels_last)
     dtype = distributed.AUTOCAST[precision]
-    tf = loaders.eval_transform(size, crop_pct)
+    tf = loaders.eval_transform(size, crop_pct, model)
     out = {}
     for split in ("val", "v2"):
         ds = Split(prepared, split, tf)

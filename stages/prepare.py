@@ -8,7 +8,7 @@ per val image, every image decodes. The output is built in a temporary sibling f
 end, so a failed run never leaves a data/prepared that looks complete.
 
 Results card (2 cores AMD EPYC, 2026-11-27, mini default: 20 classes, 1,602 train / 500 val / 200 V2 images, <=80 px):
-    python -m rsb.data.mini    ->  ~10 s, 8.9 MB of archives
+    python -m stages.mini    ->  ~10 s, 8.9 MB of archives
     python -m stages.prepare   ->  1.9 s, 2,302 images decoded and checked, 7.5 MB in data/prepared
 """
 from __future__ import annotations

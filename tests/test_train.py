@@ -1,30 +1,38 @@
-"""train: each recipe becomes timm's components; our DeepSpeed step equals timm's; resume and MLflow are exact."""
+"""train: every recipe component equals timm train.py's, built from timm's own helpers (tests/timm_reference.py);
+the stage's loop equals train.py's over many updates, per gradient, on every world shape; the sampler is timm's per
+virtual rank; precision is what the params say.
+
+The reference is never built from rsb: see tests/timm_reference.py for what it mirrors.
+"""
 from __future__ import annotations
 
+import csv
 import json
-import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from timm.data.auto_augment import RandAugment
+import yaml
+from PIL import Image
 from timm.layers import DropPath
-from timm.loss import BinaryCrossEntropy
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torchvision.datasets import ImageFolder
 
-from rsb import distributed, engine
+import timm_reference as ref
+from rsb import distributed
 from rsb.config import ConfigError, load_params, resolve
 from rsb.data import loader as loaders
+from rsb.data.datasets import Split
 from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
 
-from conftest import ROOT, write_params
+from conftest import ROOT, clean_env, write_params
 
-
-@pytest.fixture
-def params(tmp_path, prepared):
-    return load_params(write_params(tmp_path / "params.yaml", prepared))
+RECIPES = ("a1", "a2", "a3")
+NAME = "test_resnet-a1"
 
 
 @pytest.fixture(scope="module")
@@ -33,177 +41,357 @@ def world():
     return torch.distributed.get_world_size()
 
 
-# --- 1. each recipe becomes the right timm components --------------------------------------------------------------
-
-@pytest.mark.parametrize("name, thresh, mixup, smoothing, aa, drop_path, wd", [
-    ("a1", 0.2, 0.2, 0.1, "rand-m7-mstd0.5-inc1", 0.05, 0.01),
-    ("a2", 0.2, 0.1, 0.0, "rand-m7-mstd0.5-inc1", 0.05, 0.02),
-    ("a3", 0.2, 0.1, 0.0, "rand-m6-mstd0.5-inc1", 0.0, 0.02),
-])
-def test_recipe_becomes_timm_components(params, name, thresh, mixup, smoothing, aa, drop_path, wd):
-    r = resolve(params, "resnet18", name, world_size=1)
-    loss = create_loss(r)
-    # timm train.py with Mixup active: BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
-    expected = BinaryCrossEntropy(target_threshold=thresh)
-    assert type(loss) is BinaryCrossEntropy and vars(loss).keys() == vars(expected).keys()
-    assert (loss.target_threshold, loss.smoothing, loss.reduction) == \
-        (expected.target_threshold, expected.smoothing, expected.reduction)
-    soft = torch.softmax(torch.randn(4, 20), 1)  # dense (Mixup) targets: the loss's smoothing has no effect
-    logits = torch.randn(4, 20)
-    assert loss(logits, soft) == BinaryCrossEntropy(smoothing=0.0, target_threshold=thresh)(logits, soft)
-
-    m = loaders.mixup(r, 20)
-    assert (m.mixup_alpha, m.cutmix_alpha, m.label_smoothing, m.mix_prob, m.switch_prob, m.mode) == \
-        (mixup, 1.0, smoothing, 1.0, 0.5, "batch")
-
-    tf = loaders.train_transform(r)
-    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
-    magnitude = int(aa.split("-")[1][1:])
-    assert ra.num_layers == 2 and {op.magnitude for op in ra.ops} == {magnitude}
-    assert {op.magnitude_std for op in ra.ops} == {0.5}
-    assert "PosterizeIncreasing" in {op.name for op in ra.ops}  # inc1: the increasing-severity op set
-    assert not any(type(t).__name__ == "ColorJitter" for t in tf.transforms), "RandAugment disables colour jitter"
-
-    model = create_model(r, 20)
-    rates = [mod.drop_prob for mod in model.modules() if isinstance(mod, DropPath)]
-    assert (max(rates) if rates else 0.0) == pytest.approx(drop_path)
-
-    opt = create_optimizer(model, r)
-    assert type(opt).__name__ == "Lamb"
-    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    decay = [g for g in opt.param_groups if g["weight_decay"] > 0]
-    assert len(decay) == 1 and decay[0]["weight_decay"] == wd
-    assert no_decay == {id(p) for p in model.parameters() if p.ndim <= 1}
+def params_file(tmp_path: Path, prepared: Path, overrides: dict | None = None) -> Path:
+    return write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp32", **(overrides or {})})
 
 
-def test_lr_follows_warmup_then_cosine_per_update(params):
-    r = resolve(params, "resnet18", "a1", world_size=1)
-    model = create_model(r, 20)
-    opt = create_optimizer(model, r)
-    updates_per_epoch = 50
-    sched = create_scheduler(opt, r, updates_per_epoch)
-    total, warm = r.epochs * updates_per_epoch, r.warmup_epochs * updates_per_epoch
-    warmup_lr, base, min_lr = r.recipe.warmup_lr, r.lr, r.recipe.min_lr
-    assert opt.param_groups[0]["lr"] == pytest.approx(warmup_lr)  # the first update runs at warmup_lr
+def both_sides(path: Path, recipe: str, arch: str = "resnet18", world: int = 1):
+    """(rsb's resolved recipe, train.py's args) for the same params file."""
+    r = resolve(load_params(path), arch, recipe, world_size=world)
+    args = ref.args_for(yaml.safe_load(path.read_text()), recipe, arch, 20, r.micro_batch, world, r.grad_accum,
+                        r.train.precision)
+    return r, args
 
-    def lr_at(t):
+
+# --- 1. each recipe component is train.py's ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_model_optimizer_schedule_equal_train_py(tmp_path, prepared, recipe):
+    r, args = both_sides(params_file(tmp_path, prepared), recipe)
+    torch.manual_seed(r.train.seed)  # as rsb.training.train seeds before creating the model
+    ours, theirs = create_model(r, 20), ref.create_model(args)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert [m.drop_prob for m in ours.modules() if isinstance(m, DropPath)] == \
+        [m.drop_prob for m in theirs.modules() if isinstance(m, DropPath)]
+    assert r.lr == args.lr  # train.py's lr_base rule (here `none`: the recipe's lr) x the mini run's factor
+
+    o, t = create_optimizer(ours, r), ref.create_optimizer(theirs, args)
+    assert type(o) is type(t) and o.defaults == t.defaults
+    names = {id(p): n for n, p in ours.named_parameters()} | {id(p): n for n, p in theirs.named_parameters()}
+
+    def groups(opt):
+        return [({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
+                for g in opt.param_groups]
+    assert groups(o) == groups(t)
+
+    updates_per_epoch = 7
+    so, st = create_scheduler(o, r, updates_per_epoch), ref.create_scheduler(t, args, updates_per_epoch)
+    for n in range(r.epochs * updates_per_epoch + 2):
+        so.step_update(num_updates=n)
+        st.step_update(num_updates=n)
+        assert o.param_groups[0]["lr"] == t.param_groups[0]["lr"], f"update {n}"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_mixup_loss_transform_equal_train_py(tmp_path, prepared, recipe):
+    r, args = both_sides(params_file(tmp_path, prepared), recipe)
+    mo, mt = loaders.mixup(r, 20), ref.create_mixup(args)
+    assert vars(mo) == vars(mt)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 20, (8,))
+    loaders.seed_all(3)
+    xo, yo = mo(x.clone(), y.clone())
+    loaders.seed_all(3)
+    xt, yt = mt(x.clone(), y.clone())
+    assert torch.equal(xo, xt) and torch.equal(yo, yt)
+
+    lo, lt = create_loss(r), ref.create_loss(args)
+    assert type(lo) is type(lt)
+    keys = ("smoothing", "target_threshold", "reduction", "sum_classes", "weight", "pos_weight")
+    assert {k: getattr(lo, k, None) for k in keys} == {k: getattr(lt, k, None) for k in keys}
+    logits = torch.randn(8, 20)
+    assert torch.equal(lo(logits, yo), lt(logits, yt))
+
+    model = timm_model("resnet18")
+    to, tt = loaders.train_transform(r, model), ref.train_transform(args, model)
+    assert repr(to) == repr(tt)
+    for path in sample_images(prepared):  # decoded as both sides decode them (PNG, CMYK included)
+        img = Image.open(path).convert("RGB")
+        for seed in range(3):
+            loaders.seed_all(seed)
+            a = to(img)
+            loaders.seed_all(seed)
+            assert torch.equal(a, tt(img)), path
+
+
+def test_transforms_take_the_models_own_normalization(tmp_path, prepared):
+    """train.py and validate.py normalize with the model's pretrained config (`resolve_data_config`), which is not
+    ImageNet's mean/std for every architecture."""
+    r, args = both_sides(params_file(tmp_path, prepared), "a1", arch="test_resnet")
+    model = timm_model("test_resnet")  # its config says mean = std = 0.5
+    assert repr(loaders.train_transform(r, model)) == repr(ref.train_transform(args, model))
+    norm = loaders.eval_transform(32, 0.95, model).transforms[-1]
+    assert norm.mean.tolist() == [0.5, 0.5, 0.5] and norm.std.tolist() == [0.5, 0.5, 0.5]
+
+
+def timm_model(arch: str):
+    import timm
+    return timm.create_model(arch, num_classes=20)
+
+
+def sample_images(prepared: Path) -> list[Path]:
+    files = sorted((prepared / "train").rglob("*.JPEG"))
+    odd = [f for f in files if f.stem.endswith(("_png", "_cmyk"))]
+    assert len(odd) == 2, "the mini release has ImageNet's PNG-named-JPEG and a CMYK JPEG"
+    return odd + files[:2]
+
+
+@pytest.mark.parametrize("rule, factor", [("sqrt", 1.0), ("linear", 1.0), ("none", 1.0), ("sqrt", 3.0)])
+def test_lr_rules_are_train_pys(tmp_path, prepared, rule, factor):
+    """train.py: lr = lr_base x (global batch / lr_base_size), square-rooted for 'sqrt'; the recipe's lr is the
+    paper's at its batch 2048."""
+    p = params_file(tmp_path, prepared, {"scale.lr_rule": rule, "scale.lr_factor": factor})
+    for recipe in RECIPES:
+        r, args = both_sides(p, recipe)
+        assert r.lr == pytest.approx(args.lr, rel=1e-12)
+    expected = {"sqrt": (16 / 2048) ** 0.5, "linear": 16 / 2048, "none": 1.0}[rule] * 8e-3 * factor
+    assert r.lr == pytest.approx(expected, rel=1e-12)  # a3, by hand
+
+
+def test_warmup_ramps_linearly_then_cosine(tmp_path, prepared):
+    """An interior warmup update is on the line warmup_lr -> lr; after warmup, the cosine of train.py."""
+    import math
+
+    p = params_file(tmp_path, prepared, {"scale.epochs": 0.01, "recipes.a1.warmup_epochs": 120})
+    r, _ = both_sides(p, "a1")
+    opt = create_optimizer(create_model(r, 20), r)
+    sched = create_scheduler(opt, r, updates_per_epoch=10)
+    warm, total = r.warmup_epochs * 10, r.epochs * 10
+    assert (r.epochs, warm) == (6, 12)
+    lrs = []
+    for t in range(total + 1):
         sched.step_update(num_updates=t)
-        return opt.param_groups[0]["lr"]
-
-    assert lr_at(int(warm // 2)) == pytest.approx(warmup_lr + int(warm // 2) * (base - warmup_lr) / warm)
-    for t in (math.ceil(warm), total // 2, total - 1):
-        assert lr_at(t) == pytest.approx(min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / total)))
-    assert lr_at(total) == pytest.approx(min_lr)
-
-
-def test_scale_rules(params):
-    r = resolve(params, "resnet18", "a3", world_size=1)
-    assert (r.img_size, r.test_img_size) == (round(160 * 32 / 224), 32)
-    rule = {"sqrt": (16 / 2048) ** 0.5, "linear": 16 / 2048, "none": 1.0}[params.scale.lr_rule]
-    assert r.lr == pytest.approx(8e-3 * rule * params.scale.lr_factor)
-    assert r.batch_size == r.micro_batch * r.grad_accum * r.world_size
-    with pytest.raises(ConfigError, match="scale.batch_size=16 is not micro_batch x devices"):
-        resolve(params, "resnet18", "a3", world_size=3)
-    with pytest.raises(ConfigError, match="unknown recipe 'a4'"):
-        resolve(params, "resnet18", "a4", world_size=1)
-    with pytest.raises(ConfigError, match="not under models"):
-        resolve(params, "resnet9000", "a1", world_size=1)
+        lrs.append(opt.param_groups[0]["lr"])
+    w0, base, low = r.recipe.warmup_lr, r.lr, r.recipe.min_lr
+    assert lrs[0] == pytest.approx(w0)
+    assert lrs[5] == pytest.approx(w0 + 5 * (base - w0) / warm)
+    assert lrs[5] - lrs[4] == pytest.approx(lrs[6] - lrs[5])  # a line
+    for t in (12, 30, 59):
+        assert lrs[t] == pytest.approx(low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / total)))
 
 
-def test_zero_with_lamb_is_refused(tmp_path, prepared):
-    with pytest.raises(ConfigError, match="zero_stage=2: ZeRO >= 1 .* LAMB's per-tensor trust ratio"):
-        load_params(write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2}))
+# --- 2. the sampler is timm's, per virtual rank ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe, repeats", [("a1", 3), ("a3", 0)])
+def test_micro_batches_are_timms_sampler_per_virtual_rank(prepared, recipe, repeats):
+    ds = Split(prepared, "train")
+    micro, virtual = 4, 4
+    args = ref.Namespace(aug_repeats=repeats)
+    for epoch in (0, 1):
+        streams = []
+        for v in range(virtual):
+            s = ref.create_sampler(ds, args, virtual, v)
+            s.set_epoch(epoch)
+            streams.append(list(s))
+        per_shape = {}
+        for world, accum in ((1, 4), (2, 2), (4, 1)):
+            updates: dict[int, list[int]] = {}
+            for rank in range(world):
+                sampler = loaders.MicroBatchSampler(ds, micro, accum, world, rank, repeats)
+                sampler.set_epoch(epoch)
+                for i, batch in enumerate(sampler):
+                    u, v = i // accum, rank * accum + i % accum
+                    assert [idx for idx, _ in batch] == streams[v][u * micro:(u + 1) * micro], (world, accum, u, v)
+                    updates.setdefault(u, []).extend(idx for idx, _ in batch)
+            per_shape[(world, accum)] = {u: sorted(x) for u, x in updates.items()}
+        assert per_shape[(1, 4)] == per_shape[(2, 2)] == per_shape[(4, 1)]
+    if repeats:
+        where: dict[int, list[tuple]] = {}
+        for v, stream in enumerate(streams):
+            for pos, idx in enumerate(stream):
+                where.setdefault(idx, []).append((pos // micro, v))
+        copies = [places for places in where.values() if len(places) > 1]
+        assert copies and all(len(set(p)) == len(p) for p in copies), "copies of an image share a micro-batch"
+        assert max(len(p) for p in copies) == repeats
 
 
-# --- 2. numerical parity with timm's train.py assembly --------------------------------------------------------------
+def test_streams_and_augmentation_seeds(prepared):
+    """Epochs differ; a sampler rebuilt at an epoch boundary (a resume) yields the same micro-batches and seeds;
+    every sample of an epoch, repeated copies included, gets its own augmentation seed."""
+    ds = Split(prepared, "train")
 
-def _fixed_batch(n=8, size=32, classes=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-
-def test_one_update_equals_timm_train_py(params, world):
-    """Our DeepSpeed step vs timm's components assembled as timm's train.py (model, Mixup, BCE, LAMB, autocast)."""
-    r = resolve(params, "test_resnet", "a1", world_size=world)
-    r = r.__class__(**{**r.__dict__, "grad_accum": 1, "batch_size": r.micro_batch})
-    images, labels = _fixed_batch(r.micro_batch)
-
-    def mixed(seed=1):
-        import numpy as np
-        np.random.seed(seed)
-        return loaders.mixup(r, 20)(images.clone(), labels.clone())
-
-    torch.manual_seed(0)
-    ref = create_model(r, 20)
-    torch.manual_seed(0)
-    ours = create_model(r, 20)
-    # timm train.py: optimizer.zero_grad(); with amp_autocast(): loss = loss_fn(model(x), y); loss.backward(); step
-    ref_opt = create_optimizer(ref, r)
-    x, y = mixed()
-    torch.manual_seed(7)
-    ref_loss = create_loss(r)(ref(x), y)
-    ref_loss.backward()
-    ref_opt.step()
-
-    eng = distributed.initialize(ours, create_optimizer(ours, r), r)
-    step = engine.Step(engine=eng, loss_fn=create_loss(r), mixup_fn=None, scheduler=None, device=torch.device("cpu"),
-                       dtype=None, channels_last=False)
-    x, y = mixed()
-    torch.manual_seed(7)
-    our_loss = engine.forward_backward(step, x, y)
-    assert our_loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
-    for (name, a), b in zip(ref.named_parameters(), eng.module.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    def epoch(e, seed=0):
+        s = loaders.MicroBatchSampler(ds, 4, 2, 1, 0, 3, seed=seed)
+        s.set_epoch(e)
+        return list(s)
+    assert epoch(0) != epoch(1) and epoch(1) == epoch(1)
+    seeds = [s for batch in epoch(0) for _, s in batch]
+    assert len(set(seeds)) == len(seeds)
+    assert {s for b in epoch(0) for _, s in b}.isdisjoint({s for b in epoch(1) for _, s in b})
+    assert [i for b in epoch(0, seed=1) for i, _ in b] == [i for b in epoch(0) for i, _ in b]  # order is timm's
+    assert epoch(0, seed=1) != epoch(0)  # the run's seed changes augmentation
 
 
-def test_autocast_matches_torch_autocast(params, world):
-    """DeepSpeed's torch_autocast block gives the loss torch.autocast gives (the paper's mixed precision)."""
-    r = resolve(params, "test_resnet", "a3", world_size=world)
-    r = r.__class__(**{**r.__dict__, "grad_accum": 1, "batch_size": r.micro_batch,
-                       "train": r.train.__class__(**{**r.train.__dict__, "precision": "bf16"})})
-    images, labels = _fixed_batch(r.micro_batch)
-    targets = torch.nn.functional.one_hot(labels, 20).float()
-    torch.manual_seed(0)
-    ref = create_model(r, 20)
-    torch.manual_seed(0)
-    eng = distributed.initialize(create_model(r, 20), create_optimizer(create_model(r, 20), r), r)
-    eng.module.load_state_dict(ref.state_dict())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_loss = create_loss(r)(ref(images), targets)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        our_loss = create_loss(r)(eng(images), targets)
-    assert our_loss.item() == ref_loss.item()
+# --- 3. the stage's loop equals train.py's: per update, per gradient, final weights --------------------------------
+
+PARITY = {"models": ["test_resnet"], "scale.epochs": 0.001, "scale.min_epochs": 1, "recipes.a1.warmup_epochs": 240,
+          "train.eval_every": 0}  # one epoch of 10 updates; warmup = 4 updates, then cosine
 
 
-# --- 3. 2 processes x 1 micro-step == 1 process x 2 accumulation steps ----------------------------------------------
-
-WORKER = ROOT / "tests" / "ds_worker.py"
-
-
-def _launch(nproc: int, accum: int, out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={distributed.free_port()}", str(WORKER), str(accum), str(out)]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
-
-
-def test_two_processes_equal_one_process_accumulating(tmp_path):
-    _launch(2, 1, tmp_path / "two.pt")
-    _launch(1, 2, tmp_path / "one.pt")
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)
-    for name in one["params"]:
-        torch.testing.assert_close(two["params"][name], one["params"][name], rtol=1e-5, atol=1e-6, msg=name)
+def reference_run(path: Path, prepared: Path, world: int, accum: int, precision: str = "fp32",
+                  loss_scale: float = 1.0) -> ref.Reference:
+    raw = yaml.safe_load(path.read_text())
+    micro = raw["scale"]["batch_size"] // (world * accum)
+    args = ref.args_for(raw, "a1", "test_resnet", 20, micro, world * accum, 1, precision)  # world x accum processes
+    dataset = ImageFolder(str(prepared / "train"), transform=ref.train_transform(args, ref.create_model(args)))
+    assert [y for _, y in dataset.samples] == [y for _, y in Split(prepared, "train").samples]
+    torch.set_num_threads(1)  # as the stage's processes run in these tests (train.threads: 1)
+    r = ref.Reference(args, dataset, world * accum)
+    if loss_scale != 1.0:
+        inner = r.loss_fn
+        r.loss_fn = lambda out, y: inner(out, y) * loss_scale
+    r.train_epoch(0)
+    return r
 
 
-# --- 4. killed and resumed == uninterrupted ------------------------------------------------------------------------
+def our_run_in_process(tmp_path: Path, path: Path, monkeypatch) -> dict:
+    """stages.train.main in this process (a world of one), with torch's optimizer pre-hook recording gradients."""
+    from stages.train import main
 
-# kill -9 mid-epoch and resume: tests/test_reliability.py (the fault matrix)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    grads: list = []
+    handle = register_optimizer_step_pre_hook(lambda opt, a, k: grads.append(
+        [p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]]))
+    try:
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(path)])
+    finally:
+        handle.remove()
+    return read_outputs(tmp_path, grads)
 
 
-# --- 5. outputs and the MLflow run, read back through the client ----------------------------------------------------
+def read_outputs(d: Path, grads: list) -> dict:
+    with open(d / "plots/train" / f"{NAME}.updates.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {"loss": [float(r["loss"]) for r in rows], "lr": [float(r["lr"]) for r in rows], "grads": grads,
+            "state": torch.load(d / "models" / f"{NAME}.pt", weights_only=True)}
+
+
+def assert_same_run(ours: dict, theirs: ref.Reference, early: float = 1e-5, late: float = 5e-3) -> None:
+    """Same lr (exactly), loss and averaged gradient at every update, same final weights and BatchNorm statistics.
+    Two sides that sum the same gradients in another order (all-reduce vs a mean) differ by ~1e-8 (relative norm)
+    at the first update; LAMB amplifies that rounding in near-zero gradients (its update is ~sign(g)), to ~5e-4
+    after 10 updates (measured). A missing 1/world or 1/accumulation factor is off by 0.5 or more from update 1."""
+    log = theirs.log
+    assert len(ours["loss"]) == len(log) == len(ours["grads"]) >= 8
+    lr = ours["lr"]
+    assert lr == pytest.approx([u["lr"] for u in log], rel=1e-12)
+    assert lr[:4] == sorted(set(lr[:4])) and lr[4:] == sorted(set(lr[4:]), reverse=True), "warmup, then cosine"
+    for n, (mine, u) in enumerate(zip(ours["grads"], log), 1):
+        assert [a.shape for a in mine] == [b.shape for b in u["grads"]]
+        e = off(torch.cat([a.flatten() for a in mine]), torch.cat([b.flatten() for b in u["grads"]]))
+        assert e <= (early if n <= 3 else late), f"update {n}: the gradient is off by {e:.2e} (relative norm)"
+    assert ours["loss"] == pytest.approx([u["loss"] for u in log], rel=early)
+    state = theirs.model.state_dict()
+    for k, v in ours["state"].items():
+        if v.is_floating_point():  # weights, and BatchNorm statistics after distribute_bn
+            assert off(v, state[k]) <= 1e-3, f"{k}: off by {off(v, state[k]):.2e} (relative norm)"
+
+
+def off(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_updates_equal_train_py_on_one_process_accumulating(tmp_path, prepared, monkeypatch, world, accum):
+    """World 1 x accumulation k against train.py on k processes: lr, loss, the averaged gradient at every one of
+    10 updates (warmup into cosine), and the final weights and BatchNorm statistics, fp32."""
+    p = params_file(tmp_path, prepared, {**PARITY, "train.micro_batch": 16 // accum})
+    assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, prepared, 1, accum))
+
+
+def launch(tmp_path: Path, path: Path, devices: int) -> dict:
+    """The stage through the real launcher (rsb.launch -> deepspeed for more than one process)."""
+    env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR="cpu",
+                    PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "parity_worker", "--arch",
+                          "test_resnet", "--recipe", "a1", "--params", str(path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    grads = [torch.load(tmp_path / "grads" / f"grads-rank{r}.pt") for r in range(devices)]
+    for other in grads[1:]:  # every rank hands the optimizer the same averaged gradient
+        assert all(torch.equal(a, b) for x, y in zip(grads[0], other) for a, b in zip(x, y))
+    return read_outputs(tmp_path, grads[0])
+
+
+@pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_updates_equal_train_py_on_two_processes(tmp_path, prepared, accum):
+    """World 2 (x accumulation) through rsb.launch -> deepspeed, the real MicroBatchSampler and distribute_bn,
+    against train.py on 2 x accum processes."""
+    p = params_file(tmp_path, prepared, {**PARITY, "train.devices": 2, "train.micro_batch": 16 // (2 * accum)})
+    assert_same_run(launch(tmp_path, p, 2), reference_run(p, prepared, 2, accum))
+
+
+def test_bf16_autocast_equals_train_py_amp(tmp_path, prepared, monkeypatch, world):
+    """precision bf16: our DeepSpeed torch_autocast run against train.py --amp --amp-dtype bfloat16. Measured
+    bit-identical on the CPU; the tolerance (1e-2) leaves room for another kernel order, and a 2x gradient (0.66 /
+    1.03) or a skipped autocast (0.56 / 1.40) is far outside it."""
+    p = params_file(tmp_path, prepared, {**PARITY, "train.precision": "bf16"})
+    ours = our_run_in_process(tmp_path, p, monkeypatch)
+
+    def distance(theirs: ref.Reference) -> tuple[float, float]:
+        g = max(float(torch.linalg.vector_norm(torch.cat([a.flatten() - b.flatten() for a, b in zip(x, u["grads"])]))
+                      / torch.linalg.vector_norm(torch.cat([b.flatten() for b in u["grads"]])))
+                for x, u in zip(ours["grads"], theirs.log))
+        state = theirs.model.state_dict()
+        w = max(float((v - state[k]).abs().max() / state[k].abs().max().clamp_min(1e-12))
+                for k, v in ours["state"].items() if v.is_floating_point() and "running" not in k)
+        return g, w
+    g, w = distance(reference_run(p, prepared, 1, 2, "bf16"))
+    assert g < 1e-2 and w < 1e-2, (g, w)
+    g2, w2 = distance(reference_run(p, prepared, 1, 2, "bf16", loss_scale=2.0))
+    assert g2 > 0.1 and w2 > 0.1, "a 2x gradient would pass"
+    g32, w32 = distance(reference_run(p, prepared, 1, 2, "fp32"))
+    assert g32 > 0.1 and w32 > 0.1, "a skipped autocast would pass"
+
+
+# --- 4. precision is what the params say -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision, amp, expect", [("bf16", True, torch.bfloat16), ("fp32", True, torch.float32),
+                                                    ("bf16", False, torch.float32)])
+def test_the_stage_trains_in_the_precision_the_params_say(tmp_path, prepared, monkeypatch, world, precision, amp,
+                                                          expect):
+    """Activations of every convolution during training have the dtype the params say; weights stay fp32;
+    `recipes.*.amp: false` is fp32 whatever train.precision says."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from stages.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = params_file(tmp_path, prepared, {**PARITY, "train.precision": precision, "recipes.a1.amp": amp})
+    seen, weights = Counter(), set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen[output.dtype] += 1
+            weights.add(module.weight.dtype)
+    handle = register_module_forward_hook(hook)
+    try:
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
+    finally:
+        handle.remove()
+    assert set(seen) == {expect} and seen[expect] > 0 and weights == {torch.float32}
+    run = json.loads((tmp_path / "runs" / f"{NAME}.json").read_text())
+    assert run["resolved"]["train"]["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expect]
+
+
+@pytest.mark.parametrize("cuda, cuda_bf16, flags, expect", [
+    (True, True, set(), "bf16"),                              # Ampere and newer
+    (True, False, set(), "fp16"),                             # V100 and older
+    (False, None, {"avx512f", "avx512_bf16"}, "bf16"),        # Zen 4, Cooper Lake: native bf16
+    (False, None, {"avx512f", "amx_bf16", "amx_tile"}, "bf16"),  # Sapphire Rapids
+    (False, None, {"avx512f", "avx512bw", "avx512_vnni"}, "fp32"),  # AVX-512 without bf16: emulated, slower
+    (False, None, {"avx2", "fma"}, "fp32"),
+    (False, None, set(), "fp32"),
+])
+def test_auto_precision_is_what_is_fast(cuda, cuda_bf16, flags, expect):
+    from rsb.config import auto_precision
+    assert auto_precision(cuda=cuda, cuda_bf16=cuda_bf16, flags=flags) == expect
+
+
+# --- 5. the stage's outputs, the MLflow run, and bad setups --------------------------------------------------------
 
 def test_stage_outputs_and_mlflow_run(tmp_path, prepared, monkeypatch, world):
     from mlflow.tracking import MlflowClient
@@ -213,7 +401,7 @@ def test_stage_outputs_and_mlflow_run(tmp_path, prepared, monkeypatch, world):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RSB_TRACKING", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    p = write_params(tmp_path / "params.yaml", prepared, {"train.eval_every": 1})
+    p = params_file(tmp_path, prepared, {"train.eval_every": 1})
     metrics = main(["--arch", "test_resnet", "--recipe", "a3", "--params", str(p)])
     name = "test_resnet-a3"
     assert metrics["val/top1"] >= 0 and metrics["epochs"] == 2
@@ -239,15 +427,43 @@ def test_stage_outputs_and_mlflow_run(tmp_path, prepared, monkeypatch, world):
     assert {f"config/{name}.json", f"history/{name}.csv", f"model/{name}.pt"} <= artifacts
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path, world):
+def test_scale_and_world_shape_errors(tmp_path, prepared):
+    p = params_file(tmp_path, prepared)
+    with pytest.raises(ConfigError, match="scale.batch_size=16 is not micro_batch x devices"):
+        resolve(load_params(p), "resnet18", "a3", world_size=3)
+    with pytest.raises(ConfigError, match="unknown recipe 'a4'"):
+        resolve(load_params(p), "resnet18", "a4", world_size=1)
+    with pytest.raises(ConfigError, match="not under models"):
+        resolve(load_params(p), "resnet9000", "a1", world_size=1)
+    r = resolve(load_params(p), "resnet18", "a3", world_size=1)
+    assert (r.img_size, r.test_img_size) == (round(160 * 32 / 224), 32)
+    assert r.batch_size == r.micro_batch * r.grad_accum * r.world_size
+
+
+def test_zero_with_lamb_is_refused(tmp_path, prepared):
+    with pytest.raises(ConfigError, match="zero_stage=2: ZeRO >= 1 .* LAMB's per-tensor trust ratio"):
+        load_params(write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2}))
+
+
+def test_resume_digest_follows_recipe_code_and_versions(tmp_path, monkeypatch):
+    """A checkpoint resumes only the same resolved recipe, training code and library versions."""
+    import importlib.metadata as md
+    import shutil
+
     from rsb import checkpoint
 
-    d = tmp_path / "ck"
-    (d / "epoch1").mkdir(parents=True)
-    (d / "epoch1" / "rsb.json").write_text(json.dumps({"digest": "aaaa", "epoch": 1}))
-    (d / "latest").write_text("epoch1")
-    with pytest.raises(checkpoint.CheckpointMismatch, match="written for recipe digest aaaa"):
-        checkpoint.load(None, d, "bbbb")
-    # the resume digest covers the recipe (and the training code and library versions)
-    assert checkpoint.resume_digest("a") != checkpoint.resume_digest("b")
-    assert checkpoint.resume_digest("a") == checkpoint.resume_digest("a")
+    code = tmp_path / "rsb"
+    shutil.copytree(Path(checkpoint.__file__).parent, code)
+    base = checkpoint.resume_digest("recipe", code)
+    assert base == checkpoint.resume_digest("recipe", code) == checkpoint.resume_digest("recipe")
+    assert checkpoint.resume_digest("other recipe", code) != base
+    for module in checkpoint.TRAINING_CODE:
+        original = (code / module).read_bytes()
+        (code / module).write_bytes(original + b"\n# a fix\n")
+        assert checkpoint.resume_digest("recipe", code) != base, module
+        (code / module).write_bytes(original)
+    real = md.version
+    for pkg in ("torch", "timm", "deepspeed"):
+        monkeypatch.setattr(md, "version", lambda name, pkg=pkg: "0.0.1" if name == pkg else real(name))
+        assert checkpoint.resume_digest("recipe", code) != base, pkg
+    monkeypatch.setattr(md, "version", real)

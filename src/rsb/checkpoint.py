@@ -29,14 +29,15 @@ TRAINING_CODE = ("training.py", "engine.py", "distributed.py", "checkpoint.py", 
                  "data/datasets.py")
 
 
-def resume_digest(recipe_digest: str) -> str:
-    """What a checkpoint must match to be resumed: the resolved recipe, the training code and the library versions.
-    A code fix (or a timm/torch upgrade) therefore trains afresh instead of resuming a finished run of the old code."""
+def resume_digest(recipe_digest: str, code: Path = Path(__file__).parent) -> str:
+    """What a checkpoint must match to be resumed: the resolved recipe, the training code (the modules under `code`)
+    and the library versions. A code fix (or a timm/torch upgrade) therefore trains afresh instead of resuming a
+    finished run of the old code."""
     import importlib.metadata as md
 
     h = hashlib.sha256(recipe_digest.encode())
     for f in TRAINING_CODE:
-        h.update((Path(__file__).parent / f).read_bytes())
+        h.update((code / f).read_bytes())
     for pkg in ("torch", "timm", "deepspeed"):
         h.update(md.version(pkg).encode())
     return h.hexdigest()[:16]
@@ -59,8 +60,8 @@ def peek(ckpt_dir: Path) -> dict:
     return json.loads(meta.read_text()) if tag and meta.is_file() else {}
 
 
-def save(engine, ckpt_dir: Path, epoch: int, client_state: dict, keep: int = 1) -> None:
-    """Collective: every rank must call it (DeepSpeed writes per-rank files)."""
+def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
+    """Collective: every rank must call it (DeepSpeed writes per-rank files). Keeps the newest epoch only."""
     tag = f"epoch{epoch}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     barrier()
@@ -71,7 +72,7 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict, keep: int = 1) 
         tmp = Path(ckpt_dir) / f".latest.{os.getpid()}"
         tmp.write_text(tag)
         os.replace(tmp, Path(ckpt_dir) / "latest")
-        for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-keep]:
+        for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -40,6 +42,49 @@ class Step:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
 
+class Slots:
+    """What would live in separate processes, for the micro-batch slots (virtual ranks) one process accumulates:
+    each slot's random streams (Python, NumPy, torch: Mixup's draws and drop path) and, with more than one slot,
+    its BatchNorm running statistics. `reduce_bn` then averages them as timm's `distribute_bn(reduce=True)` averages
+    ranks, so one process accumulating k micro-batches ends an epoch where k processes end it."""
+
+    def __init__(self, model: torch.nn.Module, seeds: list[int], device: torch.device):
+        from rsb.data.loader import seed_all
+
+        self.device = device
+        # the buffers timm's distribute_bn reduces
+        self.bn = [b for n, b in model.named_buffers() if "running_mean" in n or "running_var" in n]
+        self.saved_bn = [[b.clone() for b in self.bn] for _ in seeds] if len(seeds) > 1 else None
+        self.rng = []
+        for s in seeds:
+            seed_all(s)
+            self.rng.append(self._rng_state())
+
+    def _rng_state(self):
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+    def enter(self, k: int) -> None:
+        py, npy, cpu, cuda = self.rng[k]
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+        if self.saved_bn is not None:
+            torch._foreach_copy_(self.bn, self.saved_bn[k])
+
+    def leave(self, k: int) -> None:
+        self.rng[k] = self._rng_state()
+        if self.saved_bn is not None:
+            torch._foreach_copy_(self.saved_bn[k], self.bn)
+
+    def reduce_bn(self) -> None:
+        if self.saved_bn is not None:
+            for i, b in enumerate(self.bn):
+                b.copy_(torch.stack([saved[i] for saved in self.saved_bn]).mean(0))
+
+
 def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One micro-step: forward and loss under autocast (as timm's train.py), backward through DeepSpeed, which
     scales by 1/accumulation and all-reduces on the update boundary; `engine.step()` updates only there."""
@@ -50,16 +95,19 @@ def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> to
     return loss.detach()
 
 
-def train_one_epoch(s: Step, loader, epoch: int, accum: int, show_progress: bool) -> dict:
+def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_progress: bool) -> dict:
+    """Micro-batch i is slot i % accum: it runs with that slot's random streams and BatchNorm statistics."""
     s.engine.train()
     losses, rows, seen, t0 = [], [], 0, time.perf_counter()
     bar = tqdm(total=len(loader) // accum, desc=f"epoch {epoch}", disable=not show_progress, leave=False,
                dynamic_ncols=True)
     for i, (images, labels) in enumerate(loader):
+        slots.enter(i % accum)
         images, labels = s.to_device(images), labels.to(s.device, non_blocking=True)
         if s.mixup_fn is not None:
             images, labels = s.mixup_fn(images, labels)
         losses.append(forward_backward(s, images, labels))
+        slots.leave(i % accum)
         seen += images.shape[0]
         if (i + 1) % accum:
             continue
@@ -73,14 +121,20 @@ def train_one_epoch(s: Step, loader, epoch: int, accum: int, show_progress: bool
     if tail := len(rows) % s.log_every:
         _flush(s, rows[-tail:], epoch, bar, seen / (time.perf_counter() - t0))
     bar.close()
+    slots.reduce_bn()
     elapsed = time.perf_counter() - t0
     return {"train/loss": sum(r["loss"] for r in rows) / max(1, len(rows)), "train/lr": rows[-1]["lr"] if rows else 0.0,
             "train/img_per_s": seen / elapsed, "train/epoch_s": elapsed, "train/updates": len(rows)}
 
 
 def _flush(s: Step, rows: list[dict], epoch: int, bar, img_per_s: float) -> None:
-    """Turn a window of loss tensors into numbers (one sync per window, not per step) and check they are finite."""
-    values = torch.stack([r["loss"] for r in rows]).float().cpu().tolist()
+    """Turn a window of loss tensors into numbers (one sync per window, not per step) and check they are finite.
+    Each is the mean over the whole global batch: averaged over this rank's slots, then over ranks."""
+    values = torch.stack([r["loss"] for r in rows]).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    values = values.cpu().tolist()
     for r, v in zip(rows, values):
         r["loss"] = v
         if not math.isfinite(v):

@@ -1,11 +1,9 @@
 """A recipe becomes timm's components, assembled as timm's train.py assembles them; then the epoch loop."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from timm.loss import BinaryCrossEntropy
@@ -16,7 +14,7 @@ from timm.utils import distribute_bn
 from rsb import checkpoint, distributed, engine
 from rsb.config import Resolved
 from rsb.data import loader as loaders
-from rsb.data.datasets import Split
+from rsb.data.datasets import Split, load_classes
 from rsb.tracking import Tracker
 
 
@@ -46,15 +44,6 @@ def create_scheduler(optimizer: torch.optim.Optimizer, r: Resolved, updates_per_
     return scheduler
 
 
-def seed_everything(seed: int, rank: int, epoch: int) -> None:
-    """All randomness of an epoch (augmentation in the main process, Mixup, drop path) is a function of (seed, rank,
-    epoch), so a run resumed at an epoch boundary continues exactly as the uninterrupted one."""
-    s = (seed * 1_000_003 + rank * 10_007 + epoch) % 2**31
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-
-
 @dataclass
 class Run:
     """One (arch, recipe) training: what the loop needs beyond the step."""
@@ -73,9 +62,10 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     r = run.r
     dtype = distributed.AUTOCAST[r.train.precision]
     torch.manual_seed(r.train.seed)  # identical initial weights on every rank
-    train_set = Split(run.prepared, "train", loaders.train_transform(r))
-    val_set = Split(run.prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct))
-    model = create_model(r, train_set.num_classes).to(run.device)
+    num_classes = len(load_classes(run.prepared))
+    model = create_model(r, num_classes).to(run.device)
+    train_set = Split(run.prepared, "train", loaders.train_transform(r, model))
+    val_set = Split(run.prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))
     optimizer = create_optimizer(model, r)
     ds_engine = distributed.initialize(model, optimizer, r)
     if r.train.channels_last:  # after initialize: DeepSpeed's parameter broadcast needs contiguous tensors
@@ -94,10 +84,12 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
     val_loader = loaders.eval_loader(val_shard, 100, r.train.workers)
     for epoch in range(start, r.epochs):
-        seed_everything(r.train.seed, run.rank, epoch)
+        slots = engine.Slots(ds_engine.module, [loaders.stream_seed(r.train.seed, epoch, v) for v in
+                                                range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)],
+                             run.device)
         stats = engine.train_one_epoch(step, loaders.train_loader(train_set, r, run.rank, epoch,
                                                                   run.device.type == "cuda"),
-                                       epoch, r.grad_accum, show_progress=run.rank == 0)
+                                       epoch, slots, r.grad_accum, show_progress=run.rank == 0)
         if r.world_size > 1:
             distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce
         last = epoch == r.epochs - 1
@@ -118,9 +110,7 @@ def _log_updates(run: Run, rows: list[dict]) -> None:
 
 def _client_state(run: Run, step: engine.Step, epochs_done: int) -> dict:
     return {"digest": run.ckpt_dir.name, "epoch": epochs_done, "num_updates": step.num_updates,
-            "scheduler": step.scheduler.state_dict(), "sampler_epoch": epochs_done,
-            "rng": {"seed": run.r.train.seed, "derived_from": "(seed, rank, epoch)"},
-            "history": run.history, "updates": run.updates, "mlflow_run_id": run.tracker.run_id}
+            "scheduler": step.scheduler.state_dict(), "history": run.history, "updates": run.updates, "mlflow_run_id": run.tracker.run_id}
 
 
 def _resume(run: Run, step: engine.Step) -> int:

@@ -19,7 +19,6 @@ lower contrast), as the real V2 is harder than val. Like ImageNet, one train "JP
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import gzip
 import hashlib
@@ -296,22 +295,3 @@ def write_release(out: Path, spec: MiniSpec = MiniSpec()) -> dict:
     return {"spec": asdict(spec), "bytes": {k: (out / v).stat().st_size for k, v in ARCHIVES.items()},
             "images": {"train": spec.classes * spec.train_per_class + 2, "val": len(val_files), "v2": len(v2)},
             "val_labels": labels.tolist()}  # the truth the tests hold the devkit mapping against
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from rsb.config import load_params
-
-    p = argparse.ArgumentParser(description="Generate the miniature ImageNet release (official archive formats).")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", type=Path, help="folder for the archives (default: params data.raw)")
-    args = p.parse_args(argv)
-    data = load_params(args.params).data
-    out = args.out or Path(data.raw)
-    summary = write_release(out, data.mini)
-    (out / "release.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_labels"}, indent=2))
-    print(f"mini release -> {out}: {summary['images']}, {sum(summary['bytes'].values()) / 1e6:.1f} MB")
-    return summary
-
-
-if __name__ == "__main__":
-    main()

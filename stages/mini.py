@@ -1,0 +1,31 @@
+"""mini: the embedded default's data, a miniature ImageNet release in the official archive formats.
+
+    python -m stages.mini --out data/mini
+
+Results card (2 cores AMD EPYC, 2026-11-27, the default 20 classes x 80/25/10 images): ~10 s, 8.9 MB of archives.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rsb.config import load_params
+from rsb.data.mini import write_release
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Generate the miniature ImageNet release (official archive formats).")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", type=Path, help="folder for the archives (default: params data.raw)")
+    args = p.parse_args(argv)
+    data = load_params(args.params).data
+    out = args.out or Path(data.raw)
+    summary = write_release(out, data.mini)
+    (out / "release.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_labels"}, indent=2))
+    print(f"mini release -> {out}: {summary['images']}, {sum(summary['bytes'].values()) / 1e6:.1f} MB")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
