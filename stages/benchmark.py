@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_arch(params, args.arch)
     b = params.benchmark
     t0 = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device_for(0)
     precision = auto_precision() if b.precision == "auto" else b.precision
     distributed.check_precision(precision, device)
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ def load_model(arch: str, weights: Path, num_classes: int) -> torch.nn.Module:
 
 def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: float, batch_size: int,
                    workers: int, precision: str) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device_for(0)
     model = model.to(device).to(memory_format=torch.channels_last)
     dtype = distributed.AUTOCAST[precision]
     tf = loaders.eval_transform(size, crop_pct, model)

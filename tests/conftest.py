@@ -13,13 +13,24 @@ from rsb.data.mini import MiniSpec, write_release
 ROOT = Path(__file__).resolve().parents[1]
 TINY = MiniSpec(seed=1, classes=20, train_per_class=8, val_per_class=4, v2_per_class=2, image_size=48)
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+# The in-process tests compare against CPU references: DeepSpeed, the model and the data all on the CPU, also on a
+# CUDA machine. tests/test_gpu.py runs its stages in subprocesses with DS_ACCELERATOR=cuda.
+os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def run_if(min_gpus: int = 0):
     """Missing hardware becomes a readable skip."""
     have = torch.cuda.device_count()
     return pytest.mark.skipif(have < min_gpus, reason=f"needs {min_gpus} CUDA GPU(s), found {have}")
+
+
+@pytest.fixture(scope="session")
+def world() -> int:
+    """This test process as a world of one (DeepSpeed's engine needs a process group)."""
+    from rsb import distributed
+
+    distributed.init()
+    return torch.distributed.get_world_size()
 
 
 @pytest.fixture(scope="session")

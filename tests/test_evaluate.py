@@ -31,7 +31,7 @@ def test_topk_scoring():
 
 @pytest.mark.parametrize("size, crop_pct, resize", [(224, 0.95, 235), (64, 0.95, 67), (160, 0.875, 182)])
 def test_eval_transform_is_the_papers(size, crop_pct, resize):
-    tf = loaders.eval_transform(size, crop_pct)
+    tf = loaders.eval_transform(size, crop_pct, timm.create_model("resnet18", num_classes=20))
     r, c = tf.transforms[0], tf.transforms[1]
     assert isinstance(r, T.Resize) and r.size == resize and r.interpolation == T.InterpolationMode.BICUBIC
     assert isinstance(c, T.CenterCrop) and tuple(c.size) == (size, size)
@@ -96,3 +96,74 @@ def test_missing_weights_name_the_stage(tmp_path, prepared, monkeypatch):
     p = write_params(tmp_path / "params.yaml", prepared)
     with pytest.raises(FileNotFoundError, match="run `dvc repro train@test_resnet-a1`"):
         main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
+
+
+def test_eval_transform_equals_timms_on_real_images(prepared):
+    """On the mini release's own files, decoded as the datasets decode them (ImageNet's PNG-named JPEG and a CMYK
+    JPEG included): tensor-equal to timm's create_transform(224, bicubic, crop_pct 0.95) = resize 235, crop 224."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    ours = loaders.eval_transform(224, 0.95, timm.create_model("resnet50", num_classes=20))
+    theirs = create_transform(224, is_training=False, interpolation="bicubic", crop_pct=0.95)
+    assert ours.transforms[0].size == 235
+    train = Split(prepared, "train", ours)
+    picks = [i for i, (f, _) in enumerate(train.samples) if f.stem.endswith(("_png", "_cmyk"))] + [0]
+    assert len(picks) == 3
+    for i in picks:
+        path, label = train.samples[i]
+        x, y = train[i]
+        assert y == label and torch.equal(x, theirs(Image.open(path).convert("RGB"))), path
+    for split in ("val", "v2"):
+        ds = Split(prepared, split, ours)
+        x, _ = ds[0]
+        assert torch.equal(x, theirs(Image.open(ds.samples[0][0]).convert("RGB")))
+
+
+def test_a3_is_evaluated_at_its_test_size(tmp_path, prepared):
+    """A3 trains at 160 but is evaluated at 224 (the paper's table); scaled alike in the mini run."""
+    from conftest import write_params
+    from rsb.config import load_params, resolve
+
+    paper = load_params(write_params(tmp_path / "p.yaml", prepared, {"scale.img_size": 224}))
+    r = resolve(paper, "resnet18", "a3", world_size=1)
+    assert (r.img_size, r.test_img_size) == (160, 224)
+
+
+class Logits(torch.nn.Module):
+    """A model that returns given logits, batch after batch."""
+    num_classes = 6
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.at = logits, 0
+
+    def forward(self, x):
+        out = self.logits[self.at:self.at + len(x)]
+        self.at += len(x)
+        return out
+
+
+def test_scores_equal_an_independent_count_with_ties_and_multi_label_real():
+    """predict + topk_correct against timm.utils.accuracy (validate.py's scorer), and ReaL against the count by
+    hand: ties in the logits, several ReaL labels, an unscored image."""
+    from timm.utils import accuracy
+
+    from rsb.engine import predict
+
+    logits = torch.tensor([[5., 1, 1, 0, 0, 0],    # label 0: top-1
+                           [1., 3, 3, 0, 0, 0],    # tie for first between 1 and 2; label 2
+                           [0., 0, 0, 0, 1, 2],    # label 0 is 3rd of four tied zeros: top-5 hit, top-1 miss
+                           [9., 8, 7, 6, 5, 4],    # label 5: outside the top 5
+                           [0., 0, 9, 0, 0, 0]])   # label 3
+    labels = torch.tensor([0, 2, 0, 5, 3])
+    loader = [(torch.zeros(3, 1), labels[:3]), (torch.zeros(2, 1), labels[3:])]
+    top, y = predict(Logits(logits), loader, torch.device("cpu"), None, channels_last=False, k=5)
+    assert torch.equal(y, labels)
+    ours = topk_correct(top, y)
+    acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
+    assert 100 * ours["top1"] / ours["count"] == pytest.approx(acc1.item())
+    assert 100 * ours["top5"] / ours["count"] == pytest.approx(acc5.item())
+    real = [[0, 1], [1, 2], [], [4], [2, 3]]  # image 2 unscored; ties at image 1 are right either way
+    by_hand = {"top1": 3, "top5": 4, "count": 4}  # top-1 hits: images 0, 1, 4; top-5 adds image 3 (label 4)
+    assert real_correct(top, real) == by_hand

@@ -35,12 +35,6 @@ RECIPES = ("a1", "a2", "a3")
 NAME = "test_resnet-a1"
 
 
-@pytest.fixture(scope="module")
-def world():
-    distributed.init()
-    return torch.distributed.get_world_size()
-
-
 def params_file(tmp_path: Path, prepared: Path, overrides: dict | None = None) -> Path:
     return write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp32", **(overrides or {})})
 
@@ -301,9 +295,9 @@ def test_updates_equal_train_py_on_one_process_accumulating(tmp_path, prepared, 
     assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, prepared, 1, accum))
 
 
-def launch(tmp_path: Path, path: Path, devices: int) -> dict:
+def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu") -> dict:
     """The stage through the real launcher (rsb.launch -> deepspeed for more than one process)."""
-    env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR="cpu",
+    env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR=accelerator,
                     PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "parity_worker", "--arch",
                           "test_resnet", "--recipe", "a1", "--params", str(path)], cwd=tmp_path, env=env,

@@ -287,6 +287,16 @@ def cpu_flags() -> set[str]:
     return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
+def use_cuda() -> bool:
+    """Train and evaluate on CUDA where it is, unless DeepSpeed's accelerator is forced to the CPU
+    (DS_ACCELERATOR=cpu), so that DeepSpeed, the model and the data agree on one device."""
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
 def auto_precision(cuda: bool | None = None, cuda_bf16: bool | None = None, flags: set[str] | None = None) -> str:
     """The paper's mixed precision where the hardware has it: bf16 on GPUs that support it, fp16 before Ampere; on a
     CPU bf16 only with native bf16 instructions (AVX512-BF16 or AMX). `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
@@ -294,7 +304,7 @@ def auto_precision(cuda: bool | None = None, cuda_bf16: bool | None = None, flag
     The arguments are for tests; by default they are read from this machine."""
     import torch
 
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    cuda = use_cuda() if cuda is None else cuda
     if cuda:
         return "bf16" if (torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16) else "fp16"
     flags = cpu_flags() if flags is None else flags

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import torch
 
-from rsb.config import Resolved
+from rsb.config import Resolved, use_cuda
 from rsb.launch import free_port
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -32,7 +32,7 @@ def init(timeout_s: int = 1800) -> tuple[int, int, int]:
 
 
 def device_for(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+    if use_cuda():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
