@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from rsb.config import override
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,14 +30,8 @@ def main() -> None:
     repo = a.keep or Path(tempfile.mkdtemp(prefix="rsb-repro-")) / "rsb"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
     if a.overrides:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        for item in a.overrides:
-            key, value = item.split("=", 1)
-            *parents, last = key.split(".")
-            d = params
-            for k in parents:
-                d = d[k]
-            d[last] = yaml.safe_load(value)
+        params = override(yaml.safe_load((repo / "params.yaml").read_text()),
+                          {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.overrides)})
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RSB_TRACKING")}
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from rsb.config import ConfigError, load_params
+from rsb.config import ConfigError, check_timm, load_params
 from rsb.data import archives
 from rsb.data.archives import ArchiveError, OFFICIAL_COUNTS
 
@@ -91,7 +91,8 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
         archives.verify_md5(paths)
     devkit = archives.load_devkit(paths["devkit"])
     n_classes = len(devkit.wnids)
-    if source == "imagenet" and (n_classes, len(devkit.val_wnids)) != (1000, OFFICIAL_COUNTS["val"]):
+    if source == "imagenet" and (n_classes, len(devkit.val_wnids)) != (OFFICIAL_COUNTS["classes"],
+                                                                       OFFICIAL_COUNTS["val"]):
         raise ArchiveError(f"{paths['devkit']}: {n_classes} classes / {len(devkit.val_wnids)} val labels, expected "
                            "the official 1000 / 50000 (data.source: imagenet)")
     real = archives.load_real(paths["real"], len(devkit.val_wnids), n_classes)
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--raw", type=Path, help="folder of archives (override data.raw)")
     p.add_argument("--out", type=Path, help="prepared folder (override data.prepared)")
     args = p.parse_args(argv)
-    data = load_params(args.params).data
+    params = load_params(args.params)
+    check_timm(params, args.params)  # a recipe typo fails now, not after hours of preparing ImageNet
+    data = params.data
     source, raw, out = args.source or data.source, args.raw or Path(data.raw), args.out or Path(data.prepared)
     info = build(raw, out, source, data.verify_md5 and source == "imagenet")
     print(f"prepared {out}: {info['classes']} classes, {info['images']}")

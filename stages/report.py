@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rsb import report, tracking
 from rsb.config import ConfigError, load_params, scaled_size
-from rsb.io import write_csv
+from rsb.io import write_csv, write_text
 
 
 def caption(params, info: dict, device: str) -> str:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
                       if f.stem in params.models})
     text = caption(params, info, ", ".join(devices) or "(no benchmark)")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "figure4.md").write_text(report.markdown(table, text))
+    write_text(args.out / "figure4.md", report.markdown(table, text))
     write_csv(args.out / "figure4.csv", table)
     report.plot(table, args.out / "figure4.png", text)
     t = tracking.start(True, params.experiment, "report", None,

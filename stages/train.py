@@ -1,7 +1,8 @@
 """train@<arch>-<recipe>: one of the paper's recipes, scaled by params.yaml `scale`, with DeepSpeed on 1..N processes.
 
-    deepspeed --num_nodes 1 --num_gpus 1 --module stages.train --arch resnet50 --recipe a1      (what dvc.yaml runs)
-    python -m stages.train --arch resnet18 --recipe a3                                         (one process, no launcher)
+    python -m rsb.launch --nodes 1 --devices 8 stages.train --arch resnet50 --recipe a1   (what dvc.yaml runs: one
+                                                        process runs the stage directly, more go through `deepspeed`)
+    python -m stages.train --arch resnet18 --recipe a3                                   (one process, no launcher)
 
 Writes models/<name>.pt (plain state_dict), metrics/train/<name>.json, plots/train/<name>.csv (per epoch) and
 <name>.updates.csv (per update), runs/<name>.json (MLflow run + resolved recipe); keeps checkpoints/<name>/<digest>/

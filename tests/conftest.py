@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rsb.config import override
 from rsb.data.mini import MiniSpec, write_release
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +66,7 @@ def write_params(path: Path, prepared: Path, overrides: dict | None = None) -> P
             "scale.epochs": 0.005, "scale.min_epochs": 2, "scale.img_size": 32, "scale.batch_size": 16,
             "train.micro_batch": 8, "train.workers": 0, "train.threads": 1, "evaluate.workers": 0,
             "benchmark.img_size": 64, "benchmark.batch_size": 8, "benchmark.repeats": 2, "benchmark.warmup": 1}
-    for key, value in {**base, **(overrides or {})}.items():
-        d = p
-        *parents, last = key.split(".")
-        for k in parents:
-            d = d[k]
-        d[last] = value
+    override(p, {**base, **(overrides or {})})
     path.write_text(yaml.safe_dump(p, sort_keys=False))
     return path
 

@@ -25,8 +25,8 @@ def test_real_scoring_on_crafted_cases():
 
 
 def test_topk_scoring():
-    top = torch.tensor([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [0, 6, 7, 8, 9]])
-    assert topk_correct(top, torch.tensor([1, 2, 5])) == {"top1": 1, "top5": 2, "count": 3}
+    top = torch.tensor([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [0, 6, 7, 8, 9], [9, 8, 7, 6, 4]])
+    assert topk_correct(top, torch.tensor([1, 2, 5, 4])) == {"top1": 1, "top5": 3, "count": 4}  # 4 is 5th: a hit
 
 
 @pytest.mark.parametrize("size, crop_pct, resize", [(224, 0.95, 235), (64, 0.95, 67), (160, 0.875, 182)])
@@ -153,10 +153,10 @@ def test_scores_equal_an_independent_count_with_ties_and_multi_label_real():
 
     logits = torch.tensor([[5., 1, 1, 0, 0, 0],    # label 0: top-1
                            [1., 3, 3, 0, 0, 0],    # tie for first between 1 and 2; label 2
-                           [0., 0, 0, 0, 1, 2],    # label 0 is 3rd of four tied zeros: top-5 hit, top-1 miss
-                           [9., 8, 7, 6, 5, 4],    # label 5: outside the top 5
+                           [0., 0, 0, 0, 1, 2],    # label 0 ties with 1, 2, 3 for 3rd-5th: whichever topk picks
+                           [9., 8, 7, 6, 5, 4],    # label 4: exactly 5th, a top-5 hit
                            [0., 0, 9, 0, 0, 0]])   # label 3
-    labels = torch.tensor([0, 2, 0, 5, 3])
+    labels = torch.tensor([0, 2, 0, 4, 3])
     loader = [(torch.zeros(3, 1), labels[:3]), (torch.zeros(2, 1), labels[3:])]
     top, y = predict(Logits(logits), loader, torch.device("cpu"), None, channels_last=False, k=5)
     assert torch.equal(y, labels)

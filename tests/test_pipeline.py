@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, clean_env
+from rsb.config import override
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +35,7 @@ def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def set_params(repo: Path, values: dict) -> None:
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in values.items():
-        d = p
-        *parents, last = key.split(".")
-        for k in parents:
-            d = d[k]
-        d[last] = value
+    p = override(yaml.safe_load((repo / "params.yaml").read_text()), values)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
@@ -49,8 +44,9 @@ def changed_stages(repo: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git copy of the project's tracked files, with the tiny profile, after one full `dvc repro`."""
+def built(tmp_path_factory) -> Path:
+    """A git copy of the project's tracked files, with the tiny profile, after one full `dvc repro`, committed and
+    tagged `base`."""
     repo = tmp_path_factory.mktemp("project")
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
@@ -60,10 +56,22 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / f, repo / f)
     set_params(repo, TINY)
     sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile")
+    commit(repo, "tiny profile")
     sh(repo, "dvc", "repro")
+    commit(repo, "base: one full repro")
+    sh(repo, "git", "tag", "base")
     return repo
+
+
+@pytest.fixture
+def repo(built) -> Path:
+    """Every test starts from `base`: the committed state after the first repro, its outputs checked out, nothing to
+    rerun. (Files git ignores, like checkpoints/ and mlflow.db, carry over: they are the stages' own state.)"""
+    sh(built, "git", "reset", "-q", "--hard", "base")
+    sh(built, "git", "clean", "-qfd")
+    sh(built, "dvc", "checkout", "-q")
+    assert changed_stages(built) == set()
+    return built
 
 
 def test_repro_produces_every_output(repo):
@@ -82,7 +90,6 @@ def test_repro_produces_every_output(repo):
 
 
 def test_second_repro_does_nothing(repo):
-    assert changed_stages(repo) == set()
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage" not in out
 
@@ -162,8 +169,6 @@ def mlflow_runs(repo: Path, **tags: str) -> list:
 
 
 def test_exp_run_temp_reruns_only_what_changed(repo):
-    set_params(repo, {"models": ["test_resnet"]})
-    commit(repo, "results")
     out = sh(repo, "dvc", "exp", "run", "--temp", "-n", "lr6", "-S", "recipes.a3.lr=0.006").stdout
     assert ran(out) == {"train@test_resnet-a3", "evaluate@test_resnet-a3", "report"}, out
     exp = experiments(repo)["lr6"]
@@ -217,7 +222,6 @@ def test_killed_dvc_repro_recovers(repo):
     out = sh(repo, "dvc", "repro")
     assert "resumed checkpoints/" in out.stdout, out.stdout[-3000:]
     assert changed_stages(repo) == set()
-    commit(repo, "after the kill")
 
 
 def test_push_then_pull_into_a_fresh_clone(repo, tmp_path):

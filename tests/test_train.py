@@ -435,7 +435,7 @@ def test_scale_and_world_shape_errors(tmp_path, prepared):
 
 
 def test_zero_with_lamb_is_refused(tmp_path, prepared):
-    with pytest.raises(ConfigError, match="zero_stage=2: ZeRO >= 1 .* LAMB's per-tensor trust ratio"):
+    with pytest.raises(ConfigError, match="train.zero_stage = 2: must be one of 0 .* LAMB's per-tensor trust ratio"):
         load_params(write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2}))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from rsb import domains as D
 from rsb.data.mini import MiniSpec
 
 
@@ -22,138 +23,146 @@ class ConfigError(ValueError):
     """A params.yaml problem, phrased as the key, what it holds, and what to do."""
 
 
+def _optimizer(v: str) -> bool:
+    import timm.optim
+    return v in timm.optim.list_optimizers()
+
+
+def _sched(v: str) -> bool:
+    return v in ("cosine", "tanh", "step", "multistep", "plateau", "poly", "rsqrt", "constant")  # create_scheduler_v2
+
+
+def _augment(v: str) -> bool:
+    """timm's own parser, then one application: timm accepts some malformed strings until it applies them."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    create_transform(32, is_training=True, auto_augment=v)(Image.new("RGB", (40, 40)))
+    return True
+
+
+def _arch(v: str) -> bool:
+    import timm
+    return timm.is_model(v)
+
+
+PROBABILITY = D.number(0, 1)
+PRECISIONS = D.one_of("auto", "bf16", "fp16", "fp32")
+TRAIN_PY = "timm train.py option"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One of the paper's recipes, verbatim (timm train.py option names)."""
-    epochs: int
-    img_size: int
-    test_img_size: int
-    crop_pct: float
-    batch_size: int
-    opt: str
-    lr: float
-    weight_decay: float
-    sched: str
-    warmup_epochs: float
-    warmup_lr: float
-    min_lr: float
-    bce_loss: bool
-    bce_target_thresh: float
-    smoothing: float
-    drop_path: float
-    aug_repeats: int
-    aa: str
-    mixup: float
-    cutmix: float
-    reprob: float
-    hflip: float
-    model_ema: bool
-    amp: bool
+    epochs: int = D.param(domain=D.number(1, integer=True), source=f"{TRAIN_PY} --epochs")
+    img_size: int = D.param(domain=D.number(8, integer=True), source=f"{TRAIN_PY} --img-size")
+    test_img_size: int = D.param(domain=D.number(8, integer=True), source="the eval size (validate.py --img-size)")
+    crop_pct: float = D.param(domain=D.number(0, 1, lo_open=True), source="timm create_transform: resize = size/crop_pct")
+    batch_size: int = D.param(domain=D.number(1, integer=True), source="the paper's global batch (lr_base_size)")
+    opt: str = D.param(domain=D.timm_name("a timm optimizer (timm.optim.list_optimizers())", _optimizer, "lamb", "lamb2"),
+                       source=f"{TRAIN_PY} --opt; this pipeline runs lamb")
+    lr: float = D.param(domain=D.number(0, lo_open=True), source=f"{TRAIN_PY} --lr (at batch_size)")
+    weight_decay: float = D.param(domain=D.number(0), source=f"{TRAIN_PY} --weight-decay")
+    sched: str = D.param(domain=D.timm_name("a timm scheduler (create_scheduler_v2)", _sched, "cosine", "cosin"),
+                         source=f"{TRAIN_PY} --sched; this pipeline runs cosine")
+    warmup_epochs: float = D.param(domain=D.number(0, hi_field="epochs", hi_open=True),
+                                   source=f"{TRAIN_PY} --warmup-epochs; warmup must end before training does")
+    warmup_lr: float = D.param(domain=D.number(0, hi_field="lr"),
+                               source=f"{TRAIN_PY} --warmup-lr; timm ramps linearly from it up to lr")
+    min_lr: float = D.param(domain=D.number(0, hi_field="lr"), source=f"{TRAIN_PY} --min-lr; the cosine decays to it")
+    bce_loss: bool = D.param(domain=D.one_of(True), source=f"{TRAIN_PY} --bce-loss; the paper's recipes use BCE")
+    bce_target_thresh: float = D.param(domain=D.number(0, 1, lo_open=True, hi_open=True),
+                                       source="timm BinaryCrossEntropy: targets > thresh become 1, the rest 0")
+    smoothing: float = D.param(domain=D.number(0, 1, hi_open=True), source="timm Mixup label_smoothing")
+    drop_path: float = D.param(domain=D.number(0, 1, hi_open=True), source="timm create_model drop_path_rate")
+    aug_repeats: int = D.param(domain=D.number(0, integer=True), source="timm RepeatAugSampler num_repeats (0: off)")
+    aa: str = D.param(domain=D.timm_name("a timm auto-augment string (rand-m7-mstd0.5-inc1, ...)", _augment,
+                                         "rand-m7-mstd0.5-inc1", "rand-m7-mstd0.5-inc1x"),
+                      source="timm create_transform auto_augment")
+    mixup: float = D.param(domain=D.number(0), source="timm Mixup mixup_alpha (Beta distribution; 0: off)")
+    cutmix: float = D.param(domain=D.number(0), source="timm Mixup cutmix_alpha (0: off)")
+    reprob: float = D.param(domain=PROBABILITY, source="timm RandomErasing probability")
+    hflip: float = D.param(domain=PROBABILITY, source="timm create_transform hflip probability")
+    model_ema: bool = D.param(domain=D.one_of(False), source=f"{TRAIN_PY} --model-ema; EMA is not part of A1-A3")
+    amp: bool = D.param(domain=D.flag(), source=f"{TRAIN_PY} --amp; false: fp32 whatever train.precision says")
 
     def check(self, where: str) -> None:
-        _positive(where, epochs=self.epochs, img_size=self.img_size, test_img_size=self.test_img_size,
-                  batch_size=self.batch_size, lr=self.lr)
-        if not 0 < self.crop_pct <= 1:
-            raise ConfigError(f"{where}.crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.opt != "lamb" or self.sched != "cosine" or not self.bce_loss:
-            raise ConfigError(f"{where}: this pipeline implements the paper's LAMB + cosine + BCE recipes; got "
-                              f"opt={self.opt!r}, sched={self.sched!r}, bce_loss={self.bce_loss}")
-        if self.model_ema:
-            raise ConfigError(f"{where}.model_ema: EMA is not part of the paper's A1/A2/A3; set it to false")
-        if self.aug_repeats < 0 or not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"{where}: need aug_repeats >= 0 and 0 <= warmup_epochs < epochs")
+        """What the pipeline implements, beyond each key's own domain."""
+        for key, value, want in (("opt", self.opt, "lamb"), ("sched", self.sched, "cosine")):
+            if value != want:
+                raise ConfigError(f"{where}.{key} = {value!r}: this pipeline implements the paper's LAMB + cosine + "
+                                  f"BCE recipes; set {want!r}")
 
 
 @dataclass(frozen=True)
 class Scale:
     """How this run shrinks the paper's recipes. epochs=1, img_size=224, batch_size=2048 is the paper."""
-    epochs: float = 1.0        # factor on each recipe's epochs and warmup (A1:A2:A3 keep their 6:3:1 budget)
-    min_epochs: int = 1
-    img_size: int = 224        # what the paper's 224 becomes; other sizes (A3's 160) scale in proportion
-    batch_size: int = 2048     # global batch
-    lr_rule: str = "sqrt"      # lr follows batch: sqrt (timm's rule for LAMB/Adam), linear, none
-    lr_factor: float = 1.0     # a further factor for runs of very few updates (the mini default); 1 = the paper
-
-    def check(self) -> None:
-        _positive("scale", epochs=self.epochs, min_epochs=self.min_epochs, img_size=self.img_size,
-                  batch_size=self.batch_size, lr_factor=self.lr_factor)
-        if self.lr_rule not in ("sqrt", "linear", "none"):
-            raise ConfigError(f"scale.lr_rule must be sqrt, linear or none, got {self.lr_rule!r}")
+    epochs: float = D.param(1.0, domain=D.number(0, lo_open=True),
+                            source="factor on each recipe's epochs and warmup (A1:A2:A3 keep their 6:3:1 budget)")
+    min_epochs: int = D.param(1, domain=D.number(1, integer=True), source="floor on the scaled epochs")
+    img_size: int = D.param(224, domain=D.number(8, integer=True),
+                            source="what the paper's 224 becomes; other sizes (A3's 160) in proportion")
+    batch_size: int = D.param(2048, domain=D.number(1, integer=True), source="global batch")
+    lr_rule: str = D.param("sqrt", domain=D.one_of("sqrt", "linear", "none"),
+                           source="timm train.py --lr-base-scale (sqrt, linear), or none: the recipe's lr")
+    lr_factor: float = D.param(1.0, domain=D.number(0, lo_open=True),
+                               source="a further lr factor for runs of very few updates; 1 = the paper")
 
 
 @dataclass(frozen=True)
 class Data:
-    source: str = "mini"       # mini | imagenet
-    raw: str = "data/mini"     # folder holding the official archives and real.json
-    prepared: str = "data/prepared"
-    verify_md5: bool = False   # check real archives against the published md5 sums (slow: ~150 GB)
+    source: str = D.param("mini", domain=D.one_of("mini", "imagenet"), source="the generated release or ImageNet")
+    raw: str = D.param("data/mini", domain=D.text(), source="folder with the official archives and real.json")
+    prepared: str = D.param("data/prepared", domain=D.text(), source="prepare's output folder")
+    verify_md5: bool = D.param(False, domain=D.flag(), source="check real archives against the published md5 sums")
     mini: MiniSpec = field(default_factory=MiniSpec)
-
-    def check(self) -> None:
-        if self.source not in ("mini", "imagenet"):
-            raise ConfigError(f"data.source must be 'mini' or 'imagenet', got {self.source!r}")
 
 
 @dataclass(frozen=True)
 class Train:
     """The machine side of training: nothing here changes the recipe's math."""
-    devices: int = 1           # processes per node (GPUs; CPU processes without a GPU)
-    nodes: int = 1
-    hostfile: str = "hostfile"  # DeepSpeed hostfile for multi-node; ignored when absent
-    master_port: int = 0       # rendezvous port; 0 = a free one (concurrent runs on one machine)
-    micro_batch: int = 32      # per device; accumulation = global batch / (micro_batch * devices * nodes)
-    precision: str = "auto"    # auto | bf16 | fp16 | fp32 (autocast; weights stay fp32)
-    channels_last: bool = True
-    compile: bool = False
-    workers: int = 1
-    threads: int = 0           # torch threads per process; 0 = cores / local processes
-    eval_every: int = 1        # val top-1 every N epochs; 0 = at the end only
-    zero_stage: int = 0
-    seed: int = 0
-
-    def check(self) -> None:
-        _positive("train", devices=self.devices, nodes=self.nodes, micro_batch=self.micro_batch)
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.zero_stage != 0:
-            raise ConfigError(
-                f"train.zero_stage={self.zero_stage}: ZeRO >= 1 flattens and partitions parameters, so LAMB's "
-                "per-tensor trust ratio is computed over shards instead of tensors and the recipe's math changes "
-                "(measured: losses differ from the second step). ResNets fit in memory: keep zero_stage: 0.")
-        if self.workers < 0 or self.threads < 0 or self.eval_every < 0:
-            raise ConfigError("train.workers, train.threads and train.eval_every must be >= 0")
+    devices: int = D.param(1, domain=D.number(1, integer=True),
+                           source="processes per node (GPUs; CPU processes without one); DeepSpeed checks the GPUs")
+    nodes: int = D.param(1, domain=D.number(1, integer=True), source="nodes; rsb.launch checks the hostfile")
+    hostfile: str = D.param("hostfile", domain=D.text(), source="DeepSpeed hostfile (multi-node)")
+    master_port: int = D.param(0, domain=D.number(0, 65535, integer=True), source="TCP port; 0 = a free one")
+    micro_batch: int = D.param(32, domain=D.number(1, integer=True), source="per device; accumulation makes the rest")
+    precision: str = D.param("auto", domain=PRECISIONS, source="autocast dtype; weights stay fp32")
+    channels_last: bool = D.param(True, domain=D.flag(), source=f"{TRAIN_PY} --channels-last")
+    compile: bool = D.param(False, domain=D.flag(), source="torch.compile through DeepSpeed")
+    workers: int = D.param(1, domain=D.number(0, integer=True), source="DataLoader workers per process")
+    threads: int = D.param(0, domain=D.number(0, integer=True), source="torch threads per process; 0 = cores / processes")
+    eval_every: int = D.param(1, domain=D.number(0, integer=True), source="val top-1 every N epochs; 0 = at the end")
+    zero_stage: int = D.param(0, domain=D.one_of(0), source=(
+        "DeepSpeed ZeRO: >= 1 flattens and partitions parameters, so LAMB's per-tensor trust ratio would be computed "
+        "over shards and the recipe's math would change (measured: losses differ from the second step)"))
+    seed: int = D.param(0, domain=D.number(0, 2**31 - 1, integer=True), source="torch/NumPy seeds take 0..2^31-1")
 
 
 @dataclass(frozen=True)
 class Evaluate:
-    batch_size: int = 100
-    workers: int = 1
-
-    def check(self) -> None:
-        _positive("evaluate", batch_size=self.batch_size)
+    batch_size: int = D.param(100, domain=D.number(1, integer=True), source="eval batch (no effect on the scores)")
+    workers: int = D.param(1, domain=D.number(0, integer=True), source="DataLoader workers")
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    batch_size: int = 128
-    img_size: int = 224
-    warmup: int = 2
-    repeats: int = 5
-    precision: str = "auto"
-    channels_last: bool = True
-
-    def check(self) -> None:
-        _positive("benchmark", batch_size=self.batch_size, img_size=self.img_size, repeats=self.repeats)
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"benchmark.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+    batch_size: int = D.param(128, domain=D.number(1, integer=True), source="the paper's figure 4: 128")
+    img_size: int = D.param(224, domain=D.number(8, integer=True), source="the paper's figure 4: 224")
+    warmup: int = D.param(2, domain=D.number(0, integer=True), source="untimed batches first")
+    repeats: int = D.param(5, domain=D.number(1, integer=True), source="timed batches (median)")
+    precision: str = D.param("auto", domain=PRECISIONS, source="autocast dtype")
+    channels_last: bool = D.param(True, domain=D.flag(), source="memory layout")
 
 
 @dataclass(frozen=True)
 class Params:
-    experiment: str
-    models: tuple[str, ...]
-    run: tuple[str, ...]
-    recipes: dict[str, Recipe]
+    experiment: str = D.param(domain=D.text(), source="MLflow experiment name (non-empty)")
+    models: tuple[str, ...] = D.param(domain=D.unique(D.name(), "resnet18"), source="timm architectures (timm decides, before training); names in DVC stage names train@<arch>-<recipe>")
+    run: tuple[str, ...] = D.param(domain=D.unique(D.name(), "a1"), source="recipes to run, each under recipes")
+    recipes: dict[str, Recipe] = D.param(domain=D.Domain("a mapping of recipe names to recipes",
+                                                         lambda v, h: bool(v) and all(D.NAME.fullmatch(k) for k in v)),
+                                         source="recipe names become DVC stage names")
     scale: Scale = field(default_factory=Scale)
     data: Data = field(default_factory=Data)
     train: Train = field(default_factory=Train)
@@ -161,13 +170,12 @@ class Params:
     benchmark: Benchmark = field(default_factory=Benchmark)
 
     def check(self) -> None:
+        """What spans sections, after every key's own domain."""
         for name, recipe in self.recipes.items():
             recipe.check(f"recipes.{name}")
         for name in self.run:
             if name not in self.recipes:
                 raise ConfigError(f"run lists recipe {name!r}, which is not under recipes ({', '.join(self.recipes)})")
-        for part in (self.scale, self.data, self.train, self.evaluate, self.benchmark):
-            part.check()
 
     def recipe(self, name: str) -> Recipe:
         if name not in self.recipes:
@@ -175,54 +183,99 @@ class Params:
         return self.recipes[name]
 
 
-def _positive(where: str, **values) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"{where}.{key} must be > 0, got {value}")
+def check_domains(obj, where: str = "", timm: bool = False) -> None:
+    """Every declared key of `obj` (recursively) in its domain; with `timm`, only the domains timm decides."""
+    for name, f in D.fields(obj):
+        d, value, key = f.metadata["domain"], getattr(obj, name), f"{where}{name}"
+        if d.timm == timm and not d.ok(value, obj):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{key} = {shown!r}: must be {d.text} ({f.metadata['source']})")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_domains(value, f"{where}{f.name}.", timm)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    check_domains(v, f"{where}{f.name}.{k}.", timm)
+
+
+def domains_markdown() -> str:
+    """The README's table of params.yaml keys: rendered from the declarations, so it cannot drift from them."""
+    rows = ["| key | domain | why / source |", "|---|---|---|"]
+    rows += [f"| `{k}` | {d} | {s} |" for k, d, s in D.domain_table(Params)]
+    return "\n".join(rows)
+
+
+def check_timm(params: Params, source: str = "params.yaml") -> None:
+    """The keys timm's own parsers decide (architectures, auto-augment strings, optimizer and scheduler names), for
+    every recipe in `run`: milliseconds once timm is imported; the stages with expensive work call it first."""
+    try:
+        for arch in params.models:
+            if not _arch(arch):
+                raise ConfigError(f"models: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
+        for name in params.run:
+            check_domains(params.recipes[name], f"recipes.{name}.", timm=True)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _key(where: str, k) -> str:
+    return f"{where}.{k}" if where else str(k)
 
 
 def _convert(tp, value, where: str):
-    """Convert a YAML value to the annotated type, naming the key on a mismatch."""
+    """Convert a YAML value to the annotated type, naming the dotted key on a mismatch."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where} = {value!r}: must be a mapping")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - names)
         if unknown:
-            raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown key {_key(where, unknown[0])} (known: {', '.join(sorted(names))})")
         missing = [f.name for f in dataclasses.fields(tp) if f.name not in value
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ConfigError(f"missing key {where}.{missing[0]}")
-        try:
-            return tp(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in value.items()})
-        except ValueError as e:  # a dataclass's own __post_init__ check
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"missing key {_key(where, missing[0])}")
+        return tp(**{k: _convert(hints[k], v, _key(where, k)) for k, v in value.items()})
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where} = {value!r}: must be a mapping")
         _, vt = typing.get_args(tp)
-        return {str(k): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _convert(vt, v, _key(where, k)) for k, v in value.items()}
     if origin is tuple:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: must be a list")
         return tuple(_convert(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
-    raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{where} = {value!r}: must be {'a' if tp is not int else 'an'} {tp.__name__}")
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Types, then every key's domain, then what spans keys: the first problem is one ConfigError line."""
     try:
-        params = _convert(Params, raw, "params")
+        params = _convert(Params, raw, "")
+        check_domains(params)
         params.check()
     except ConfigError as e:
-        raise ConfigError(f"{source}: {str(e).replace('params.', '', 1)}") from None
+        raise ConfigError(f"{source}: {e}") from None
     return params
+
+
+def override(raw: dict, values: dict) -> dict:
+    """Set dotted keys in a params.yaml mapping, as `dvc exp run -S key=value` does (in place; returns it)."""
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        d = raw
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -266,13 +319,9 @@ class Resolved:
 
 
 def check_arch(params: Params, arch: str) -> None:
-    """Architectures are checked where timm is loaded anyway (train, benchmark), not on every params load."""
-    import timm
-
     if arch not in params.models:
         raise ConfigError(f"architecture {arch!r} is not under models in params.yaml ({', '.join(params.models)})")
-    if not timm.is_model(arch):
-        raise ConfigError(f"models: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
+    check_timm(params)
 
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -7,6 +7,8 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+from rsb.io import atomic
+
 SPLITS = (("val", "val_top1"), ("real", "real_top1"), ("v2", "v2_top1"))
 
 
@@ -91,6 +93,6 @@ def plot(table: list[dict], path: Path, caption: str) -> None:
     a.legend(fontsize=7)
     fig.suptitle(caption, fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

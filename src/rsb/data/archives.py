@@ -40,10 +40,6 @@ class Devkit:
     names: dict[str, tuple[str, ...]]
     val_wnids: list[str]             # wnid of ILSVRC2012_val_{i+1:08d}.JPEG
 
-    @property
-    def index(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.wnids)}
-
 
 def require(raw: Path) -> dict[str, Path]:
     """The five release files under `raw`, or one error that lists what is missing."""

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from rsb import domains as D
+
 # The first 40 ILSVRC2012 classes in sorted-wnid order (index = position), with the devkit's `words`.
 WNIDS = [
     ("n01440764", "tench, Tinca tinca"), ("n01443537", "goldfish, Carassius auratus"),
@@ -75,21 +77,15 @@ ARCHIVES = {
 
 @dataclass(frozen=True)
 class MiniSpec:
-    seed: int = 0
-    classes: int = 20
-    train_per_class: int = 100
-    val_per_class: int = 25
-    v2_per_class: int = 10
-    image_size: int = 96  # longer side; the shorter side is drawn from [0.8, 1.0] of it, like photos of varied aspect
-
-    def __post_init__(self):
-        if not 2 <= self.classes <= len(WNIDS):
-            raise ValueError(f"data.mini.classes must be in 2..{len(WNIDS)}, got {self.classes}")
-        for key in ("train_per_class", "val_per_class", "v2_per_class"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"data.mini.{key} must be >= 1, got {getattr(self, key)}")
-        if self.image_size < 32:
-            raise ValueError(f"data.mini.image_size must be >= 32, got {self.image_size}")
+    """params.yaml `data.mini`: the generated release's size (domains checked by rsb.config when params load)."""
+    seed: int = D.param(0, domain=D.number(0, 2**31 - 1, integer=True), source="the generator's seed")
+    classes: int = D.param(20, domain=D.number(2, len(WNIDS), integer=True),
+                           source=f"the first N ImageNet wnids the generator knows ({len(WNIDS)})")
+    train_per_class: int = D.param(100, domain=D.number(1, integer=True), source="train images per class")
+    val_per_class: int = D.param(25, domain=D.number(1, integer=True), source="val images per class")
+    v2_per_class: int = D.param(10, domain=D.number(1, integer=True), source="V2 images per class")
+    image_size: int = D.param(96, domain=D.number(32, integer=True),
+                              source="longer side; the shorter is drawn from [0.8, 1.0] of it, like photos")
 
 
 @dataclass(frozen=True)
