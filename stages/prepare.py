@@ -1,69 +1,79 @@
-"""prepare: official archives (real ImageNet under data.raw, or the generated mini release) -> data/prepared/.
+"""prepare: official archives (real ImageNet, the generated mini release, or an extracted folder) -> an index.
 
-    data/prepared/train/<wnid>/*.JPEG     val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG     v2/<class index>/*
-    data/prepared/real.json               classes.json (index -> wnid, name)          info.json (counts, digest)
+    data/prepared/{train,val,v2}.npz   per image: source file, byte offset, size, class index (read in place)
+    data/prepared/{split}.names.json.gz  names in the official layout (<wnid>/<file>, <class index>/<file>)
+    data/prepared/v2.tar               ImageNetV2's .tar.gz repacked once, uncompressed, so it is read in place too
+    data/prepared/real.json  classes.json (index -> wnid, name)  info.json (counts, sources + fingerprints, digest)
 
-Every input is checked before anything is published: the archives exist, the devkit parses, real.json has one list
-per val image, every image decodes. The output is built in a temporary sibling folder and renamed into place at the
-end, so a failed run never leaves a data/prepared that looks complete.
+No image is extracted: training and evaluation read the archives by offset (`rsb.data.datasets`), so data/prepared
+is a few files for DVC to hash instead of 1.3 M. Every input is still checked before anything is published: the
+archives exist and parse, the devkit parses, real.json has one list per val image, and every image is read, hashed
+into the data digest and decoded (in parallel, with a progress bar). The output is built in a temporary sibling
+folder and renamed into place at the end, so a failed run never leaves a data/prepared that looks complete.
 
-Results card (2 cores AMD EPYC, 2026-11-27, mini default: 20 classes, 1,602 train / 500 val / 200 V2 images, <=80 px):
-    python -m stages.mini    ->  ~10 s, 8.9 MB of archives
-    python -m stages.prepare   ->  1.9 s, 2,302 images decoded and checked, 7.5 MB in data/prepared
+Results card (2 cores AMD EPYC, 2026-11-29, mini default: 20 classes, 1,602 train / 500 val / 200 V2 images, <=80 px):
+    python -m stages.mini      ->  ~10 s, 8.9 MB of archives
+    python -m stages.prepare   ->  see BENCHMARKS.md (index of 2,302 images; 100,000-image simulation)
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from rsb.config import ConfigError, check_timm, load_params
 from rsb.data import archives
 from rsb.data.archives import ArchiveError, OFFICIAL_COUNTS
+from rsb.data.datasets import SPLITS, Reader, fingerprint, source_path
+
+CHUNK = 256  # images per task of the decode check
 
 
-class Writer:
-    """Writes files under one split folder, hashing each for the data digest, with a progress bar."""
-
-    def __init__(self, root: Path, split: str, bar: tqdm):
-        self.root, self.split, self.bar, self.hashes, self.bytes = root / split, split, bar, {}, 0
-
-    def __call__(self, rel: str, data: bytes) -> None:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        self.hashes[f"{self.split}/{rel}"] = hashlib.sha256(data).hexdigest()
-        self.bytes += len(data)
-        self.bar.update(1)
-
-
-def _decode(path: str) -> str | None:
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB").load()  # PNG-named-.JPEG and CMYK files decode here, as the datasets read them
-        return None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the same problem for the user
-        return f"{type(e).__name__}: {e}"
+def _check(task: tuple[list[Path], list[tuple]]) -> list[tuple[str, str | None]]:
+    """Read, hash and decode a chunk of index entries: (sha256, error or None) each."""
+    paths, entries = task
+    reader, out = Reader(paths), []
+    for name, file, offset, size in entries:
+        try:
+            data = (paths[file] / name).read_bytes() if offset < 0 else reader.read(file, offset, size)
+            with Image.open(io.BytesIO(data)) as img:
+                img.convert("RGB").load()  # PNG-named-.JPEG and CMYK files decode here, as the datasets read them
+            out.append((hashlib.sha256(data).hexdigest(), None))
+        except Exception as e:  # noqa: BLE001 - any read or decoder failure is the same problem for the user
+            out.append(("", f"{type(e).__name__}: {e}"))
+    return out
 
 
-def check_images(root: Path, origin: dict[str, Path]) -> None:
-    files = sorted(str(p) for split in origin for p in (root / split).rglob("*") if p.is_file())
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers) as pool:
-        for path, err in zip(files, pool.map(_decode, files, chunksize=64)):
-            if err:
-                rel = Path(path).relative_to(root)
-                raise ArchiveError(f"{origin[rel.parts[0]]}: image {Path(*rel.parts[1:])} cannot be decoded ({err}); "
-                                   "replace the archive with an intact copy")
+def check_images(splits: dict, root: Path, bar: tqdm) -> dict[str, str]:
+    """Every image of every split read, hashed and decoded in parallel; {split/name: sha256}."""
+    tasks, where = [], []
+    for split, (sources, entries, _) in splits.items():
+        paths = [source_path(root, s) for s in sources]
+        for i in range(0, len(entries), CHUNK):
+            tasks.append((paths, entries[i:i + CHUNK]))
+            where.append((split, sources))
+    hashes = {}
+    with ProcessPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for (paths, chunk), (split, sources), results in zip(tasks, where, pool.map(_check, tasks)):
+            for (name, file, _, _), (digest, err) in zip(chunk, results):
+                if err:
+                    raise ArchiveError(f"{paths[file]}: image {name} cannot be decoded ({err}); replace the "
+                                       f"{'file' if sources[file]['kind'] == 'folder' else 'archive'} with an intact copy")
+                hashes[f"{split}/{name}"] = digest
+            bar.update(len(chunk))
+    return hashes
 
 
 def _remove_abandoned(out: Path) -> None:
@@ -84,9 +94,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def index(raw: Path, tmp: Path, source: str, paths: dict, devkit: archives.Devkit) -> dict:
+    """{split: (sources, entries (name, source, offset, size) sorted by name, labels)}; offset -1: a folder's file."""
+    index_of = {w: i for i, w in enumerate(devkit.wnids)}
+    n_classes = len(devkit.wnids)
+    if source == "folder":
+        found = {s: [(n, 0, -1, size) for n, _, size in archives.index_folder(paths[s])] for s in SPLITS}
+        sources = {s: [{"path": str(paths[s]), "base": "raw", "kind": "folder"}] for s in SPLITS}
+    else:
+        found = {"train": archives.index_train(paths["train"], set(devkit.wnids)),
+                 "val": archives.index_val(paths["val"], devkit),
+                 "v2": archives.repack_v2(paths["v2"], tmp / "v2.tar", n_classes)}
+        found = {s: [(n, 0, off, size) for n, off, size in e] for s, e in found.items()}
+        where = {"train": (str(paths["train"]), "raw"), "val": (str(paths["val"]), "raw"), "v2": ("v2.tar", "prepared")}
+        sources = {s: [{"path": p, "base": b, "kind": "tar", **fingerprint(tmp / p if b == "prepared" else Path(p))}]
+                   for s, (p, b) in where.items()}
+    out = {}
+    for split in SPLITS:
+        entries = sorted(found[split])
+        labels = [label_of(split, PurePosixPath(e[0]), index_of, devkit, n_classes, paths[split]) for e in entries]
+        out[split] = (sources[split], entries, labels)
+    missing = sorted(set(devkit.wnids) - {devkit.wnids[y] for y in out["train"][2]})
+    if missing:
+        raise ArchiveError(f"{paths['train']}: no images for {len(missing)} devkit classes (first: {missing[0]})")
+    return out
+
+
+def label_of(split: str, name: PurePosixPath, index_of: dict, devkit, n_classes: int, where: Path) -> int:
+    folder = name.parts[0] if len(name.parts) > 1 else None
+    if split == "v2":
+        if folder is None or not folder.isdigit() or not 0 <= int(folder) < n_classes:
+            raise ArchiveError(f"{where}: {name} is not <class index 0..{n_classes - 1}>/<image>")
+        return int(folder)
+    if split == "val" and folder is None:  # the flat val folder: labels from the devkit's ground truth
+        return index_of[archives.val_wnid(where, str(name), devkit)]
+    if folder not in index_of:
+        raise ArchiveError(f"{where}: {name} is not under a devkit class folder <wnid>/")
+    return index_of[folder]
+
+
 def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
-    """Check the release under `raw`, then extract it into a fresh folder that replaces `out` on success."""
-    paths = archives.require(raw)
+    """Check the release under `raw`, then index it into a fresh folder that replaces `out` on success."""
+    paths = archives.require_folder(raw) if source == "folder" else archives.require(raw)
     if verify_md5:
         archives.verify_md5(paths)
     devkit = archives.load_devkit(paths["devkit"])
@@ -101,18 +150,23 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
     _remove_abandoned(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
-        with tqdm(desc=f"prepare {raw}", unit="img", disable=None, file=sys.stderr) as bar:
-            w = {s: Writer(tmp, s, bar) for s in ("train", "val", "v2")}
-            train = archives.extract_train(paths["train"], w["train"], set(devkit.wnids))
-            n_val = archives.extract_val(paths["val"], w["val"], devkit)
-            n_v2 = archives.extract_v2(paths["v2"], w["v2"], n_classes)
-        if source == "imagenet" and n_v2 != OFFICIAL_COUNTS["v2"]:
-            raise ArchiveError(f"{paths['v2']}: {n_v2} images, expected {OFFICIAL_COUNTS['v2']}")
-        check_images(tmp, {"train": paths["train"], "val": paths["val"], "v2": paths["v2"]})
-        hashes = {k: v for writer in w.values() for k, v in writer.hashes.items()}
-        info = {"source": source, "classes": n_classes, "images": {"train": sum(train.values()), "val": n_val,
-                "v2": n_v2}, "bytes": {s: writer.bytes for s, writer in w.items()},
-                "real_scored": sum(1 for r in real if r),
+        splits = index(raw, tmp, source, paths, devkit)
+        counts = {s: len(entries) for s, (_, entries, _) in splits.items()}
+        if source == "imagenet" and counts["v2"] != OFFICIAL_COUNTS["v2"]:
+            raise ArchiveError(f"{paths['v2']}: {counts['v2']} images, expected {OFFICIAL_COUNTS['v2']}")
+        if counts["val"] != len(devkit.val_wnids):
+            raise ArchiveError(f"{paths['val']}: {counts['val']} images, but the devkit lists {len(devkit.val_wnids)}")
+        with tqdm(total=sum(counts.values()), desc=f"prepare {raw}", unit="img", disable=None, file=sys.stderr) as bar:
+            hashes = check_images(splits, tmp, bar)
+        for split, (sources, entries, labels) in splits.items():
+            np.savez(tmp / f"{split}.npz", source=np.array([e[1] for e in entries], np.int32),
+                     offset=np.array([e[2] for e in entries], np.int64),
+                     size=np.array([e[3] for e in entries], np.int64), label=np.array(labels, np.int32))
+            with gzip.GzipFile(tmp / f"{split}.names.json.gz", "wb", mtime=0) as f:
+                f.write(json.dumps([e[0] for e in entries]).encode())
+        info = {"source": source, "classes": n_classes, "images": counts,
+                "bytes": {s: int(sum(e[3] for e in splits[s][1])) for s in SPLITS},
+                "sources": {s: splits[s][0] for s in SPLITS}, "real_scored": sum(1 for r in real if r),
                 "digest": hashlib.sha256("".join(f"{k}\t{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()}
         (tmp / "real.json").write_text(json.dumps(real))
         classes = [{"index": i, "wnid": wn, "name": devkit.names[wn][0], "words": list(devkit.names[wn])}
@@ -130,7 +184,7 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--source", choices=["mini", "imagenet"], help="override data.source")
+    p.add_argument("--source", choices=["mini", "imagenet", "folder"], help="override data.source")
     p.add_argument("--raw", type=Path, help="folder of archives (override data.raw)")
     p.add_argument("--out", type=Path, help="prepared folder (override data.prepared)")
     args = p.parse_args(argv)

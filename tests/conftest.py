@@ -49,6 +49,39 @@ def release_copy(release, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def extracted(release, tmp_path_factory) -> Path:
+    """The release extracted with the standard library alone, in the layout labs keep ImageNet in:
+    train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, v2/<class index>/*, plus the devkit and real.json. Independent of rsb's
+    reader: the fidelity reference's ImageFolder reads it, and it is the `folder` source's test input."""
+    import io
+    import tarfile
+
+    from rsb.data.mini import ARCHIVES
+
+    out = tmp_path_factory.mktemp("extracted")
+    raw, summary = release
+    with tarfile.open(raw / ARCHIVES["train"]) as outer:
+        for member in outer:
+            with tarfile.open(fileobj=io.BytesIO(outer.extractfile(member).read())) as inner:
+                inner.extractall(out / "train" / member.name.removesuffix(".tar"), filter="data")
+    wnids = sorted(d.name for d in (out / "train").iterdir())
+    with tarfile.open(raw / ARCHIVES["val"]) as val:
+        for i, member in enumerate(sorted(val.getmembers(), key=lambda m: m.name)):
+            target = out / "val" / wnids[summary["val_labels"][i]]
+            target.mkdir(parents=True, exist_ok=True)
+            (target / member.name).write_bytes(val.extractfile(member).read())
+    with tarfile.open(raw / ARCHIVES["v2"]) as v2:
+        for member in v2.getmembers():
+            if member.isfile():
+                target = out / "v2" / Path(member.name).parent.name
+                target.mkdir(parents=True, exist_ok=True)
+                (target / Path(member.name).name).write_bytes(v2.extractfile(member).read())
+    for key in ("devkit", "real"):
+        shutil.copy(raw / ARCHIVES[key], out / ARCHIVES[key])
+    return out
+
+
+@pytest.fixture(scope="session")
 def prepared(release, tmp_path_factory) -> Path:
     from stages.prepare import build
 

@@ -1,6 +1,7 @@
 """evaluate: ReaL scoring rules, V2's folder-index labels through evaluation, the paper's eval transform."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -111,13 +112,13 @@ def test_eval_transform_equals_timms_on_real_images(prepared):
     picks = [i for i, (f, _) in enumerate(train.samples) if f.stem.endswith(("_png", "_cmyk"))] + [0]
     assert len(picks) == 3
     for i in picks:
-        path, label = train.samples[i]
+        name, label = train.samples[i]
         x, y = train[i]
-        assert y == label and torch.equal(x, theirs(Image.open(path).convert("RGB"))), path
+        assert y == label and torch.equal(x, theirs(Image.open(io.BytesIO(train.read(i))).convert("RGB"))), name
     for split in ("val", "v2"):
         ds = Split(prepared, split, ours)
         x, _ = ds[0]
-        assert torch.equal(x, theirs(Image.open(ds.samples[0][0]).convert("RGB")))
+        assert torch.equal(x, theirs(Image.open(io.BytesIO(ds.read(0))).convert("RGB")))
 
 
 def test_a3_is_evaluated_at_its_test_size(tmp_path, prepared):

@@ -144,8 +144,8 @@ def test_quirky_files_decode_as_rgb(prepared):
     for i in quirks:
         img, _ = ds[i]
         assert img.mode == "RGB"
-    png = next(p for p, _ in ds.samples if p.stem.endswith("_png"))
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    png = next(i for i, (p, _) in enumerate(ds.samples) if p.stem.endswith("_png"))
+    assert ds.read(png)[:4] == b"\x89PNG"
 
 
 def test_prepare_is_idempotent(release, tmp_path):
@@ -259,3 +259,39 @@ def test_stage_flags_override_params(release, tmp_path):
 
     info = main(["--raw", str(release[0]), "--out", str(tmp_path / "p"), "--source", "mini"])
     assert info["classes"] == TINY.classes and (tmp_path / "p" / "classes.json").is_file()
+
+
+# --- the folder source: an extracted ImageNet, indexed in place ------------------------------------------------------
+
+def test_an_extracted_folder_indexes_to_the_same_data(prepared, extracted, tmp_path):
+    """`data.source: folder` over the release extracted by the standard library: the same images under the same
+    names and labels, so the same content digest as indexing the archives, and the same decoded bytes."""
+    info = build(extracted, tmp_path / "prepared", "folder", False)
+    assert info["digest"] == json.loads((prepared / "info.json").read_text())["digest"]
+    for split in ("train", "val", "v2"):
+        a, b = Split(prepared, split), Split(tmp_path / "prepared", split)
+        assert a.samples == b.samples
+        assert all(a.read(i) == b.read(i) for i in range(0, len(a), 7))
+
+
+def test_a_flat_val_folder_takes_its_labels_from_the_devkit(prepared, extracted, tmp_path):
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(extracted, raw)
+    for f in list((raw / "val").rglob("*.JPEG")):
+        f.rename(raw / "val" / f.name)
+    for d in [d for d in (raw / "val").iterdir() if d.is_dir()]:
+        d.rmdir()
+    build(raw, tmp_path / "prepared", "folder", False)
+    flat, nested = Split(tmp_path / "prepared", "val"), Split(prepared, "val")
+    assert [(p.name, y) for p, y in flat.samples] == sorted((p.name, y) for p, y in nested.samples)
+
+
+def test_prepared_is_an_index_not_a_copy(prepared, release):
+    """No image is extracted: data/prepared holds a few small files, far smaller than the images it indexes."""
+    files = sorted(p.name for p in prepared.iterdir())
+    assert files == ["classes.json", "info.json", "real.json", "train.names.json.gz", "train.npz",
+                     "v2.names.json.gz", "v2.npz", "v2.tar", "val.names.json.gz", "val.npz"]
+    index = sum(p.stat().st_size for p in prepared.iterdir() if p.name != "v2.tar")
+    assert index < 0.2 * sum(json.loads((prepared / "info.json").read_text())["bytes"].values())

@@ -303,22 +303,30 @@ def test_training_before_prepare_names_the_stage(tmp_path, prepared):
         main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
 
 
-@pytest.mark.parametrize("edit", ["remove", "append", "add"])
-def test_prepared_folder_edited_after_preparation_is_refused(prepared, tmp_path, edit):
-    import shutil
+@pytest.mark.parametrize("edit", ["append", "truncate", "same-size", "remove"])
+def test_an_archive_changed_after_preparation_is_refused(release_copy, tmp_path, edit):
+    """The datasets read the archives in place: one that changed after prepare indexed it is refused at start
+    (size and both ends' hash: one stat and 128 KiB per archive), naming it and the stage to rerun."""
+    from rsb.data.mini import ARCHIVES
+    from stages.prepare import build
 
-    copy = tmp_path / "prepared"
-    shutil.copytree(prepared, copy)
-    first = sorted((copy / "val").rglob("*.JPEG"))[0]
-    if edit == "remove":
-        first.unlink()
-    elif edit == "append":
-        first.write_bytes(first.read_bytes() + b"\0")
+    out = tmp_path / "prepared"
+    build(release_copy, out, "mini", False)
+    val = release_copy / ARCHIVES["val"]
+    data = val.read_bytes()
+    if edit == "append":
+        val.write_bytes(data + b"\0" * 512)
+    elif edit == "truncate":
+        val.write_bytes(data[:-1024])
+    elif edit == "same-size":  # one byte of an image in the last 64 KiB (the tail is zero padding)
+        at = len(data) - 30_000
+        val.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
     else:
-        shutil.copy(first, first.with_name("extra.JPEG"))
-    with pytest.raises(PreparedError, match=r"prepared folder was edited after preparation.*dvc checkout"):
-        Split(copy, "val")
-    Split(copy, "train")  # the untouched split still loads
+        val.unlink()
+    with pytest.raises(PreparedError, match=r"ILSVRC2012_img_val.tar: changed since `prepare` indexed it.*"
+                                            r"dvc repro prepare"):
+        Split(out, "val")
+    Split(out, "train")  # the untouched archive still loads
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path, prepared):

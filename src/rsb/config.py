@@ -111,7 +111,8 @@ class Scale:
 
 @dataclass(frozen=True)
 class Data:
-    source: str = D.param("mini", domain=D.one_of("mini", "imagenet"), source="the generated release or ImageNet")
+    source: str = D.param("mini", domain=D.one_of("mini", "imagenet", "folder"),
+                          source="the generated release, ImageNet's official archives, or an extracted ImageNet folder")
     raw: str = D.param("data/mini", domain=D.text(), source="folder with the official archives and real.json")
     prepared: str = D.param("data/prepared", domain=D.text(), source="prepare's output folder")
     verify_md5: bool = D.param(False, domain=D.flag(), source="check real archives against the published md5 sums")

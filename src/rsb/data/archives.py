@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Iterator
 
 from rsb.data.mini import ARCHIVES, DEVKIT
 
@@ -160,65 +161,139 @@ def load_real(path: Path, n_val: int, n_classes: int) -> list[list[int]]:
     return real
 
 
-Write = Callable[[str, bytes], None]  # (path relative to the prepared split, content)
+Entry = tuple[str, int, int]  # (name in the official layout, byte offset of the member's data, size)
 
 
-def extract_train(path: Path, write: Write, wnids: set[str]) -> dict[str, int]:
-    """The outer train tar of per-class inner tars -> <wnid>/<file>; returns images per class."""
-    counts: dict[str, int] = {}
-    for inner_name, inner_data in _files(path):
-        _extract_class(path, inner_name, inner_data, write, wnids, counts)
-    missing = sorted(wnids - set(counts))
+class _Window(io.RawIOBase):
+    """A read-only view of bytes [start, start + size) of an open file: an inner tar read in place."""
+
+    def __init__(self, f, start: int, size: int):
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.size - self.pos))
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def members(f, label: Path | str, size: int) -> list[Entry]:
+    """Plain-file members of an uncompressed tar read through `f` by their headers only (random access: nothing
+    is extracted), with safe names, each checked to lie inside the archive."""
+    out = []
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                name = safe_name(label, m)
+                if m.isfile():
+                    if m.offset_data + m.size > size:
+                        raise ArchiveError(f"{label}: member {m.name} is truncated; download the archive again")
+                    out.append((str(name), m.offset_data, m.size))
+    except tarfile.CompressionError as e:
+        raise ArchiveError(f"{label}: compressed ({e}); it is read in place, so it must be the uncompressed tar of "
+                           "the official release") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise ArchiveError(f"{label}: truncated or corrupt archive ({e}); download it again") from None
+    return out
+
+
+def index_train(path: Path, wnids: set[str]) -> list[Entry]:
+    """The outer train tar of per-class inner tars -> entries `<wnid>/<file>` at their offsets in the outer tar."""
+    entries, seen = [], set()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        for inner, start, length in members(f, path, size):
+            wnid = PurePosixPath(inner).name.removesuffix(".tar")
+            if not inner.endswith(".tar") or wnid not in wnids:
+                raise ArchiveError(f"{path}: member {inner} is not <wnid>.tar for a devkit class; expected the "
+                                   "official ILSVRC2012_img_train.tar layout")
+            for name, offset, n in members(_Window(f, start, length), f"{path}:{inner}", length):
+                entries.append((f"{wnid}/{PurePosixPath(name).name}", start + offset, n))
+                seen.add(wnid)
+    missing = sorted(wnids - seen)
     if missing:
         raise ArchiveError(f"{path}: no images for {len(missing)} devkit classes (first: {missing[0]})")
-    return counts
+    return entries
 
 
-def _extract_class(path: Path, inner_name: PurePosixPath, inner_data: bytes, write: Write, wnids: set[str],
-                   counts: dict[str, int]) -> None:
-    wnid = inner_name.name.removesuffix(".tar")
-    if inner_name.suffix != ".tar" or wnid not in wnids:
-        raise ArchiveError(f"{path}: member {inner_name} is not <wnid>.tar for a devkit class; expected the "
-                           "official ILSVRC2012_img_train.tar layout")
-    label = f"{path}:{inner_name}"
-    try:
-        inner = tarfile.open(fileobj=io.BytesIO(inner_data), mode="r|*")
-    except tarfile.TarError as e:
-        raise ArchiveError(f"{label}: not a readable tar archive ({e})") from None
-    with inner:
-        for name, data in iter_files(inner, label):
-            write(f"{wnid}/{name.name}", data)
-            counts[wnid] = counts.get(wnid, 0) + 1
+VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 
 
-def extract_val(path: Path, write: Write, devkit: Devkit) -> int:
-    """The flat val tar -> <wnid>/ILSVRC2012_val_XXXXXXXX.JPEG, labelled by the devkit's ground truth."""
-    n = 0
-    pattern = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
-    for name, data in _files(path):
-        m = pattern.fullmatch(name.name)
-        if not m or not 1 <= int(m.group(1)) <= len(devkit.val_wnids):
-            raise ArchiveError(f"{path}: member {name} has no ground truth in the devkit "
-                               f"(expected ILSVRC2012_val_00000001..{len(devkit.val_wnids):08d}.JPEG)")
-        write(f"{devkit.val_wnids[int(m.group(1)) - 1]}/{name.name}", data)
-        n += 1
-    if n != len(devkit.val_wnids):
-        raise ArchiveError(f"{path}: {n} images, but the devkit ground truth lists {len(devkit.val_wnids)}")
-    return n
+def val_wnid(path: Path | str, name: str, devkit: Devkit) -> str:
+    m = VAL_NAME.fullmatch(PurePosixPath(name).name)
+    if not m or not 1 <= int(m.group(1)) <= len(devkit.val_wnids):
+        raise ArchiveError(f"{path}: member {name} has no ground truth in the devkit "
+                           f"(expected ILSVRC2012_val_00000001..{len(devkit.val_wnids):08d}.JPEG)")
+    return devkit.val_wnids[int(m.group(1)) - 1]
 
 
-def extract_v2(path: Path, write: Write, n_classes: int) -> int:
-    """imagenetv2-matched-frequency: <top>/<class index>/<file> -> <class index>/<file>."""
-    n, seen = 0, set()
-    for name, data in _files(path):
-        folder = name.parent.name
-        if len(name.parts) != 3 or not folder.isdigit() or not 0 <= int(folder) < n_classes:
-            raise ArchiveError(f"{path}: member {name} is not <top>/<class index 0..{n_classes - 1}>/<image>")
-        write(f"{folder}/{name.name}", data)
-        seen.add(int(folder))
-        n += 1
+def index_val(path: Path, devkit: Devkit) -> list[Entry]:
+    """The flat val tar -> entries `<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG`, labelled by the devkit's ground truth."""
+    with open(path, "rb") as f:
+        entries = [(f"{val_wnid(path, name, devkit)}/{PurePosixPath(name).name}", offset, n)
+                   for name, offset, n in members(f, path, path.stat().st_size)]
+    if len(entries) != len(devkit.val_wnids):
+        raise ArchiveError(f"{path}: {len(entries)} images, but the devkit ground truth lists {len(devkit.val_wnids)}")
+    return entries
+
+
+def repack_v2(path: Path, out: Path, n_classes: int) -> list[Entry]:
+    """imagenetv2-matched-frequency (.tar.gz, <top>/<class index>/<file>) -> one uncompressed tar of
+    `<class index>/<file>` members, so it is read in place like the others; returns entries into `out`."""
+    seen = set()
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in _files(path):
+            folder = name.parent.name
+            if len(name.parts) != 3 or not folder.isdigit() or not 0 <= int(folder) < n_classes:
+                raise ArchiveError(f"{path}: member {name} is not <top>/<class index 0..{n_classes - 1}>/<image>")
+            info = tarfile.TarInfo(f"{folder}/{name.name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            seen.add(int(folder))
     missing = sorted(set(range(n_classes)) - seen)
     if missing:
         raise ArchiveError(f"{path}: class folders missing ({len(missing)}, first: {missing[0]}); ImageNetV2 "
                            f"matched-frequency has one folder per class 0..{n_classes - 1}")
-    return n
+    with open(out, "rb") as f:
+        return members(f, out, out.stat().st_size)
+
+
+def require_folder(raw: Path) -> dict[str, Path]:
+    """`data.source: folder`: an extracted ImageNet (train/<wnid>/*, val/<wnid>/* or flat val/, v2/<index>/*) plus
+    the devkit and real.json, or one error that lists what is missing."""
+    paths = {"train": raw / "train", "val": raw / "val", "v2": raw / "v2", "devkit": raw / ARCHIVES["devkit"],
+             "real": raw / ARCHIVES["real"]}
+    missing = [f"{p.name}/" if k in ("train", "val", "v2") else p.name for k, p in paths.items()
+               if not (p.is_dir() if k in ("train", "val", "v2") else p.is_file())]
+    if missing:
+        raise ArchiveError(f"{raw}: missing {', '.join(missing)}. data.source: folder expects train/<wnid>/*.JPEG, "
+                           "val/<wnid>/*.JPEG (or the flat val/ folder), v2/<class index>/*, the devkit and real.json")
+    return paths
+
+
+def index_folder(base: Path) -> list[Entry]:
+    """Every file under an extracted split folder -> (path relative to it, 0, size), in sorted order."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            entries.append((path.relative_to(base).as_posix(), 0, path.stat().st_size))
+    if not entries:
+        raise ArchiveError(f"{base}: no image files")
+    return entries

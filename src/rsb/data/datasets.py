@@ -1,22 +1,31 @@
-"""Datasets over data/prepared: train / val / v2 yield (image, ILSVRC2012 class index); val also has ReaL lists.
+"""Datasets over data/prepared's index: train / val / v2 yield (RGB image, ILSVRC2012 class index); val has ReaL.
 
-Class index = position of the wnid in sorted wnid order (classes.json), the convention every pretrained model uses.
-Images are decoded with PIL and converted to RGB: ImageNet has a PNG named .JPEG and CMYK JPEGs.
+Images are read in place: each index entry is (source file, byte offset, size, class index) into the official
+archives (or, for `data.source: folder`, one file per image), read with `os.pread` on a file each process opens once.
+Nothing is extracted, so data/prepared stays small for DVC. Class index = position of the wnid in sorted wnid order
+(classes.json), the convention every pretrained model uses. Images are decoded with PIL and converted to RGB:
+ImageNet has a PNG named .JPEG and CMYK JPEGs.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 SPLITS = ("train", "val", "v2")
+FINGERPRINT = 1 << 16  # bytes hashed at each end of a source archive
 
 
 class PreparedError(RuntimeError):
-    """data/prepared is missing or incomplete."""
+    """data/prepared is missing or incomplete, or a source it indexes changed after preparation."""
 
 
 def load_classes(root: Path) -> list[dict]:
@@ -27,44 +36,102 @@ def load_classes(root: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
+def fingerprint(path: Path) -> dict:
+    """Size and the hash of both ends: cheap (128 KiB read) at any size, and unchanged by `dvc checkout` (which
+    changes mtimes). Same-size edits in the middle are DVC's to catch (`dvc status` hashes data.raw)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(FINGERPRINT))
+        f.seek(max(0, size - FINGERPRINT))
+        h.update(f.read(FINGERPRINT))
+    return {"size": size, "ends_sha256": h.hexdigest()}
+
+
+def source_path(root: Path, source: dict) -> Path:
+    """A source file named in info.json: relative to data/prepared (the repacked V2 tar) or as prepare saw it."""
+    return Path(root) / source["path"] if source["base"] == "prepared" else Path(source["path"])
+
+
+class Reader:
+    """pread-based access to the index's source files; file handles are opened once per process (and reopened in
+    a forked DataLoader worker, which must not share the parent's offsets or descriptors)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.fds, self.pid = paths, {}, None
+
+    def read(self, file: int, offset: int, size: int) -> bytes:
+        if self.pid != os.getpid():
+            self.fds, self.pid = {}, os.getpid()
+        fd = self.fds.get(file)
+        if fd is None:
+            fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise PreparedError(f"{self.paths[file]}: {len(data)} bytes at offset {offset}, the index says {size}; "
+                                "the source changed after preparation. Run `dvc repro prepare`")
+        return data
+
+    def __getstate__(self):  # descriptors do not cross process boundaries
+        return {"paths": self.paths, "fds": {}, "pid": None}
+
+
 class Split(Dataset):
-    """One split of data/prepared as (path, label) samples, in a fixed order (sorted folders, sorted files)."""
+    """One split of the index, in a fixed order (sorted by name). `samples` are (name, label) with names as in the
+    official layout (`<wnid>/<file>` for train and val, `<class index>/<file>` for V2)."""
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root, self.split, self.transform = Path(root), split, transform
-        classes = load_classes(self.root)
-        # train/val folders are wnids; V2 folders are class indices (the label of folder k is k).
-        folder_label = ({str(c["index"]): c["index"] for c in classes} if split == "v2"
-                        else {c["wnid"]: c["index"] for c in classes})
-        self.samples: list[tuple[Path, int]] = []
-        for folder in sorted((self.root / split).iterdir(), key=lambda p: p.name):
-            if folder.name not in folder_label:
-                raise PreparedError(f"{folder}: not a class of {self.root / 'classes.json'}; re-run prepare")
-            self.samples += [(f, folder_label[folder.name]) for f in sorted(folder.iterdir())]
-        self.num_classes = len(classes)
-        self._check_unedited()
-
-    def _check_unedited(self) -> None:
-        """The split holds what prepare wrote (file count and bytes from info.json); content edits that keep both
-        are DVC's to catch (`dvc status` hashes data/prepared)."""
+        self.num_classes = len(load_classes(self.root))
         info = json.loads((self.root / "info.json").read_text())
-        want = (info["images"][self.split], info.get("bytes", {}).get(self.split))
-        have = (len(self.samples), sum(f.stat().st_size for f, _ in self.samples) if want[1] is not None else None)
-        if have != want:
-            raise PreparedError(f"{self.root / self.split}: {have[0]} files ({have[1]} bytes), but prepare wrote "
-                                f"{want[0]} ({want[1]} bytes); the prepared folder was edited after preparation. "
-                                "Restore it with `dvc checkout data/prepared` or rebuild it with `dvc repro prepare`")
+        index = np.load(self.root / f"{split}.npz")
+        self.file, self.offset, self.size, self.labels = (index[k] for k in ("source", "offset", "size", "label"))
+        sources = info["sources"][split]
+        self.reader = Reader([source_path(self.root, s) for s in sources])
+        self._names: list[str] | None = None
+        self._check_unchanged(sources)
+
+    def _check_unchanged(self, sources: list[dict]) -> None:
+        """The sources are what prepare indexed: one stat and 128 KiB per archive (not a walk of 1.3 M files);
+        a folder source's files are checked for size as they are read."""
+        for s, path in zip(sources, self.reader.paths):
+            if "ends_sha256" not in s:
+                continue
+            if not path.is_file() or fingerprint(path) != {k: s[k] for k in ("size", "ends_sha256")}:
+                raise PreparedError(f"{path}: changed since `prepare` indexed it (size or content differs) or is "
+                                    "missing; rebuild the index with `dvc repro prepare` (or restore the archive)")
+
+    @property
+    def samples(self) -> list[tuple[PurePosixPath, int]]:
+        return [(PurePosixPath(n), int(y)) for n, y in zip(self.samples_names(), self.labels)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
+
+    def read(self, i: int) -> bytes:
+        """The encoded image, byte for byte as in the source (an archive member by offset, or a folder's file)."""
+        file, offset, size = int(self.file[i]), int(self.offset[i]), int(self.size[i])
+        if offset >= 0:
+            return self.reader.read(file, offset, size)
+        path = self.reader.paths[file] / self.samples_names()[i]
+        data = path.read_bytes()
+        if len(data) != size:
+            raise PreparedError(f"{path}: {len(data)} bytes, the index says {size}; the folder changed after "
+                                "preparation. Run `dvc repro prepare`")
+        return data
+
+    def samples_names(self) -> list[str]:
+        if self._names is None:
+            with gzip.open(self.root / f"{self.split}.names.json.gz", "rt") as f:
+                self._names = json.load(f)
+        return self._names
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-        return (self.transform(img) if self.transform else img), label
+        img = Image.open(io.BytesIO(self.read(i)))
+        img = img.convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
 
     def real_labels(self) -> list[list[int]]:
         """ReaL's label list for each val sample, in this dataset's order (real.json is by val file number)."""
