@@ -133,7 +133,7 @@ def test_every_key_has_a_domain_and_the_readme_lists_them():
                 yield f"{where}{k}"
     assert set(leaves(MINI)) == keys
     readme = (ROOT / "README.md").read_text()
-    assert domains_markdown() in readme, "README's table of params domains is stale: paste domains_markdown()"
+    assert domains_markdown() in readme, "README's params table is stale: python -m rsb.config --readme README.md"
 
 
 def test_nan_and_infinity_are_refused_everywhere_a_number_is_read():

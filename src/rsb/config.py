@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,3 +402,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
             out[key] = v
     return out
 
+
+README_BLOCK = re.compile(r"(<!-- params domains: [^\n]*-->\n).*?(\n<!-- /params domains -->)", re.S)
+
+
+def render_readme(path: Path) -> None:
+    """Rewrite the README's table of params domains from the declarations."""
+    text = Path(path).read_text()
+    Path(path).write_text(README_BLOCK.sub(lambda m: m.group(1) + domains_markdown() + m.group(2), text))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Print the table of params.yaml domains, or render it into a README.")
+    p.add_argument("--readme", type=Path, help="rewrite this file's params-domains block")
+    a = p.parse_args()
+    render_readme(a.readme) if a.readme else print(domains_markdown())
