@@ -3,15 +3,17 @@ and device counts are refused before anything starts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rsb.launch import LaunchError, command, read_hostfile
 
-from conftest import clean_env, write_params
+from conftest import ROOT, clean_env, write_params
 
 
 def test_one_process_runs_the_module_directly(tmp_path):
@@ -72,3 +74,113 @@ def test_two_processes_train_through_the_deepspeed_launcher(tmp_path, prepared):
     run = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())
     assert run["resolved"]["world_size"] == 2 and run["resolved"]["grad_accum"] == 1
     assert Path(tmp_path / "models/test_resnet-a3.pt").is_file()
+
+
+# --- multi-node without passwordless ssh: DeepSpeed's --no_ssh, and srun inside a SLURM allocation ----------------
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("node7", ["node7"]), ("a[8-10]", ["a8", "a9", "a10"]), ("c[001-002],d[1]", ["c001", "c002", "d1"]),
+])
+def test_slurm_nodelists_expand_as_scontrol_does(nodelist, hosts):
+    from rsb.launch import expand_nodelist
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_no_ssh_takes_the_rank_from_the_environment_and_needs_a_fixed_port(tmp_path):
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("nodeA slots=1\nnodeB slots=1\n")
+    cmd = command(2, 1, hosts, 29501, "stages.train", ["--arch", "x"], "no_ssh", "auto", {"SLURM_NODEID": "1"})
+    assert cmd[:1] == ["deepspeed"] and cmd[cmd.index("--node_rank") + 1] == "1" and "--no_ssh" in cmd
+    assert cmd[cmd.index("--master_addr") + 1] == "nodeA" and cmd[cmd.index("--master_port") + 1] == "29501"
+    cmd = command(2, 1, hosts, 29501, "stages.train", [], "no_ssh", "10.0.0.5", {"RSB_NODE_RANK": "0"})
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.5"
+    with pytest.raises(LaunchError, match="this node's rank is None; set RSB_NODE_RANK"):
+        command(2, 1, hosts, 29501, "stages.train", [], "no_ssh", "auto", {})
+    with pytest.raises(LaunchError, match="set train.master_port"):
+        command(2, 1, hosts, 0, "stages.train", [], "no_ssh", "auto", {"RSB_NODE_RANK": "0"})
+
+
+def test_slurm_runs_one_no_ssh_launcher_per_node_through_srun(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "77"}
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the nodelist is expanded here
+    cmd = command(2, 8, tmp_path / "hostfile", 0, "stages.train", ["--arch", "x"], "slurm", "auto", env)
+    assert cmd[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    tail = cmd[cmd.index("rsb.launch") + 1:]
+    assert tail[tail.index("--launcher") + 1] == "no_ssh" and tail[tail.index("--master-addr") + 1] == "gpu01"
+    assert int(tail[tail.index("--master-port") + 1]) > 0
+    assert (tmp_path / "hostfile.slurm-77").read_text() == "gpu01 slots=8\ngpu02 slots=8\n"
+    with pytest.raises(LaunchError, match="the allocation has 2 node"):
+        command(3, 8, tmp_path / "hostfile", 0, "stages.train", [], "slurm", "auto", env)
+    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST is not set"):
+        command(2, 8, tmp_path / "hostfile", 0, "stages.train", [], "slurm", "auto", {})
+
+
+def test_two_nodes_without_ssh_equal_one_process_accumulating(tmp_path, prepared, extracted, monkeypatch, world):
+    """Two `--no_ssh` launchers on 127.0.0.1 (node rank 0 and 1, one CPU process each) train one epoch as a world
+    of 2 across "2 nodes": the same lr, gradients and weights as train.py on 2 processes, and the same weights as
+    one process accumulating 2 micro-batches."""
+    from rsb.launch import free_port
+    from test_train import PARITY, assert_same_run, off, our_run_in_process, params_file, read_outputs, reference_run
+
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    port = free_port()
+    p = params_file(nodes, prepared, {**PARITY, "train.nodes": 2, "train.devices": 1, "train.micro_batch": 8,
+                                      "train.launcher": "no_ssh", "train.master_port": port,
+                                      "train.master_addr": "127.0.0.1"})
+    (nodes / "hostfile").write_text("nodeA slots=1\nnodeB slots=1\n")
+    cmd = [sys.executable, "-m", "rsb.launch", "--nodes", "2", "--devices", "1", "--hostfile", "hostfile",
+           "--master-port", str(port), "--launcher", "no_ssh", "--master-addr", "127.0.0.1", "parity_worker",
+           "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)]
+    env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(nodes / "grads"), DS_ACCELERATOR="cpu",
+                    PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    procs = [subprocess.Popen(cmd, cwd=nodes, env={**env, "RSB_NODE_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    run = json.loads((nodes / "runs/test_resnet-a1.json").read_text())
+    assert run["resolved"]["world_size"] == 2 and run["resolved"]["grad_accum"] == 1
+    grads = [torch.load(nodes / "grads" / f"grads-rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(a, b) for x, y in zip(*grads) for a, b in zip(x, y))
+    two_nodes = read_outputs(nodes, grads[0])
+    assert_same_run(two_nodes, reference_run(p, extracted, 2, 1))
+
+    one = tmp_path / "one"
+    one.mkdir()
+    q = params_file(one, prepared, {**PARITY, "train.micro_batch": 8})  # one process, 2 micro-batches
+    single = our_run_in_process(one, q, monkeypatch)
+    for k, v in single["state"].items():
+        if v.is_floating_point():
+            assert off(two_nodes["state"][k], v) <= 1e-3, k
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for SLURM's srun on a machine without SLURM: runs the command once per node of the allocation
+# (--nodes=N, one task per node) with SLURM_NODEID set, as srun does, and fails if any task fails.
+n=1; while [[ "$1" == --* ]]; do [[ "$1" == --nodes=* ]] && n="${1#--nodes=}"; shift; done
+pids=(); for ((i=0; i<n; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc
+"""
+
+
+@pytest.mark.slow
+def test_slurm_launcher_trains_across_two_nodes_through_srun(tmp_path, prepared):
+    """train.launcher: slurm end to end, with `srun` replaced by a script that starts the command per node as srun
+    does: rsb.launch -> srun -> one rsb.launch (no_ssh) per node -> deepspeed --no_ssh -> a world of 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    p = write_params(tmp_path / "params.yaml", prepared, {"train.nodes": 2, "train.launcher": "slurm",
+                                                          "train.master_addr": "127.0.0.1"})
+    env = clean_env(RSB_TRACKING="off", SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="5",
+                    PATH=f"{bin_dir}:{os.environ['PATH']}")
+    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--nodes", "2", "--devices", "1", "--launcher", "slurm",
+                          "--master-addr", "127.0.0.1", "stages.train", "--arch", "test_resnet", "--recipe", "a3",
+                          "--params", str(p)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())
+    assert run["resolved"]["world_size"] == 2
+    assert (tmp_path / "hostfile.slurm-5").read_text() == "nodeA slots=1\nnodeB slots=1\n"

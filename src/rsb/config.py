@@ -127,6 +127,10 @@ class Train:
                            source="processes per node (GPUs; CPU processes without one); DeepSpeed checks the GPUs")
     nodes: int = D.param(1, domain=D.number(1, integer=True), source="nodes; rsb.launch checks the hostfile")
     hostfile: str = D.param("hostfile", domain=D.text(), source="DeepSpeed hostfile (multi-node)")
+    launcher: str = D.param("pdsh", domain=D.one_of("pdsh", "no_ssh", "slurm"),
+                            source="multi-node: DeepSpeed over ssh (pdsh), its --no_ssh mode, or srun in a SLURM job")
+    master_addr: str = D.param("auto", domain=D.text(),
+                               source="rank 0's address for no_ssh/slurm; auto = MASTER_ADDR or the first host")
     master_port: int = D.param(0, domain=D.number(0, 65535, integer=True), source="TCP port; 0 = a free one")
     micro_batch: int = D.param(32, domain=D.number(1, integer=True), source="per device; accumulation makes the rest")
     precision: str = D.param("auto", domain=PRECISIONS, source="autocast dtype; weights stay fp32")
@@ -315,7 +319,8 @@ class Resolved:
         """What a checkpoint must match to be resumed: everything that changes the math (not workers/threads)."""
         d = self.to_dict()
         del d["world_size"], d["grad_accum"]  # same micro-batches on any world size (MicroBatchSampler)
-        for k in ("workers", "threads", "eval_every", "hostfile", "master_port", "devices", "nodes"):
+        for k in ("workers", "threads", "eval_every", "hostfile", "master_port", "devices", "nodes", "launcher",
+                  "master_addr"):
             d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
