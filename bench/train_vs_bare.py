@@ -58,19 +58,22 @@ def bare_parts(r, prepared: Path) -> SimpleNamespace:
                            dtype=distributed.AUTOCAST[r.train.precision])
 
 
-def bare_epochs(r, prepared: Path) -> float:
+def bare_epochs(r, prepared: Path, device: torch.device = torch.device("cpu")) -> float:
     """timm train.py's loop, one process: img/s over all epochs."""
     b = bare_parts(r, prepared)
+    b.model.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seen, seconds, num_updates = 0, 0.0, 0
     for epoch in range(r.epochs):
         loaders.seed_all(loaders.stream_seed(r.train.seed, epoch, 0))
         b.model.train()
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, False)):
+        for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, device.type == "cuda")):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if r.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x, y = b.mixup_fn(x, y)
-            with torch.autocast("cpu", dtype=b.dtype, enabled=b.dtype is not None):
+            with torch.autocast(device.type, dtype=b.dtype or torch.float32, enabled=b.dtype is not None):
                 loss = b.loss_fn(b.model(x), y)
             (loss / r.grad_accum).backward()
             seen += x.shape[0]
@@ -80,6 +83,7 @@ def bare_epochs(r, prepared: Path) -> float:
                 num_updates += 1
                 b.scheduler.step_update(num_updates=num_updates)
         loss.item()
+        sync()
         seconds += time.perf_counter() - t0
     return seen / seconds
 

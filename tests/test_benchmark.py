@@ -32,3 +32,18 @@ def test_stage_json_fields(tmp_path, prepared, monkeypatch):
     assert m["batch"] == 8 and m["resolution"] == 64 and len(m["batch_ms"]) == 2
     assert m["device"] and m["precision"] in ("fp32", "bf16", "fp16") and m["peak_mem_kind"]
     assert set(m["versions"]) == {"python", "torch", "timm", "deepspeed"}
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """bench/gpu.sh --dry-run: the whole GPU check at tiny sizes on the CPU, so it still runs the day a GPU is lent."""
+    import json
+    import subprocess
+
+    from conftest import ROOT, clean_env
+
+    out = subprocess.run(["bash", str(ROOT / "bench/gpu.sh"), "--dry-run", str(tmp_path / "out")], cwd=ROOT,
+                         env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "out/gpu.json").read_text())
+    assert result["dry_run"] and result["train"]["bare_img_s"] > 0 and result["train"]["ours_img_s"] > 0
+    assert result["loader"]["img_s_per_worker"] > 0 and result["benchmark"]["peak_mem_mb"] > 0
