@@ -9,6 +9,7 @@ up. The patches only decide *when*; the stage runs its real code up to that mome
   between-epochs   right after epoch 1's checkpoint is published, before epoch 2 starts
   evaluation       in the evaluate stage, after val is scored, while V2 is being predicted
   rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
+  prepare-index    in prepare, once V2's repacked tar is written into the partial folder, before the decode check
 """
 import os
 import runpy
@@ -76,6 +77,15 @@ def arm(point: str) -> None:
                 raise RuntimeError("injected fault on this rank")
             return forward_backward(*args, **kwargs)
         engine.forward_backward = crashing
+    elif point == "prepare-index":
+        from rsb.data import archives
+
+        repack = archives.repack_v2
+
+        def killing_repack(*args, **kwargs):
+            repack(*args, **kwargs)
+            die()
+        archives.repack_v2 = killing_repack
     else:
         sys.exit(f"unknown fault point {point!r}")
 

@@ -95,18 +95,11 @@ def test_killed_evaluation_reruns_cleanly(tmp_path, prepared, straight):
 def test_killed_prepare_leaves_no_partial_folder_and_reruns(release, prepared, tmp_path):
     out = tmp_path / "data" / "prepared"
     p = write_params(tmp_path / "params.yaml", prepared)
-    cmd = [sys.executable, "-m", "stages.prepare", "--params", str(p), "--raw", str(release[0]), "--out", str(out),
-           "--source", "mini"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and \
-            not list((tmp_path / "data").glob(".prepared.partial-*/train/*/*")):
-        time.sleep(0.02)
-    assert proc.poll() is None, "prepare ended before the kill"
-    proc.kill()
-    proc.wait()
-    assert list((tmp_path / "data").glob(".prepared.partial-*")) and not out.exists(), "killed during extraction"
-    assert subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True).returncode == 0
+    args = ["stages.prepare", "--params", str(p), "--raw", str(release[0]), "--out", str(out), "--source", "mini"]
+    killed = run(tmp_path, str(FAULTS), "prepare-index", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert list((tmp_path / "data").glob(".prepared.partial-*/v2.tar")) and not out.exists(), "killed mid-prepare"
+    assert run(tmp_path, "-m", *args).returncode == 0
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"], "the abandoned partial is removed"
     assert json.loads((out / "info.json").read_text())["digest"] == json.loads(
         (prepared / "info.json").read_text())["digest"]
