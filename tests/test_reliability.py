@@ -329,6 +329,11 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, prepared):
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "recipes.a1.mixpu" in out.stderr
 
 
+def _epoch_dir(d: Path) -> Path:
+    (run_dir,) = (d / "checkpoints" / NAME).iterdir()
+    return run_dir / checkpoint.latest_tag(run_dir)
+
+
 @pytest.mark.slow
 def test_checkpoint_files_are_plain_zip_tensors(straight):
     """What verify() accepts is what DeepSpeed writes here: torch zip files that weights_only can read."""
