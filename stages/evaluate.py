@@ -26,14 +26,14 @@ from rsb.config import ConfigError, load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import PreparedError, Split
 from rsb.engine import predict, real_correct, topk_correct
-from rsb.io import write_json
+from rsb.io import load_weights, write_json
 
 
 def load_model(arch: str, weights: Path, num_classes: int) -> torch.nn.Module:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no trained weights; run `dvc repro train@{weights.stem}` first")
     model = timm.create_model(arch, num_classes=num_classes)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(weights))
     return model
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     prepared = Path(params.data.prepared)
     t0 = time.perf_counter()
     num_classes = Split(prepared, "val").num_classes
-    model = load_model(args.arch, Path("models") / f"{name}.pt", num_classes)
+    model = load_model(args.arch, Path("models") / f"{name}.safetensors", num_classes)
     metrics = evaluate_model(model, prepared, r.test_img_size, r.recipe.crop_pct, params.evaluate.batch_size,
                              params.evaluate.workers, r.train.precision)
     metrics["eval_s"] = time.perf_counter() - t0
@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                            "rsb.eval_stage": f"evaluate@{name}"})
     t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
     t.log_artifact(Path("metrics/eval") / f"{name}.json", "eval")
+    t.log_datasets(tracking.datasets(prepared, params.data.raw, ("val", "real", "v2")), "evaluation")
+    example = Split(prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))[0][0][None]
+    t.log_model(model, name, args.arch, args.recipe, example,
+                {k: metrics[k] for k in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5")})
     t.end()
     print(f"{name}: val {metrics['val/top1']:.2f}  ReaL {metrics['real/top1']:.2f}  V2 {metrics['v2/top1']:.2f}")
     return metrics

@@ -4,7 +4,7 @@
                                                         process runs the stage directly, more go through `deepspeed`)
     python -m stages.train --arch resnet18 --recipe a3                                   (one process, no launcher)
 
-Writes models/<name>.pt (plain state_dict), metrics/train/<name>.json, plots/train/<name>.csv (per epoch) and
+Writes models/<name>.safetensors (the weights), metrics/train/<name>.json, plots/train/<name>.csv (per epoch) and
 <name>.updates.csv (per update), runs/<name>.json (MLflow run + resolved recipe); keeps checkpoints/<name>/<digest>/
 to resume from. Rerunning after an interruption resumes from the last finished epoch.
 
@@ -29,7 +29,7 @@ from rsb.config import ConfigError, flatten, load_params, resolve
 from rsb.checkpoint import CheckpointMismatch
 from rsb.data.datasets import PreparedError, load_classes
 from rsb.engine import NonFiniteLoss
-from rsb.io import write_csv, write_json
+from rsb.io import save_weights, write_csv, write_json
 from rsb.training import Run, train
 
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
     tracker.log_params(flatten(resolved))
+    tracker.log_datasets(tracking.datasets(prepared, params.data.raw, ("train",)), "training")
 
     run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags)
     t0 = time.perf_counter()
@@ -86,14 +87,11 @@ def _outputs(run: Run, model: torch.nn.Module, name: str, seconds: float, extra:
     write_json(Path("runs") / f"{name}.json", {"run_id": run.tracker.run_id, "experiment_id":
                                                run.tracker.experiment_id, "tags": run.tags, "resolved": resolved})
     models = Path("models")
-    models.mkdir(exist_ok=True)
-    tmp = models / f".{name}.pt.tmp"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, models / f"{name}.pt")
+    save_weights(models / f"{name}.safetensors", model.state_dict())
     t = run.tracker
     t.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=run.r.epochs)
     for path, where in ((Path("runs") / f"{name}.json", "config"), (Path("plots/train") / f"{name}.csv", "history"),
-                        (Path("plots/train") / f"{name}.updates.csv", "history"), (models / f"{name}.pt", "model")):
+                        (Path("plots/train") / f"{name}.updates.csv", "history"), (models / f"{name}.safetensors", "weights")):
         t.log_artifact(path, where)
     t.end()
     print(f"{name}: val top-1 {metrics['val/top1']:.2f}%, {metrics['train/img_per_s']:.0f} img/s, "

@@ -12,6 +12,7 @@ from torchvision import transforms as T
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
 from rsb.engine import real_correct, topk_correct
+from rsb.io import save_weights
 from stages.evaluate import evaluate_model
 
 
@@ -79,7 +80,7 @@ def test_stage_writes_and_logs(tmp_path, prepared, monkeypatch):
     monkeypatch.setenv("RSB_TRACKING", "off")
     p = write_params(tmp_path / "params.yaml", prepared)
     (tmp_path / "models").mkdir()
-    torch.save(timm.create_model("test_resnet", num_classes=20).state_dict(), tmp_path / "models/test_resnet-a3.pt")
+    save_weights(tmp_path / "models/test_resnet-a3.safetensors", timm.create_model("test_resnet", num_classes=20).state_dict())
     m = main(["--arch", "test_resnet", "--recipe", "a3", "--params", str(p)])
     saved = json.loads((tmp_path / "metrics/eval/test_resnet-a3.json").read_text())
     for key in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5", "val/count", "real/count",

@@ -73,7 +73,7 @@ def test_two_processes_train_through_the_deepspeed_launcher(tmp_path, prepared):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     run = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())
     assert run["resolved"]["world_size"] == 2 and run["resolved"]["grad_accum"] == 1
-    assert Path(tmp_path / "models/test_resnet-a3.pt").is_file()
+    assert Path(tmp_path / "models/test_resnet-a3.safetensors").is_file()
 
 
 # --- multi-node without passwordless ssh: DeepSpeed's --no_ssh, and srun inside a SLURM allocation ----------------

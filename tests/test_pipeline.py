@@ -76,7 +76,7 @@ def repo(built) -> Path:
 
 def test_repro_produces_every_output(repo):
     for name in ("test_resnet-a1", "test_resnet-a3"):
-        assert (repo / "models" / f"{name}.pt").is_file()
+        assert (repo / "models" / f"{name}.safetensors").is_file()
         ev = json.loads((repo / "metrics/eval" / f"{name}.json").read_text())
         assert {"val/top1", "real/top1", "v2/top1"} <= set(ev)
         run = json.loads((repo / "runs" / f"{name}.json").read_text())
@@ -233,6 +233,6 @@ def test_push_then_pull_into_a_fresh_clone(repo, tmp_path):
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     sh(clone, "dvc", "pull")
-    for f in ("models/test_resnet-a1.pt", "data/prepared/info.json", "data/mini/ILSVRC2012_img_val.tar"):
+    for f in ("models/test_resnet-a1.safetensors", "data/prepared/info.json", "data/mini/ILSVRC2012_img_val.tar"):
         assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
     assert changed_stages(clone) == set(), "a pulled clone is up to date: nothing to rerun"

@@ -20,6 +20,7 @@ import torch
 
 from rsb import checkpoint
 from rsb.config import ConfigError, load_params
+from rsb.io import load_weights
 from rsb.data.datasets import PreparedError, Split
 
 from conftest import ROOT, clean_env, write_params
@@ -43,7 +44,7 @@ def killed_then_rerun(tmp: Path, prepared: Path, point: str) -> subprocess.Compl
     p = write_params(tmp / "params.yaml", prepared, OVER)
     out = run(tmp, str(FAULTS), point, *train_args(p))
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
-    assert not (tmp / "models" / f"{NAME}.pt").exists(), "a killed stage must not look finished"
+    assert not (tmp / "models" / f"{NAME}.safetensors").exists(), "a killed stage must not look finished"
     again = run(tmp, "-m", *train_args(p))
     assert again.returncode == 0, again.stderr[-3000:]
     return again
@@ -58,7 +59,7 @@ def straight(tmp_path_factory, prepared) -> Path:
 
 
 def assert_same_result(a: Path, b: Path) -> None:
-    wa, wb = torch.load(a / "models" / f"{NAME}.pt"), torch.load(b / "models" / f"{NAME}.pt")
+    wa, wb = load_weights(a / "models" / f"{NAME}.safetensors"), load_weights(b / "models" / f"{NAME}.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
     ma, mb = (json.loads((d / "metrics/train" / f"{NAME}.json").read_text()) for d in (a, b))
     assert ma["train/loss"] == mb["train/loss"] and ma["val/top1"] == mb["val/top1"]
@@ -115,7 +116,7 @@ def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
     assert out.returncode != 0
     assert time.time() - t0 < 300, "the surviving rank must not wait for the dead one"
     assert "error: rank 1 of 2 failed: RuntimeError: injected fault on this rank" in out.stdout + out.stderr
-    assert not (tmp_path / "models" / f"{NAME}.pt").exists()
+    assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
 
 
 def test_a_real_divergence_stops_with_the_last_good_checkpoint(tmp_path, prepared, monkeypatch, world):
@@ -151,7 +152,7 @@ def test_a_real_divergence_stops_with_the_last_good_checkpoint(tmp_path, prepare
     eng = tiny_engine(tmp_path)
     client = checkpoint.load(eng, ckpt, ckpt.name)
     assert client["epoch"] == 1 and all(torch.isfinite(q).all() for q in eng.module.parameters())
-    assert not (tmp_path / "models" / f"{NAME}.pt").exists()
+    assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
 
 
 # --- security: checkpoints are verified before DeepSpeed's full unpickler runs, on the resume path -----------------
@@ -223,15 +224,17 @@ def test_a_checkpoint_of_another_run_is_refused(saved):
         checkpoint.load(eng, ckpt, "e")
 
 
-def test_weights_load_with_weights_only(tmp_path):
+def test_weights_are_safetensors_and_never_unpickled(tmp_path):
+    """models/*.safetensors hold tensors only; a pickle put in their place is refused, its payload never run."""
     from stages.evaluate import load_model
 
     class Payload:
         def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
-    torch.save({"x": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        load_model("test_resnet", tmp_path / "evil.pt", 20)
+    torch.save({"x": Payload()}, tmp_path / "evil.safetensors")
+    with pytest.raises(Exception) as e:
+        load_model("test_resnet", tmp_path / "evil.safetensors", 20)
+    assert "SafetensorError" in type(e.value).__name__ or "header" in str(e.value).lower(), e.value
     assert not (tmp_path / "pwned").exists()
 
 

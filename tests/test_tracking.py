@@ -159,8 +159,8 @@ def test_runs_read_back_from_a_real_server(tmp_path, prepared, monkeypatch, mlfl
         metrics["train/loss"])
     history = _get(mlflow_server.url, "metrics/get-history", run_id=run_id, metric_key="train/loss_step")
     assert len(history["metrics"]) == metrics["updates"]
-    files = _get(mlflow_server.url, "artifacts/list", run_id=run_id, path="model")["files"]
-    assert [f["path"] for f in files] == ["model/test_resnet-a3.pt"]  # proxied to the server's artifact store
+    files = _get(mlflow_server.url, "artifacts/list", run_id=run_id, path="weights")["files"]
+    assert [f["path"] for f in files] == ["weights/test_resnet-a3.safetensors"]  # proxied to the server's store
 
 
 @pytest.mark.slow
@@ -203,3 +203,146 @@ def test_server_dying_mid_run_then_backfill_loses_nothing(tmp_path, prepared, ml
     again = subprocess.run([sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=120)
     assert "none needed" in again.stdout, again.stdout
+
+
+# --- models as MLflow models, datasets as inputs, the UI ----------------------------------------------------------
+
+def _train_and_evaluate(cwd: Path, prepared: Path, recipe: str = "a3") -> dict:
+    from stages.evaluate import main as evaluate
+    from stages.train import main as train
+
+    from conftest import write_params
+
+    os.chdir(cwd)
+    p = str(write_params(cwd / "params.yaml", prepared))
+    train(["--arch", "test_resnet", "--recipe", recipe, "--params", p])
+    return evaluate(["--arch", "test_resnet", "--recipe", recipe, "--params", p])
+
+
+def _predictions_equal_evaluates(model, cwd: Path, prepared: Path) -> None:
+    """The registered model's top-5 on the whole val split equals the evaluate stage's, image for image."""
+    import torch
+
+    from rsb.config import load_params, resolve
+    from rsb.data import loader as loaders
+    from rsb.data.datasets import Split
+    from rsb.engine import predict
+    from stages.evaluate import load_model
+
+    r = resolve(load_params(cwd / "params.yaml"), "test_resnet", "a3", world_size=1)
+    ours = load_model("test_resnet", cwd / "models/test_resnet-a3.safetensors", 20)
+    ds = Split(prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, ours))
+    cpu = torch.device("cpu")
+    a, _ = predict(ours, loaders.eval_loader(ds, 16, 0), cpu, None, channels_last=True)
+    b, _ = predict(model, loaders.eval_loader(ds, 16, 0), cpu, None, channels_last=True)
+    assert len(a) == len(ds) and torch.equal(a, b)
+
+
+def test_each_trained_network_is_a_registered_mlflow_model(tmp_path, prepared, monkeypatch):
+    """On a real sqlite store: the experiment is a model-training one; evaluate logs the network as an MLflow model
+    of its training run (signature, input example at the test size), eval metrics against it, registered as
+    rsb-<arch> with the recipe's alias; load-by-alias predicts like evaluate; training and eval data are dataset
+    inputs with prepare's digest; evaluating again registers nothing new; an experiment gets its own version and
+    alias without moving the workspace's."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("RSB_TRACKING", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    (tmp_path / "ws").mkdir()
+    ev = _train_and_evaluate(tmp_path / "ws", prepared)
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("rsb")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    v = client.get_model_version_by_alias("rsb-test_resnet", "a3")
+    run_id = json.loads((tmp_path / "ws/runs/test_resnet-a3.json").read_text())["run_id"]
+    assert v.run_id == run_id and v.tags["rsb.recipe"] == "a3" and v.tags["rsb.dvc_exp"] == "workspace"
+    (logged,) = client.search_logged_models([exp.experiment_id])
+    assert logged.source_run_id == run_id
+    assert {m.key: m.value for m in logged.metrics}["val/top1"] == pytest.approx(ev["val/top1"])
+    info = mlflow.models.get_model_info("models:/rsb-test_resnet@a3")
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:]) == (3, 32, 32)
+    _predictions_equal_evaluates(mlflow.pytorch.load_model("models:/rsb-test_resnet@a3"), tmp_path / "ws", prepared)
+
+    digest = json.loads((prepared / "info.json").read_text())["digest"][:16]
+    inputs = {(i.dataset.name, tuple(t.value for t in i.tags)) for i in client.get_run(run_id).inputs.dataset_inputs
+              if i.dataset.digest == digest}
+    assert inputs == {("mini train", ("training",)), ("mini val", ("evaluation",)),
+                      ("mini val (ReaL labels)", ("evaluation",)), ("mini ImageNetV2 matched-frequency", ("evaluation",))}
+
+    from stages.evaluate import main as evaluate
+    evaluate(["--arch", "test_resnet", "--recipe", "a3", "--params", str(tmp_path / "ws/params.yaml")])
+    assert len(client.search_model_versions("name = 'rsb-test_resnet'")) == 1, "nothing new for the same model"
+
+    monkeypatch.setenv("DVC_EXP_NAME", "lr6")
+    (tmp_path / "exp").mkdir()
+    _train_and_evaluate(tmp_path / "exp", prepared)
+    assert client.get_model_version_by_alias("rsb-test_resnet", "a3").version == v.version, "workspace alias kept"
+    assert client.get_model_version_by_alias("rsb-test_resnet", "a3-lr6").version != v.version
+
+
+def test_backfill_registers_a_model_the_store_missed(tmp_path, prepared, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    _train_and_evaluate(tmp_path, prepared)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("RSB_TRACKING")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert tracking.backfill("rsb", Path("."), prepared) == ["test_resnet-a3"]
+    assert MlflowClient(store).get_model_version_by_alias("rsb-test_resnet", "a3").version in (1, "1")
+    tracking.backfill("rsb", Path("."), prepared)
+    assert len(MlflowClient(store).search_model_versions("name = 'rsb-test_resnet'")) == 1
+
+
+@pytest.mark.slow
+def test_load_by_alias_through_a_real_server(tmp_path, prepared, monkeypatch, mlflow_server):
+    import mlflow
+    import mlflow.pytorch
+
+    monkeypatch.delenv("RSB_TRACKING", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    _train_and_evaluate(tmp_path, prepared)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    _predictions_equal_evaluates(mlflow.pytorch.load_model("models:/rsb-test_resnet@a3"), tmp_path, prepared)
+
+
+@pytest.mark.slow
+def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, monkeypatch):
+    """Headless Chromium on the MLflow UI (`mlflow ui` on 127.0.0.1): the Compare view of A1/A2/A3 renders the three
+    runs, each run's page its val top-1, and the experiment's runs table lists them. (The Compare view's metrics
+    table is virtualized: rows below its fold, val/top1 among them, are not in the DOM until scrolled.)"""
+    import re
+    import shutil
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("RSB_TRACKING", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    tops = {recipe: _train_and_evaluate(tmp_path, prepared, recipe)["val/top1"] for recipe in ("a1", "a2", "a3")}
+    client = MlflowClient(store)
+
+    def page(url: str) -> str:
+        return re.sub(r"<[^>]+>", " ", tracking.chromium(url))
+    with tracking.UI() as base:
+        url, runs = tracking.compare_url(base, client, "rsb", "test_resnet")
+        assert [r.data.tags["rsb.recipe"] for r in runs] == ["a1", "a2", "a3"]
+        compare = page(url)
+        assert "Comparing 3 Runs" in compare and all(f"test_resnet-{r}" in compare for r in tops)
+        exp_id = client.get_experiment_by_name("rsb").experiment_id
+        for run in runs:
+            text = page(f"{base}/#/experiments/{exp_id}/runs/{run.info.run_id}")
+            assert "val/top1" in text and f"{tops[run.data.tags['rsb.recipe']]:g}" in text
+        runs_table = page(f"{base}/#/experiments/{exp_id}/runs")
+        assert all(f"test_resnet-{recipe}" in runs_table for recipe in tops)
+    png = tmp_path / "compare.png"
+    tracking.screenshot("rsb", "test_resnet", png)
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -27,6 +27,7 @@ from rsb import distributed
 from rsb.config import ConfigError, load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
+from rsb.io import load_weights
 from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
 
 from conftest import ROOT, clean_env, write_params
@@ -257,7 +258,7 @@ def read_outputs(d: Path, grads: list) -> dict:
     with open(d / "plots/train" / f"{NAME}.updates.csv") as f:
         rows = list(csv.DictReader(f))
     return {"loss": [float(r["loss"]) for r in rows], "lr": [float(r["lr"]) for r in rows], "grads": grads,
-            "state": torch.load(d / "models" / f"{NAME}.pt", weights_only=True)}
+            "state": load_weights(d / "models" / f"{NAME}.safetensors")}
 
 
 def assert_same_run(ours: dict, theirs: ref.Reference, early: float = 1e-5, late: float = 5e-3) -> None:
@@ -402,7 +403,7 @@ def test_stage_outputs_and_mlflow_run(tmp_path, prepared, monkeypatch, world):
     assert json.loads((tmp_path / "metrics/train" / f"{name}.json").read_text()) == metrics
     rows = (tmp_path / "plots/train" / f"{name}.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_lr") and len(rows) == 3
-    state = torch.load(tmp_path / "models" / f"{name}.pt", weights_only=True)
+    state = load_weights(tmp_path / "models" / f"{name}.safetensors")
     assert "fc.weight" in state
     run_info = json.loads((tmp_path / "runs" / f"{name}.json").read_text())
 
@@ -417,8 +418,8 @@ def test_stage_outputs_and_mlflow_run(tmp_path, prepared, monkeypatch, world):
     steps = client.get_metric_history(run.info.run_id, "train/loss_step")
     assert len(steps) == metrics["updates"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")][:2] == [1, 2]
-    artifacts = {a.path for d in ("config", "history", "model") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {f"config/{name}.json", f"history/{name}.csv", f"model/{name}.pt"} <= artifacts
+    artifacts = {a.path for d in ("config", "history", "weights") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {f"config/{name}.json", f"history/{name}.csv", f"weights/{name}.safetensors"} <= artifacts
 
 
 def test_scale_and_world_shape_errors(tmp_path, prepared):

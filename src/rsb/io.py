@@ -35,3 +35,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def save_weights(path: Path, state_dict: dict) -> None:
+    """A model's weights as safetensors (no pickle: loading them runs no code; timm reads them), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

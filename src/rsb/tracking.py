@@ -78,6 +78,8 @@ class Tracker:
     def log_rows(self, rows: list[dict], keys: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_datasets(self, datasets: list[dict], context: str) -> None: ...
+    def log_model(self, model, name: str, arch: str, recipe: str, example, metrics: dict) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -147,6 +149,12 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._safe(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_datasets(self, datasets: list[dict], context: str) -> None:
+        self._safe(log_datasets, self.client, self.run_id, datasets, context)
+
+    def log_model(self, model, name: str, arch: str, recipe: str, example, metrics: dict) -> None:
+        self._safe(log_model, self, model, name, arch, recipe, example, metrics)
+
     def end(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
             try:
@@ -156,12 +164,17 @@ class MlflowTracker(Tracker):
         self._safe(self.client.set_terminated, self.run_id, status)
 
 
+KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table, not GenAI's overview
+
+
 def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") != KIND["mlflow.experimentKind"]:
+            client.set_experiment_tag(exp.experiment_id, *next(iter(KIND.items())))
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
+        return client.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri(), tags=KIND)
     except Exception:  # noqa: BLE001 - a concurrent run created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -175,6 +188,144 @@ def start(main_process: bool, experiment: str, run_name: str, run_id: str | None
         return Tracker()
     exp = os.environ.get("DVC_EXP_NAME")  # runs of several experiments stay apart in the UI's Compare view
     return MlflowTracker(experiment, f"{run_name} @{exp}" if exp else run_name, run_id, tags)
+
+
+def datasets(prepared: Path, source: str, splits: tuple[str, ...]) -> list[dict]:
+    """MLflow dataset inputs for splits of the prepared data: name, source (data.raw), the content digest, counts."""
+    import json
+
+    info = json.loads((Path(prepared) / "info.json").read_text())
+    names = {"train": "train", "val": "val", "real": "val (ReaL labels)", "v2": "ImageNetV2 matched-frequency"}
+    return [{"name": f"{info['source']} {names[s]}", "source": source, "digest": info["digest"][:16],
+             "profile": {"images": info["images"]["val" if s == "real" else s], "scored": info["real_scored"]}
+             if s == "real" else {"images": info["images"][s], "classes": info["classes"]}} for s in splits]
+
+
+def log_datasets(client, run_id: str, items: list[dict], context: str) -> None:
+    """Each item as a dataset input of the run (the UI's Datasets column; `datasets.digest` in searches)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                   source=json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"])),
+                           [InputTag("mlflow.data.context", context)]) for d in items]
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def log_model(t: "MlflowTracker", model, name: str, arch: str, recipe: str, example, metrics: dict) -> None:
+    """The trained network as an MLflow model of its training run (MLflow 3's LoggedModel, signature and input
+    example at the test size), the eval metrics logged against it, registered as `rsb-<arch>` with the alias
+    `<recipe>` (workspace runs) or `<recipe>-<experiment>` (DVC experiments): one version per trained model."""
+    import time
+
+    import mlflow
+    import mlflow.pytorch
+    import timm
+    import torch
+    from mlflow.entities import Metric
+    from mlflow.models import infer_signature
+
+    registered, exp = f"rsb-{arch}", os.environ.get("DVC_EXP_NAME")
+    alias = recipe if not exp else re.sub(r"[^\w-]", "_", f"{recipe}-{exp}")
+    found = t.client.search_model_versions(f"name = '{registered}' and run_id = '{t.run_id}'")
+    if found:  # this training run's model is registered already (evaluate reran, or backfill)
+        version = max(found, key=lambda v: int(v.version))
+    else:
+        mlflow.set_tracking_uri(t.uri)
+        model = model.eval().cpu()
+        with torch.no_grad():
+            signature = infer_signature(example.numpy(), model(example).numpy())
+        with mlflow.start_run(run_id=t.run_id):
+            info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example.numpy(),
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                              f"timm=={timm.__version__}"],
+                                            registered_model_name=registered, await_registration_for=60,
+                                            serialization_format="pickle")  # any batch size, eager timm
+        ts = int(time.time() * 1000)
+        t.client.log_batch(t.run_id, [Metric(k, float(v), ts, 0, model_id=info.model_id)
+                                      for k, v in metrics.items()])
+        version = t.client.get_model_version(registered, str(info.registered_model_version))
+        t.client.set_model_version_tag(registered, version.version, "rsb.recipe", recipe)
+        t.client.set_model_version_tag(registered, version.version, "rsb.dvc_exp", exp or "workspace")
+    t.client.set_registered_model_alias(registered, alias, version.version)
+
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--window-size=1600,1400", "--virtual-time-budget=30000"]
+
+
+def compare_url(base: str, client, experiment: str, arch: str) -> tuple[str, list]:
+    """The UI's Compare view of one architecture's workspace training runs (A1, A2, A3, ...)."""
+    import json
+    from urllib.parse import quote
+
+    exp_id = experiment_id(client, experiment)
+    runs = client.search_runs([exp_id], f"tags.`rsb.arch` = '{arch}' and tags.`rsb.kind` = 'train' and "
+                                        "tags.`rsb.dvc_exp` = 'workspace'", order_by=["tags.`rsb.recipe` ASC"])
+    ids = [r.info.run_id for r in runs]
+    return f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([exp_id]))}", runs
+
+
+class UI:
+    """`mlflow ui` on 127.0.0.1 over this project's store (or the tracking server itself, when it is one)."""
+
+    def __enter__(self) -> str:
+        import socket
+        import time
+        import urllib.request
+
+        self.proc, uri = None, tracking_uri()
+        if uri.startswith("http"):
+            return uri.rstrip("/")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+                                      str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                return base
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow ui did not answer on {base} within 2 minutes")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def chromium(url: str, screenshot: Path | None = None) -> str:
+    """Headless Chromium (Debian's `chromium` package): the rendered DOM, or a PNG screenshot of the page."""
+    import shutil
+    import tempfile
+
+    if shutil.which("chromium") is None:
+        raise FileNotFoundError("chromium is not installed: `apt-get install chromium` (Debian's package)")
+    with tempfile.TemporaryDirectory() as profile:
+        extra = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+        out = subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True,
+                             timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"chromium failed ({out.returncode}): {out.stderr[-500:]}")
+    return out.stdout
+
+
+def screenshot(experiment: str, arch: str, out: Path) -> list:
+    """Start the MLflow UI, open the Compare view of `arch`'s recipes, save a PNG; returns the runs compared."""
+    from mlflow.tracking import MlflowClient
+
+    with UI() as base:
+        url, runs = compare_url(base, MlflowClient(tracking_uri()), experiment, arch)
+        if not runs:
+            raise ValueError(f"no workspace training runs of {arch!r} in experiment {experiment!r}; run dvc repro")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        chromium(url, screenshot=out)
+    return runs
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -213,7 +364,7 @@ def _train_series(root: Path, name: str) -> list[tuple[list[dict], dict[str, str
             *[([row], {k: k for k in row if k != "step"}) for row in final]]
 
 
-def backfill(experiment: str, root: Path = Path(".")) -> list[str]:
+def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = None) -> list[str]:
     """Log the DVC outputs into the current store wherever MLflow lacks them (the server was down, or died mid-run):
     each trained model's run (runs/<name>.json) gets its missing params, per-update and per-epoch metrics, final
     train and eval metrics, and is marked FINISHED; a run that never reached the store is created, tagged
@@ -234,6 +385,7 @@ def backfill(experiment: str, root: Path = Path(".")) -> list[str]:
         t = MlflowTracker(experiment, name, run_id, {} if run_id else {**info.get("tags", {}), "rsb.backfill_of": key},
                           system_metrics=False)
         _fill(t, flatten(info.get("resolved", {})), _train_series(root, name))
+        _register(t, root, name, info.get("resolved", {}), prepared)
         t.end()
         if t.enabled and _snapshot(client, t.run_id) != before:
             done.append(name)
@@ -247,6 +399,27 @@ def backfill(experiment: str, root: Path = Path(".")) -> list[str]:
             t.end()
             done.append(f"benchmark@{f.stem}")
     return done
+
+
+def _register(t: MlflowTracker, root: Path, name: str, resolved: dict, prepared: Path | None) -> None:
+    """An evaluated model that the store has no version of (the server was down at evaluate) is logged and
+    registered; one that has a version is left alone."""
+    import json
+
+    import timm
+    import torch
+
+    from rsb.io import load_weights
+
+    weights, evaluated = root / "models" / f"{name}.safetensors", root / "metrics/eval" / f"{name}.json"
+    if not (weights.is_file() and evaluated.is_file() and prepared and resolved):
+        return
+    classes = len(json.loads((Path(prepared) / "classes.json").read_text()))
+    model = timm.create_model(resolved["arch"], num_classes=classes)
+    model.load_state_dict(load_weights(weights))
+    size = resolved["test_img_size"]
+    metrics = {k: v for k, v in _numbers(evaluated).items() if k.endswith(("top1", "top5"))}
+    t.log_model(model, name, resolved["arch"], resolved["recipe_name"], torch.zeros(1, 3, size, size), metrics)
 
 
 def _existing(client, exp_id: str, run_id: str | None, key: str) -> str | None:
@@ -271,8 +444,15 @@ if __name__ == "__main__":
     from rsb.config import load_params
 
     parser = argparse.ArgumentParser(description="MLflow helpers")
-    parser.add_argument("command", choices=["backfill"])
+    parser.add_argument("command", choices=["backfill", "screenshot"])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--arch", default="resnet50", help="screenshot: the architecture whose recipes to compare")
+    parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
     args = parser.parse_args()
-    names = backfill(load_params(args.params).experiment)
-    print(f"back-filled {len(names)} run(s) into {redact(tracking_uri())}: {', '.join(names) or 'none needed'}")
+    params = load_params(args.params)
+    if args.command == "screenshot":
+        compared = screenshot(params.experiment, args.arch, args.out)
+        print(f"{args.out}: Compare view of {', '.join(r.info.run_name for r in compared)}")
+    else:
+        names = backfill(params.experiment, prepared=Path(params.data.prepared))
+        print(f"back-filled {len(names)} run(s) into {redact(tracking_uri())}: {', '.join(names) or 'none needed'}")
