@@ -8,11 +8,13 @@ Writes models/<name>.safetensors (the weights), metrics/train/<name>.json, plots
 <name>.updates.csv (per update), runs/<name>.json (MLflow run + resolved recipe); keeps checkpoints/<name>/<digest>/
 to resume from. Rerunning after an interruption resumes from the last finished epoch.
 
-Results card (2 cores AMD EPYC, no native bf16 so fp32 + channels_last, 2026-11-27, mini default, batch 64 = 2 x 32
-accumulated, `dvc repro` on a fresh clone; stage wall includes ~30 s of launcher, imports and DeepSpeed init):
-    resnet50  a1 3 ep 32 px: 48.7 img/s, 95 s training, val 23.4%   a2 2 ep: 49.8 img/s, 63 s, 24.2%
-              a3 2 ep 23 px: 48.9 img/s, 66 s,          val 19.6%
-    resnet18  a1: 84.5 img/s, 55 s, 22.0%   a2: 73.9 img/s, 42 s, 21.0%   a3: 83.6 img/s, 39 s, 21.0%   (chance: 5%)
+Results card (2 cores AMD EPYC Zen 4, native bf16 so bf16 autocast + channels_last, 2026-11-29, mini default,
+batch 64 = 2 x 32 accumulated, `dvc repro` on a fresh clone; stage wall includes ~9-11 s of imports, DeepSpeed init,
+validation and checkpoints):
+    resnet50  a1 3 ep 32 px: 121 img/s, 39 s training, val 25.6%   a2 2 ep: 106 img/s, 29 s, 23.8%
+              a3 2 ep 23 px: 127 img/s, 26 s,          val 20.0%
+    resnet18  a1: 208 img/s, 22 s, 23.6%   a2: 216 img/s, 14 s, 21.2%   a3: 210 img/s, 15 s, 21.6%   (chance: 5%)
+(fp32 on an EPYC without AVX-512, 2026-11-27: resnet50 ~49 img/s, resnet18 ~74-85 img/s.)
 """
 from __future__ import annotations
 
