@@ -186,10 +186,13 @@ def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
     for seed in (1, 2):
         sh(repo, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seed={seed}",
            "-S", "models=[test_resnet]", "-S", "run=[a3]")
-    sh(repo, "dvc", "queue", "start", "-j", "2")
+    # the workers `dvc queue start` leaves behind inherit its stdout/stderr: capturing them would wait for the workers
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=clean_env(PYTHONPATH=str(repo)), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     deadline = time.time() + 600
     while time.time() < deadline and re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status").stdout):
         time.sleep(3)
+    sh(repo, "dvc", "queue", "stop")  # no idle worker outlives the test
     status = sh(repo, "dvc", "queue", "status").stdout
     assert re.search(r"seed1\s.*Success", status) and re.search(r"seed2\s.*Success", status), status
     exps, seen = experiments(repo), set()
