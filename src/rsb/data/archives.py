@@ -1,10 +1,10 @@
-"""Reading the official ILSVRC2012, ImageNetV2 and ReaL files, with safe extraction.
+"""Reading the official ILSVRC2012, ImageNetV2 and ReaL files in place: members indexed by offset, never extracted.
 
 The devkit is read the way torchvision's `datasets.imagenet` reads it (scipy `loadmat(..., squeeze_me=True)`, leaf
 synsets are those with num_children == 0, ground truth in 1-based ILSVRC2012_IDs); torchvision's own functions are
 locked to the official md5 sums and extract without path checks, so the same structures are read here, and the
-published sums are kept as an optional integrity check. Members are written byte for byte: tar metadata (links,
-modes, owners, devices) never reaches the disk, and any member that is not a plain file inside its target is refused.
+published sums are kept as an optional integrity check. Tar metadata (links, modes, owners, devices) never reaches
+the disk, and any member that is not a plain file or directory with a safe relative name is refused.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The miniature ImageNet release: the official archive formats, generated from a seed.
 
 `write_release(out, MiniSpec())` writes exactly the files a user downloads for the real thing, so `prepare` runs the
-same extraction code on both:
+same indexing and reading code on both:
 
     ILSVRC2012_img_train.tar          one inner tar per class (n01440764.tar ...), members <wnid>_<n>.JPEG
     ILSVRC2012_img_val.tar            flat ILSVRC2012_val_%08d.JPEG
