@@ -8,6 +8,7 @@ import re
 import signal
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,9 +90,21 @@ def test_repro_produces_every_output(repo):
     assert (repo / "mlflow.db").is_file(), "the default store is the project's sqlite file"
 
 
+def registry(repo: Path) -> tuple[set, dict]:
+    """The Model Registry of the project's store: (versions of rsb-test_resnet, {alias: version})."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = {v.version for v in client.search_model_versions("name = 'rsb-test_resnet'")}
+    return versions, dict(client.get_registered_model("rsb-test_resnet").aliases)
+
+
 def test_second_repro_does_nothing(repo):
+    before = registry(repo)
+    assert set(before[1]) == {"a1", "a3"}
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage" not in out
+    assert registry(repo) == before, "a second repro registers nothing and moves no alias"
 
 
 def test_metrics_and_plots_show(repo):
@@ -183,6 +196,7 @@ def test_exp_run_temp_reruns_only_what_changed(repo):
 
 
 def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
+    versions, aliases = registry(repo)
     for seed in (1, 2):
         sh(repo, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seed={seed}",
            "-S", "models=[test_resnet]", "-S", "run=[a3]")
@@ -207,6 +221,18 @@ def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
         assert run.data.tags["rsb.params_hash"] == info["resolved"]["digest"]
         seen.add(info["resolved"]["digest"])
     assert len(seen) == 2
+    # each queued experiment registered its own model version under its own alias; the workspace's stayed put
+    versions_now, aliases_now = registry(repo)
+    assert len(versions_now - versions) == 2
+    assert {k: v for k, v in aliases_now.items() if k in aliases} == aliases
+    assert {aliases_now["a3-seed1"], aliases_now["a3-seed2"]} == versions_now - versions
+    # until asked: promote moves the workspace alias to an experiment's model
+    out = sh(repo, sys.executable, "-m", "rsb.tracking", "promote", "--arch", "test_resnet", "--recipe", "a3",
+             "--exp", "seed2").stdout
+    assert registry(repo)[1]["a3"] == aliases_now["a3-seed2"], out
+    bad = sh(repo, sys.executable, "-m", "rsb.tracking", "promote", "--arch", "test_resnet", "--recipe", "a3",
+             "--exp", "nope", check=False)
+    assert bad.returncode and "rsb-test_resnet@a3-nope" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_killed_dvc_repro_recovers(repo):

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 from rsb import tracking
-from rsb.distributed import free_port
+from rsb.launch import free_port
 
-from conftest import clean_env
+from conftest import ROOT, clean_env
 
 
 def test_project_root_sees_through_dvc_temp_runs(tmp_path):
@@ -313,6 +313,22 @@ def test_load_by_alias_through_a_real_server(tmp_path, prepared, monkeypatch, ml
     _predictions_equal_evaluates(mlflow.pytorch.load_model("models:/rsb-test_resnet@a3"), tmp_path, prepared)
 
 
+def _page_text(url: str, wait_for: str) -> str:
+    """The text of `url` in a fresh browser profile (nothing chosen before in the UI), once `wait_for` shows."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=tracking.CHROMIUM[2:9])
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.goto(url)
+        try:
+            page.wait_for_selector(wait_for, timeout=60_000)
+        finally:
+            text = page.inner_text("body")
+            browser.close()
+    return text
+
+
 def _compare_view_text(url: str) -> str:
     """The Compare view's text after scrolling each of its tables to the end, as a user would (they are virtualized:
     rows below a table's fold are not in the page until scrolled to). Playwright drives Debian's Chromium."""
@@ -354,9 +370,19 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
         assert "Comparing 3 Runs" in compare and "val/top1" in compare
         for recipe, top1 in tops.items():
             assert f"test_resnet-{recipe}" in compare and f"{top1:g}" in compare, (recipe, top1)
-        exp_id = client.get_experiment_by_name("rsb").experiment_id
-        runs_table = re.sub(r"<[^>]+>", " ", tracking.chromium(f"{base}/#/experiments/{exp_id}/runs"))
-        assert all(f"test_resnet-{recipe}" in runs_table for recipe in tops)
+    # the command a user runs: a fresh browser on the link it prints opens the runs table (not GenAI's overview)
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "rsb.tracking", "ui", "--port", str(port)], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        line = next(line for line in ui.stdout if line.startswith("MLflow UI on "))  # mlflow ui logs there too
+        url = re.search(r"http://127\.0\.0\.1:\d+/\S+", line).group(0)
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/"), line
+        text = _page_text(url, "text=test_resnet-a1")
+        assert all(f"test_resnet-{recipe}" in text for recipe in tops), text[:2000]
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
     png = tmp_path / "compare.png"
     tracking.screenshot("rsb", "test_resnet", png)
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -164,7 +164,10 @@ class MlflowTracker(Tracker):
         self._safe(self.client.set_terminated, self.run_id, status)
 
 
-KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table, not GenAI's overview
+KIND = {"mlflow.experimentKind": "custom_model_development"}  # a model-training experiment, not a GenAI one
+# MLflow 3.17's UI does not read that tag (its workflow switch is always on and defaults to GenAI); the workflow type
+# in the link is what opens the runs table in a browser that never chose "Model training".
+ML_VIEW = "workflowType=machine_learning"
 
 
 def experiment_id(client, name: str) -> str:
@@ -213,6 +216,26 @@ def log_datasets(client, run_id: str, items: list[dict], context: str) -> None:
     client.log_inputs(run_id, datasets=inputs)
 
 
+def model_alias(recipe: str, exp: str | None) -> str:
+    """`a1` for the workspace's model, `a1-<experiment>` for a DVC experiment's (never the workspace's alias)."""
+    return recipe if not exp else re.sub(r"[^\w-]", "_", f"{recipe}-{exp}")
+
+
+def promote(arch: str, recipe: str, exp: str) -> str:
+    """Move the workspace alias `rsb-<arch>@<recipe>` to DVC experiment `exp`'s model; returns its version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client, registered = MlflowClient(tracking_uri()), f"rsb-{arch}"
+    try:
+        version = client.get_model_version_by_alias(registered, model_alias(recipe, exp)).version
+    except MlflowException as e:
+        raise ValueError(f"no model {registered}@{model_alias(recipe, exp)} in {redact(tracking_uri())}: did "
+                         f"experiment {exp!r} train {arch}-{recipe}? (`dvc exp show`)") from e
+    client.set_registered_model_alias(registered, recipe, version)
+    return str(version)
+
+
 def log_model(t: "MlflowTracker", model, name: str, arch: str, recipe: str, example, metrics: dict) -> None:
     """The trained network as an MLflow model of its training run (MLflow 3's LoggedModel, signature and input
     example at the test size), the eval metrics logged against it, registered as `rsb-<arch>` with the alias
@@ -227,7 +250,7 @@ def log_model(t: "MlflowTracker", model, name: str, arch: str, recipe: str, exam
     from mlflow.models import infer_signature
 
     registered, exp = f"rsb-{arch}", os.environ.get("DVC_EXP_NAME")
-    alias = recipe if not exp else re.sub(r"[^\w-]", "_", f"{recipe}-{exp}")
+    alias = model_alias(recipe, exp)
     found = t.client.search_model_versions(f"name = '{registered}' and run_id = '{t.run_id}'")
     if found:  # this training run's model is registered already (evaluate reran, or backfill)
         version = max(found, key=lambda v: int(v.version))
@@ -265,27 +288,38 @@ def compare_url(base: str, client, experiment: str, arch: str) -> tuple[str, lis
     runs = client.search_runs([exp_id], f"tags.`rsb.arch` = '{arch}' and tags.`rsb.kind` = 'train' and "
                                         "tags.`rsb.dvc_exp` = 'workspace'", order_by=["tags.`rsb.recipe` ASC"])
     ids = [r.info.run_id for r in runs]
-    return f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([exp_id]))}", runs
+    return (f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([exp_id]))}&{ML_VIEW}",
+            runs)
+
+
+def runs_url(base: str, client, experiment: str) -> str:
+    """The experiment's runs table, in the UI's model-training view."""
+    return f"{base}/#/experiments/{experiment_id(client, experiment)}/runs?{ML_VIEW}"
 
 
 class UI:
     """`mlflow ui` on 127.0.0.1 over this project's store (or the tracking server itself, when it is one)."""
 
+    def __init__(self, port: int = 0, quiet: bool = True):
+        self.port, self.quiet = port, quiet
+
     def __enter__(self) -> str:
-        import socket
         import time
         import urllib.request
+
+        from rsb.launch import free_port
 
         self.proc, uri = None, tracking_uri()
         if uri.startswith("http"):
             return uri.rstrip("/")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = self.port or free_port()
+        out = subprocess.DEVNULL if self.quiet else None
         self.proc = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
-                                      str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      str(port)], stdout=out, stderr=out)
         base = f"http://127.0.0.1:{port}"
         for _ in range(240):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow ui exited ({self.proc.returncode}); is port {port} in use? (--port)")
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
                 return base
@@ -293,8 +327,16 @@ class UI:
                 time.sleep(0.5)
         raise RuntimeError(f"mlflow ui did not answer on {base} within 2 minutes")
 
+    def wait(self) -> None:
+        """Serve until Ctrl-C (a tracking server serves itself: nothing to wait for)."""
+        try:
+            if self.proc is not None:
+                self.proc.wait()
+        except KeyboardInterrupt:
+            pass
+
     def __exit__(self, *exc) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
 
@@ -444,13 +486,34 @@ if __name__ == "__main__":
     from rsb.config import load_params
 
     parser = argparse.ArgumentParser(description="MLflow helpers")
-    parser.add_argument("command", choices=["backfill", "screenshot"])
+    parser.add_argument("command", choices=["ui", "backfill", "screenshot", "promote"],
+                        help="ui: `mlflow ui` on this project's store, printing the runs table's link; promote: move "
+                             "rsb-<arch>@<recipe> to DVC experiment --exp's model")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--arch", default="resnet50", help="screenshot: the architecture whose recipes to compare")
+    parser.add_argument("--arch", default="resnet50", help="screenshot/promote: the architecture")
+    parser.add_argument("--recipe", help="promote: the recipe whose alias moves")
+    parser.add_argument("--exp", help="promote: the DVC experiment whose model the alias moves to")
+    parser.add_argument("--port", type=int, default=5000, help="ui: the port on 127.0.0.1")
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
     args = parser.parse_args()
     params = load_params(args.params)
-    if args.command == "screenshot":
+    if args.command == "ui":
+        from mlflow.tracking import MlflowClient
+
+        ui = UI(args.port, quiet=False)
+        with ui as base:
+            url = runs_url(base, MlflowClient(tracking_uri()), params.experiment)
+            print(f"MLflow UI on {redact(tracking_uri())}, experiment {params.experiment!r}: {url}", flush=True)
+            ui.wait()
+    elif args.command == "promote":
+        if not (args.recipe and args.exp):
+            parser.error("promote needs --recipe and --exp (e.g. --arch resnet50 --recipe a3 --exp lr6)")
+        try:
+            version = promote(args.arch, args.recipe, args.exp)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"rsb-{args.arch}@{args.recipe} -> version {version} (experiment {args.exp})")
+    elif args.command == "screenshot":
         compared = screenshot(params.experiment, args.arch, args.out)
         print(f"{args.out}: Compare view of {', '.join(r.info.run_name for r in compared)}")
     else:
