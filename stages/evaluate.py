@@ -2,8 +2,8 @@
 
     python -m stages.evaluate --arch resnet50 --recipe a1
 
-Transform: shorter side to int(test_img_size / crop_pct), bicubic, centre crop test_img_size, ImageNet mean/std (the
-scaled sizes under the mini profile). ReaL: images with an empty label list are not scored; a top-k prediction is
+Transform: shorter side to int(test_img_size / crop_pct), bicubic, centre crop test_img_size, the model's own
+mean/std (timm's pretrained_cfg; the scaled sizes under the mini profile). ReaL: images with an empty label list are not scored; a top-k prediction is
 correct if any of its k classes is in the list. Writes metrics/eval/<name>.json and logs the same numbers into the
 model's MLflow run (runs/<name>.json), so one run row holds recipe, curves and results.
 
@@ -30,11 +30,13 @@ from rsb.data import loader as loaders
 from rsb.data.datasets import PreparedError, Split
 from rsb.engine import predict, real_correct, topk_correct
 from rsb.io import load_weights, write_json
+from rsb.outputs import Outputs
 
 
-def load_model(arch: str, weights: Path, num_classes: int) -> torch.nn.Module:
+def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = None) -> torch.nn.Module:
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no trained weights; run `dvc repro train@{weights.stem}` first")
+        raise FileNotFoundError(f"{weights}: no trained weights; run `dvc repro {stage or 'train@' + weights.stem}` "
+                                "first")
     model = timm.create_model(arch, num_classes=num_classes)
     model.load_state_dict(load_weights(weights))
     return model
@@ -69,29 +71,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--study", default=None, help="a study's run (e.g. seeds): files under studies/<study>/")
+    p.add_argument("--seed", type=int, default=None, help="the seed study's run <arch>-<recipe>-seed<N>")
     args = p.parse_args(argv)
     params = load_params(args.params)
-    r = resolve(params, args.arch, args.recipe)
-    name = f"{args.arch}-{args.recipe}"
+    r = resolve(params, args.arch, args.recipe, seed=args.seed)
+    out = Outputs.of(args.arch, args.recipe, args.study, args.seed)
+    name = out.name
     prepared = Path(params.data.prepared)
     t0 = time.perf_counter()
     num_classes = Split(prepared, "val").num_classes
-    model = load_model(args.arch, Path("models") / f"{name}.safetensors", num_classes)
+    model = load_model(args.arch, out.weights, num_classes,
+                       None if out.in_grid else f"studies/dvc.yaml:seed-train@{args.seed}")
     metrics = evaluate_model(model, prepared, r.test_img_size, r.recipe.crop_pct, params.evaluate.batch_size,
                              params.evaluate.workers, r.train.precision)
     metrics["eval_s"] = time.perf_counter() - t0
-    write_json(Path("metrics/eval") / f"{name}.json", metrics)
+    write_json(out.eval_metrics, metrics)
 
-    run_file = Path("runs") / f"{name}.json"
-    run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    run_id = json.loads(out.run_file.read_text()).get("run_id") if out.run_file.is_file() else None
     t = tracking.start(True, params.experiment, name, run_id, {"rsb.evaluated": "true",
                                                            "rsb.eval_stage": f"evaluate@{name}"})
     t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
-    t.log_artifact(Path("metrics/eval") / f"{name}.json", "eval")
+    t.log_artifact(out.eval_metrics, "eval")
     t.log_datasets(tracking.datasets(prepared, params.data.raw, ("val", "real", "v2")), "evaluation")
-    example = Split(prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))[0][0][None]
-    t.log_model(model, name, args.arch, args.recipe, example,
-                {k: metrics[k] for k in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5")})
+    if out.in_grid:  # a study's replicas are measurements, not models to register (seeds would flood rsb-<arch>)
+        example = Split(prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))[0][0][None]
+        t.log_model(model, name, args.arch, args.recipe, example,
+                    {k: metrics[k] for k in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5")})
     t.end()
     print(f"{name}: val {metrics['val/top1']:.2f}  ReaL {metrics['real/top1']:.2f}  V2 {metrics['v2/top1']:.2f}")
     return metrics

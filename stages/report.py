@@ -20,19 +20,22 @@ from rsb.config import ConfigError, load_params, scaled_size
 from rsb.io import write_csv, write_text
 
 
-def caption(params, info: dict, device: str) -> str:
+def scale_text(params, info: dict) -> str:
+    """What scale these numbers are at, so a mini run is never mistaken for the paper's."""
     s = params.scale
     paper = s.epochs == 1 and s.img_size == 224 and s.batch_size == 2048 and info.get("source") == "imagenet"
     if paper:
-        scale = "Paper scale: ImageNet-1k, the recipes' epochs, 224 px, global batch 2048."
-    else:
-        n = info.get("images", {})
-        scale = (f"Scale: {info.get('source', '?')} data ({info.get('classes', '?')} classes, {n.get('train', '?')} "
-                 f"train / {n.get('val', '?')} val / {n.get('v2', '?')} V2 images), epochs x{s.epochs:g} of the "
-                 f"paper's, 224 px -> {s.img_size} px, global batch {s.batch_size}. NOT comparable to the paper's "
-                 "ImageNet numbers, which stand beside ours for reference.")
-    return (f"{scale} Params and GMACs: the ImageNet model at 224 px. Throughput and peak memory: batch "
-            f"{params.benchmark.batch_size} at {params.benchmark.img_size} px on {device}.")
+        return "Paper scale: ImageNet-1k, the recipes' epochs, 224 px, global batch 2048."
+    n = info.get("images", {})
+    return (f"Scale: {info.get('source', '?')} data ({info.get('classes', '?')} classes, {n.get('train', '?')} "
+            f"train / {n.get('val', '?')} val / {n.get('v2', '?')} V2 images), epochs x{s.epochs:g} of the "
+            f"paper's, 224 px -> {s.img_size} px, global batch {s.batch_size}. NOT comparable to the paper's "
+            "ImageNet numbers, which stand beside ours for reference.")
+
+
+def caption(params, info: dict, device: str) -> str:
+    return (f"{scale_text(params, info)} Params and GMACs: the ImageNet model at 224 px. Throughput and peak memory: "
+            f"batch {params.benchmark.batch_size} at {params.benchmark.img_size} px on {device}.")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,6 +32,8 @@ from rsb.checkpoint import CheckpointMismatch
 from rsb.data.datasets import PreparedError, load_classes
 from rsb.engine import NonFiniteLoss
 from rsb.io import save_weights, write_csv, write_json
+from rsb.outputs import Outputs
+from rsb.profiling import device_name
 from rsb.training import Run, train
 
 
@@ -40,12 +42,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--study", default=None, help="a study's run (e.g. seeds): outputs under studies/<study>/")
+    p.add_argument("--seed", type=int, default=None, help="replaces train.seed; the run is <arch>-<recipe>-seed<N>")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by older launchers
     args = p.parse_args(argv)
     params = load_params(args.params)
-    name = f"{args.arch}-{args.recipe}"
+    out = Outputs.of(args.arch, args.recipe, args.study, args.seed)
+    name = out.name
     world = int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
-    r = resolve(params, args.arch, args.recipe, world_size=world)
+    r = resolve(params, args.arch, args.recipe, world_size=world, seed=args.seed)
     prepared = Path(params.data.prepared)
     load_classes(prepared)  # fails clearly before any process group work if prepare has not run
 
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     tags = {**tracking.provenance(f"train@{name}", r.digest(), prepared), "rsb.kind": "train", "rsb.arch": args.arch,
             "rsb.recipe": args.recipe,
             "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
-            "rsb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "rsb.device": device_name(device), "rsb.study": out.study, "rsb.seed": str(r.train.seed)}
     tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
     tracker.log_params(flatten(resolved))
@@ -70,33 +75,36 @@ def main(argv: list[str] | None = None) -> dict:
     except BaseException:
         tracker.end("FAILED")
         raise
-    metrics = _outputs(run, model, name, time.perf_counter() - t0, extra, resolved) if rank == 0 else {}
+    metrics = _outputs(run, model, out, time.perf_counter() - t0, extra, resolved) if rank == 0 else {}
     distributed.barrier()
     return metrics
 
 
-def _outputs(run: Run, model: torch.nn.Module, name: str, seconds: float, extra: dict, resolved: dict) -> dict:
+def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, extra: dict, resolved: dict) -> dict:
     """Rank 0 writes the declared outputs; the final weights go last (a stage with no model has not finished)."""
     h = run.history
     final = h[-1]
+    wall = sum(x.get("train/wall_s", x["train/epoch_s"]) for x in h)  # every epoch, across resumes
     metrics = {"train/loss": final["train/loss"], "val/top1": final.get("val/top1"), "val/top5": final.get("val/top5"),
                "train/img_per_s": sum(x["train/img_per_s"] for x in h) / len(h),
-               "train/time_s": sum(x["train/epoch_s"] for x in h), "train/stage_s": seconds,
+               "train/time_s": sum(x["train/epoch_s"] for x in h), "train/wall_s": wall, "train/stage_s": seconds,
+               "devices": run.r.world_size, "device_hours": run.r.world_size * wall / 3600,
                "epochs": run.r.epochs, "updates": extra["updates_per_epoch"] * run.r.epochs}
-    write_csv(Path("plots/train") / f"{name}.csv", [{k.replace("/", "_"): v for k, v in row.items()} for row in h])
-    write_csv(Path("plots/train") / f"{name}.updates.csv", run.updates)
-    write_json(Path("metrics/train") / f"{name}.json", metrics)
-    write_json(Path("runs") / f"{name}.json", {"run_id": run.tracker.run_id, "experiment_id":
-                                               run.tracker.experiment_id, "tags": run.tags, "resolved": resolved})
-    models = Path("models")
-    save_weights(models / f"{name}.safetensors", model.state_dict())
+    write_csv(out.history, [{k.replace("/", "_"): v for k, v in row.items()} for row in h])
+    write_csv(out.updates, run.updates)
+    write_json(out.train_metrics, metrics)
+    write_json(out.run_file, {"run_id": run.tracker.run_id, "experiment_id": run.tracker.experiment_id,
+                              "tags": run.tags, "resolved": resolved})
+    save_weights(out.weights, model.state_dict())
     t = run.tracker
     t.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=run.r.epochs)
-    for path, where in ((Path("runs") / f"{name}.json", "config"), (Path("plots/train") / f"{name}.csv", "history"),
-                        (Path("plots/train") / f"{name}.updates.csv", "history"), (models / f"{name}.safetensors", "weights")):
+    artifacts = [(out.run_file, "config"), (out.history, "history"), (out.updates, "history")]
+    if out.in_grid:  # a study's weights stay DVC outputs only (100 seeds of ResNet-50 would be 10 GB of artifacts)
+        artifacts.append((out.weights, "weights"))
+    for path, where in artifacts:
         t.log_artifact(path, where)
     t.end()
-    print(f"{name}: val top-1 {metrics['val/top1']:.2f}%, {metrics['train/img_per_s']:.0f} img/s, "
+    print(f"{out.name}: val top-1 {metrics['val/top1']:.2f}%, {metrics['train/img_per_s']:.0f} img/s, "
           f"{metrics['train/time_s']:.0f} s")
     return metrics
 

@@ -40,8 +40,9 @@ def set_params(repo: Path, values: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
-def changed_stages(repo: Path) -> set[str]:
-    return set(json.loads(sh(repo, "dvc", "status", "--json").stdout or "{}"))
+def changed_stages(repo: Path, target: str = "dvc.yaml") -> set[str]:
+    """Stages of `target` (the default pipeline; studies/dvc.yaml for the studies) that `dvc repro` would run."""
+    return set(json.loads(sh(repo, "dvc", "status", "--json", target).stdout or "{}"))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,43 @@ def test_adding_an_architecture_runs_only_its_rows(repo):
                    "benchmark@resnet10t", "report"}
     rows = list(csv.DictReader(open(repo / "reports/figure4.csv")))
     assert [(r["arch"], r["recipe"]) for r in rows][-2:] == [("resnet10t", "a1"), ("resnet10t", "a3")]
+
+
+def test_studies_run_with_one_command_and_rerun_only_what_changed(repo):
+    from mlflow.tracking import MlflowClient
+
+    set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2]})
+    commit(repo, "a seed study of two seeds")
+    study = {f"studies/dvc.yaml:{s}" for s in ("seed-train@1", "seed-train@2", "seed-evaluate@1", "seed-evaluate@2",
+                                               "seeds-report", "cost", "architectures")}
+    assert changed_stages(repo, "studies/dvc.yaml") == study and changed_stages(repo) == set()
+    out = sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
+    assert ran(out) == study, out  # the grid's models are reused, not retrained
+    for name in ("seeds", "cost", "architectures"):
+        md = (repo / "reports" / f"{name}.md").read_text()
+        assert "NOT comparable to the paper's ImageNet numbers" in md, name
+        assert (repo / "reports" / f"{name}.csv").is_file() and (repo / "reports" / f"{name}.png").is_file()
+    assert "| ImageNet-val | 2 |" in (repo / "reports/seeds.md").read_text()
+    assert "Running stage" not in sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
+    assert "Running stage" not in sh(repo, "dvc", "repro").stdout, "the default pipeline does not see the studies"
+    # one more seed: that seed's training and evaluation, and the seed report; nothing else
+    set_params(repo, {"seeds.seeds": [1, 2, 3]})
+    out = sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
+    assert ran(out) == {"studies/dvc.yaml:seed-train@3", "studies/dvc.yaml:seed-evaluate@3",
+                        "studies/dvc.yaml:seeds-report"}, out
+    assert "| ImageNet-val | 3 |" in (repo / "reports/seeds.md").read_text()
+    # MLflow: the newest seed study is the parent of the three seed runs
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rsb").experiment_id
+    parent = client.search_runs([exp], "tags.`rsb.kind` = 'study' and tags.`rsb.study` = 'seeds'",
+                                order_by=["attributes.start_time DESC"])[0]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["rsb.seed"] for r in children) == ["1", "2", "3"]
+    assert all(r.data.tags["rsb.study"] == "seeds" and "v2/top1" in r.data.metrics for r in children)
+    assert "seeds/val_std" in parent.data.metrics and parent.data.metrics["seeds/val_n"] == 3
+    ids = {r.info.run_id for r in children}
+    assert not [v for v in client.search_model_versions("name = 'rsb-test_resnet'") if v.run_id in ids], \
+        "seed replicas are not registered models"
 
 
 def test_mlflow_run_has_training_and_evaluation(repo):

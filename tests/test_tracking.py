@@ -382,7 +382,9 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
         assert all(f"test_resnet-{recipe}" in text for recipe in tops), text[:2000]
     finally:
         ui.terminate()
-        ui.wait(timeout=30)
+        ui.wait(timeout=60)
+    left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert not left, f"mlflow ui processes outlived the command: {left}"
     png = tmp_path / "compare.png"
     tracking.screenshot("rsb", "test_resnet", png)
     assert png.read_bytes()[:4] == b"\x89PNG"

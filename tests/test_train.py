@@ -316,6 +316,8 @@ def test_updates_equal_train_py_on_two_processes(tmp_path, prepared, extracted, 
     against train.py on 2 x accum processes."""
     p = params_file(tmp_path, prepared, {**PARITY, "train.devices": 2, "train.micro_batch": 16 // (2 * accum)})
     assert_same_run(launch(tmp_path, p, 2), reference_run(p, extracted, 2, accum))
+    cost = json.loads((tmp_path / "metrics/train/test_resnet-a1.json").read_text())
+    assert cost["devices"] == 2 and cost["device_hours"] == pytest.approx(2 * cost["train/wall_s"] / 3600)
 
 
 def test_bf16_autocast_equals_train_py_amp(tmp_path, prepared, extracted, monkeypatch, world):

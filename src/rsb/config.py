@@ -161,6 +161,27 @@ class Benchmark:
     channels_last: bool = D.param(True, domain=D.flag(), source="memory layout")
 
 
+def _seed_list(v, h) -> bool:
+    return bool(v) and len(set(v)) == len(v) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                      and 0 <= x < 2**31 for x in v)
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seed study (paper figures 5-6): one (arch, recipe) trained once per seed. studies/dvc.yaml runs it."""
+    arch: str = D.param("resnet18", domain=D.timm_name("a timm architecture", lambda v: D.NAME.fullmatch(v) and _arch(v),
+                                                       "resnet18", "resnet5O"),
+                        source="timm.is_model; the paper: resnet50")
+    recipe: str = D.param("a3", domain=D.Domain("a recipe name under recipes",
+                                                 lambda v, h: isinstance(v, str) and bool(D.NAME.fullmatch(v)),
+                                                 lambda h: ["a1", "a2"], lambda h: ["a-1", ""]),
+                          source="the paper: a2")
+    seeds: tuple[int, ...] = D.param((1, 2, 3, 4, 5, 6, 7, 8), domain=D.Domain(
+        "a non-empty list of distinct integers in [0, 2147483647]", _seed_list, lambda h: [(1, 2), (0,)],
+        lambda h: [(), (1, 1), (-1,), (2**31,)]),
+        source="train.seed per run; the paper: 1..100 (its other runs use seed 0)")
+
+
 @dataclass(frozen=True)
 class Params:
     experiment: str = D.param(domain=D.text(), source="MLflow experiment name (non-empty)")
@@ -174,14 +195,16 @@ class Params:
     train: Train = field(default_factory=Train)
     evaluate: Evaluate = field(default_factory=Evaluate)
     benchmark: Benchmark = field(default_factory=Benchmark)
+    seeds: Seeds = field(default_factory=Seeds)
 
     def check(self) -> None:
         """What spans sections, after every key's own domain."""
         for name, recipe in self.recipes.items():
             recipe.check(f"recipes.{name}")
-        for name in self.run:
-            if name not in self.recipes:
-                raise ConfigError(f"run lists recipe {name!r}, which is not under recipes ({', '.join(self.recipes)})")
+        for key, names in (("run lists", self.run), ("seeds.recipe is", (self.seeds.recipe,))):
+            for name in names:
+                if name not in self.recipes:
+                    raise ConfigError(f"{key} recipe {name!r}, which is not under recipes ({', '.join(self.recipes)})")
 
     def recipe(self, name: str) -> Recipe:
         if name not in self.recipes:
@@ -217,10 +240,10 @@ def check_timm(params: Params, source: str = "params.yaml") -> None:
     """The keys timm's own parsers decide (architectures, auto-augment strings, optimizer and scheduler names), for
     every recipe in `run`: milliseconds once timm is imported; the stages with expensive work call it first."""
     try:
-        for arch in params.models:
+        for key, arch in [("models", a) for a in params.models] + [("seeds.arch", params.seeds.arch)]:
             if not _arch(arch):
-                raise ConfigError(f"models: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
-        for name in params.run:
+                raise ConfigError(f"{key}: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
+        for name in dict.fromkeys((*params.run, params.seeds.recipe)):
             check_domains(params.recipes[name], f"recipes.{name}.", timm=True)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -326,8 +349,9 @@ class Resolved:
 
 
 def check_arch(params: Params, arch: str) -> None:
-    if arch not in params.models:
-        raise ConfigError(f"architecture {arch!r} is not under models in params.yaml ({', '.join(params.models)})")
+    if arch not in (*params.models, params.seeds.arch):
+        raise ConfigError(f"architecture {arch!r} is not under models in params.yaml ({', '.join(params.models)}) "
+                          "nor the seed study's seeds.arch")
     check_timm(params)
 
 
@@ -371,10 +395,14 @@ def scaled_size(size: int, scale: Scale) -> int:
     return max(8, round(size * scale.img_size / 224))
 
 
-def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None = None) -> Resolved:
-    """Apply `scale` to a recipe and check the global batch against the devices."""
+def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None = None,
+            seed: int | None = None) -> Resolved:
+    """Apply `scale` to a recipe and check the global batch against the devices; `seed` replaces train.seed (the
+    seed study's runs)."""
     check_arch(params, arch)
     r, s, t = params.recipe(recipe_name), params.scale, params.train
+    if seed is not None:
+        t = dataclasses.replace(t, seed=seed)
     world = world_size or t.devices * t.nodes
     epochs = max(s.min_epochs, round(r.epochs * s.epochs))
     lr = s.lr_factor * r.lr * {"sqrt": math.sqrt(s.batch_size / r.batch_size), "linear": s.batch_size / r.batch_size,

@@ -193,6 +193,25 @@ def start(main_process: bool, experiment: str, run_name: str, run_id: str | None
     return MlflowTracker(experiment, f"{run_name} @{exp}" if exp else run_name, run_id, tags)
 
 
+def study_run(experiment: str, study: str, label: str, metrics: dict, files: list[Path], children: list[str],
+              params_hash: str, prepared: Path | None) -> str | None:
+    """A study as one parent run: its report files as artifacts, its summary numbers as metrics, and the trainings
+    it summarized re-parented under it (`mlflow.parentRunId`, which the UI nests by). Each report makes a new parent,
+    so two studies compare side by side; a training belongs to the newest study that used it (`rsb.children` keeps
+    every study's own list)."""
+    t = start(True, experiment, f"study {study}: {label}", None,
+              {**provenance(f"studies/dvc.yaml:{study}", params_hash, prepared), "rsb.kind": "study",
+               "rsb.study": study, "rsb.children": ",".join(children)})
+    t.log_metrics(metrics)
+    for f in files:
+        t.log_artifact(f, "report")
+    if isinstance(t, MlflowTracker):
+        for run_id in children:
+            t._safe(t.client.set_tag, run_id, "mlflow.parentRunId", t.run_id)
+    t.end()
+    return getattr(t, "run_id", None)
+
+
 def datasets(prepared: Path, source: str, splits: tuple[str, ...]) -> list[dict]:
     """MLflow dataset inputs for splits of the prepared data: name, source (data.raw), the content digest, counts."""
     import json
@@ -286,7 +305,8 @@ def compare_url(base: str, client, experiment: str, arch: str) -> tuple[str, lis
 
     exp_id = experiment_id(client, experiment)
     runs = client.search_runs([exp_id], f"tags.`rsb.arch` = '{arch}' and tags.`rsb.kind` = 'train' and "
-                                        "tags.`rsb.dvc_exp` = 'workspace'", order_by=["tags.`rsb.recipe` ASC"])
+                                        "tags.`rsb.dvc_exp` = 'workspace' and tags.`rsb.study` = 'grid'",
+                              order_by=["tags.`rsb.recipe` ASC"])
     ids = [r.info.run_id for r in runs]
     return (f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([exp_id]))}&{ML_VIEW}",
             runs)
@@ -314,8 +334,10 @@ class UI:
             return uri.rstrip("/")
         port = self.port or free_port()
         out = subprocess.DEVNULL if self.quiet else None
+        # its own process group: MLflow 3 starts uvicorn workers and a job runner (huey consumers) that outlive a
+        # terminated `mlflow ui`, so __exit__ stops the whole group
         self.proc = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
-                                      str(port)], stdout=out, stderr=out)
+                                      str(port)], stdout=out, stderr=out, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         for _ in range(240):
             if self.proc.poll() is not None:
@@ -328,7 +350,12 @@ class UI:
         raise RuntimeError(f"mlflow ui did not answer on {base} within 2 minutes")
 
     def wait(self) -> None:
-        """Serve until Ctrl-C (a tracking server serves itself: nothing to wait for)."""
+        """Serve until Ctrl-C or SIGTERM (a tracking server serves itself: nothing to wait for)."""
+        import signal
+
+        def stop(*_):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)
         try:
             if self.proc is not None:
                 self.proc.wait()
@@ -336,9 +363,19 @@ class UI:
             pass
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+        import signal
+
+        if self.proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the group, then whatever of it is left
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def chromium(url: str, screenshot: Path | None = None) -> str:
@@ -409,7 +446,7 @@ def _train_series(root: Path, name: str) -> list[tuple[list[dict], dict[str, str
 def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = None) -> list[str]:
     """Log the DVC outputs into the current store wherever MLflow lacks them (the server was down, or died mid-run):
     each trained model's run (runs/<name>.json) gets its missing params, per-update and per-epoch metrics, final
-    train and eval metrics, and is marked FINISHED; a run that never reached the store is created, tagged
+    train and eval metrics, and is marked FINISHED (studies/<study>/runs/ too); a run that never reached the store is created, tagged
     `rsb.backfill_of`. Benchmarks without a run get one. Idempotent: a second call logs nothing."""
     import json
 
@@ -419,15 +456,17 @@ def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = No
 
     client = MlflowClient(tracking_uri())
     exp_id, done = experiment_id(client, experiment), []
-    for run_file in sorted((root / "runs").glob("*.json")):
-        name, info = run_file.stem, json.loads(run_file.read_text())
+    studies = sorted(d for d in (root / "studies").glob("*") if d.is_dir())
+    for run_file in [f for r in (root, *studies) for f in sorted((r / "runs").glob("*.json"))]:
+        name, info, where = run_file.stem, json.loads(run_file.read_text()), run_file.parent.parent
         key = info.get("run_id") or f"{name}:{info.get('resolved', {}).get('digest', '')}"
         run_id = _existing(client, exp_id, info.get("run_id"), key)
         before = _snapshot(client, run_id) if run_id else None
         t = MlflowTracker(experiment, name, run_id, {} if run_id else {**info.get("tags", {}), "rsb.backfill_of": key},
                           system_metrics=False)
-        _fill(t, flatten(info.get("resolved", {})), _train_series(root, name))
-        _register(t, root, name, info.get("resolved", {}), prepared)
+        _fill(t, flatten(info.get("resolved", {})), _train_series(where, name))
+        if where == root:  # the grid's models are registered; a study's replicas are not (as evaluate does)
+            _register(t, root, name, info.get("resolved", {}), prepared)
         t.end()
         if t.enabled and _snapshot(client, t.run_id) != before:
             done.append(name)

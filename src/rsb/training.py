@@ -1,6 +1,7 @@
 """A recipe becomes timm's components, assembled as timm's train.py assembles them; then the epoch loop."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
     val_loader = loaders.eval_loader(val_shard, 100, r.train.workers)
     for epoch in range(start, r.epochs):
+        began = time.perf_counter()
         slots = engine.Slots(ds_engine.module, [loaders.stream_seed(r.train.seed, epoch, v) for v in
                                                 range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)],
                              run.device)
@@ -96,7 +98,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
         if last or (r.train.eval_every and (epoch + 1) % r.train.eval_every == 0):
             val = engine.evaluate(ds_engine.module, val_loader, run.device, dtype, r.train.channels_last)
             stats.update({"val/top1": val["top1"], "val/top5": val["top5"]})
-        row = {"epoch": epoch + 1, **stats}
+        row = {"epoch": epoch + 1, **stats, "train/wall_s": time.perf_counter() - began}  # the epoch's cost
         run.history.append(row)
         run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         checkpoint.save(ds_engine, run.ckpt_dir, epoch + 1, _client_state(run, step, epoch + 1))

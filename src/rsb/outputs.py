@@ -1,0 +1,59 @@
+"""Where one training's files live: the main grid at the project root, a study's runs under studies/<study>/.
+
+    Outputs.of("resnet50", "a1")                        models/resnet50-a1.safetensors, metrics/train/..., runs/...
+    Outputs.of("resnet50", "a2", study="seeds", seed=7)  studies/seeds/models/resnet50-a2-seed7.safetensors, ...
+
+A study's files never land in the grid's folders, so the figure-4 report (which depends on metrics/train and
+metrics/eval as folders) does not rerun when a seed is added. Checkpoints stay under checkpoints/<name>/ (the name is
+unique) so resuming works the same everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GRID = "grid"  # the `rsb.study` tag of the main (models x run) trainings
+
+
+@dataclass(frozen=True)
+class Outputs:
+    name: str
+    root: Path = Path(".")
+    study: str = GRID
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, arch: str, recipe: str, study: str | None = None, seed: int | None = None,
+           root: Path = Path(".")) -> "Outputs":
+        name = f"{arch}-{recipe}" + (f"-seed{seed}" if seed is not None else "")
+        if study and study != GRID:
+            return cls(name, root / "studies" / study, study, seed)
+        return cls(name, root, GRID, seed)
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "models" / f"{self.name}.safetensors"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.root / "metrics" / "train" / f"{self.name}.json"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "metrics" / "eval" / f"{self.name}.json"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "runs" / f"{self.name}.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "plots" / "train" / f"{self.name}.csv"
+
+    @property
+    def updates(self) -> Path:
+        return self.root / "plots" / "train" / f"{self.name}.updates.csv"
+
+    @property
+    def in_grid(self) -> bool:
+        return self.study == GRID

@@ -1,0 +1,101 @@
+"""The paper's studies beyond figure 4, as reports of studies/dvc.yaml (not part of the default `dvc repro`):
+
+    python -m stages.studies seeds           reports/seeds.md, .csv, .png        (the seed study, paper fig. 5-6)
+    python -m stages.studies cost            reports/cost.md, .csv, .png         (cost vs accuracy, fig. 1)
+    python -m stages.studies architectures   reports/architectures.md, .csv, .png (recipes x architectures, fig. 3)
+
+Each reads only the stages' JSON outputs (never MLflow), states its scale in its caption, and logs itself as one
+MLflow parent run (`rsb.kind=study`) with the report files as artifacts and its summary numbers as metrics
+(`seeds/val_std`, ...); the trainings it summarizes become that run's children, so the UI nests them and two studies
+(before and after a change) compare side by side. A training run has one parent: the newest study that used it.
+
+Results card: see BENCHMARKS.md (the study commands on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rsb import studies, tracking
+from rsb.config import ConfigError, load_params
+from rsb.io import write_csv, write_text
+from rsb.outputs import Outputs
+from stages.report import scale_text
+
+
+def _caption(params) -> str:
+    info_file = Path(params.data.prepared) / "info.json"
+    return scale_text(params, json.loads(info_file.read_text()) if info_file.is_file() else {})
+
+
+def seeds(params, out: Path) -> tuple[dict, list[str]]:
+    s = params.seeds
+    rows = studies.seed_rows(s.arch, s.recipe, list(s.seeds))
+    if all(r["val"] is None for r in rows):
+        raise ConfigError(f"studies/seeds/metrics/eval: no seed of {s.arch}-{s.recipe} is evaluated; run "
+                          "`dvc repro studies/dvc.yaml:seeds-report`")
+    summary = studies.summarize(rows)
+    text = _caption(params)
+    write_text(out / "seeds.md", studies.seeds_markdown(s.arch, s.recipe, rows, summary, text))
+    write_csv(out / "seeds.csv", studies.seeds_table(summary))
+    studies.seeds_plot(rows, summary, out / "seeds.png", text)
+    metrics = {f"seeds/{split}_{k}": v for split, st in summary["splits"].items()
+               for k, v in st.items() if k in ("mean", "std", "min", "max", "n") and v is not None}
+    metrics.update({"seeds/pearson_val_v2": summary["pearson_val_v2"], "seeds/missing": len(summary["missing"])})
+    return metrics, [r["run_id"] for r in rows if r["run_id"]]
+
+
+def cost(params, out: Path) -> tuple[dict, list[str]]:
+    rows = studies.cost_rows(list(params.models), list(params.run))
+    if not rows:
+        raise ConfigError("metrics/train: no trained (models x run) pair; run `dvc repro` first")
+    text = _caption(params)
+    write_text(out / "cost.md", studies.cost_markdown(rows, text))
+    write_csv(out / "cost.csv", rows)
+    studies.cost_plot(rows, out / "cost.png", text)
+    metrics = {f"cost/{r['arch']}-{r['recipe']}_device_hours": r["device_hours"] for r in rows}
+    return metrics, []  # its trainings are the grid's, children of the architectures study
+
+
+def architectures(params, out: Path) -> tuple[dict, list[str]]:
+    rows = studies.architecture_rows(list(params.models), list(params.run))
+    if all(r[rc] is None for r in rows for rc in params.run):
+        raise ConfigError("metrics/eval: no evaluated (models x run) pair; run `dvc repro` first")
+    text = _caption(params)
+    write_text(out / "architectures.md", studies.architectures_markdown(rows, list(params.run), text))
+    write_csv(out / "architectures.csv", rows)
+    studies.architectures_plot(rows, list(params.run), out / "architectures.png", text)
+    metrics = {f"architectures/{r['arch']}-{rc}_val_top1": r[rc] for r in rows for rc in params.run}
+    runs = [json.loads(o.run_file.read_text()).get("run_id") for arch in params.models for rc in params.run
+            if (o := Outputs.of(arch, rc)).run_file.is_file()]
+    return metrics, [r for r in runs if r]
+
+
+STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Build one study's report.")
+    p.add_argument("study", choices=sorted(STUDIES))
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    args.out.mkdir(parents=True, exist_ok=True)
+    metrics, children = STUDIES[args.study](params, args.out)
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    label = f"{params.seeds.arch}-{params.seeds.recipe}, {len(params.seeds.seeds)} seeds" \
+        if args.study == "seeds" else ", ".join(params.models)
+    tracking.study_run(params.experiment, args.study, label, metrics, sorted(args.out.glob(f"{args.study}.*")),
+                       children, tracking.digest(params), Path(params.data.prepared))
+    print((args.out / f"{args.study}.md").read_text())
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

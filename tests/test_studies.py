@@ -1,0 +1,228 @@
+"""The studies (seed study, cost vs accuracy, recipes across architectures): statistics on hand-made inputs, the
+reports' scale statement and published numbers, the parent/child runs in a real MLflow store, a killed seed run."""
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+from pathlib import Path
+
+import pytest
+
+from rsb import studies, tracking
+from rsb.config import ConfigError, load_params
+from rsb.outputs import Outputs
+
+from conftest import ROOT, write_params
+
+
+def rows(*values) -> list[dict]:
+    """(seed, val, real, v2) -> the rows seed_rows() returns."""
+    return [{"seed": s, "val": v, "real": r, "v2": w, "run_id": None, "train_s": None} for s, v, r, w in values]
+
+
+# --- statistics -----------------------------------------------------------------------------------------------------
+
+def test_statistics_match_the_standard_library_on_hand_made_values():
+    data = rows((1, 79.8, 85.0, 68.1), (2, 80.0, 85.3, 67.9), (3, 79.7, 85.1, 68.4), (4, 79.9, 85.2, 68.0))
+    s = studies.summarize(data)
+    for split in ("val", "real", "v2"):
+        vals = [r[split] for r in data]
+        got = s["splits"][split]
+        assert got["n"] == 4 and got["mean"] == pytest.approx(statistics.mean(vals))
+        assert got["std"] == pytest.approx(statistics.stdev(vals))  # sample std, n - 1
+        assert (got["min"], got["max"]) == (min(vals), max(vals))
+    assert s["splits"]["val"]["seed_of_max"] == 2 and s["splits"]["v2"]["seed_of_max"] == 3
+    assert s["pearson_val_v2"] == pytest.approx(statistics.correlation([r["val"] for r in data],
+                                                                       [r["v2"] for r in data]))
+    assert s["missing"] == []
+    assert studies.binomial_se(80.0, 50_000) == pytest.approx(100 * (0.8 * 0.2 / 50_000) ** 0.5)
+    assert studies.binomial_se(80.0, None) is None
+
+
+def test_one_seed_has_a_mean_but_no_std_or_correlation():
+    s = studies.summarize(rows((7, 80.1, 85.0, 68.0)))
+    assert s["splits"]["val"]["mean"] == 80.1 and s["splits"]["val"]["std"] is None
+    assert s["pearson_val_v2"] is None
+    md = studies.seeds_markdown("resnet50", "a2", rows((7, 80.1, 85.0, 68.0)), s, "caption")
+    assert "| ImageNet-val | 1 | 80.10 |  |" in md, "an undefined std is an empty cell, never 0"
+    assert "undefined (fewer than 3 seeds)" in md
+
+
+def test_a_missing_evaluation_is_left_out_and_named():
+    data = rows((1, 79.8, 85.0, 68.1), (2, None, None, None), (3, 79.6, 84.9, 68.5), (4, 80.2, 85.4, 68.2))
+    s = studies.summarize(data)
+    assert s["missing"] == [2] and s["splits"]["val"]["n"] == 3
+    assert s["splits"]["val"]["std"] == pytest.approx(statistics.stdev([79.8, 79.6, 80.2]))
+    assert s["splits"]["val"]["seed_of_max"] == 4
+    md = studies.seeds_markdown("resnet50", "a2", data, s, "caption")
+    assert "**not evaluated: 2**" in md
+
+
+def test_ties_give_the_first_seed_and_a_constant_side_has_no_correlation():
+    s = studies.summarize(rows((5, 80.0, 85.0, 68.0), (6, 80.0, 85.0, 69.0), (7, 79.0, 85.0, 67.0)))
+    assert s["splits"]["val"]["seed_of_max"] == 5
+    assert studies.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+    assert studies.pearson([1.0, 2.0], [3.0, 1.0]) is None, "two pairs always give -1 or 1: not a measurement"
+    with pytest.raises(ValueError):
+        studies.pearson([1.0, 2.0], [1.0])
+
+
+def test_the_seed_table_carries_the_papers_published_statistics_and_nothing_invented():
+    s = studies.summarize(rows((1, 79.8, 85.0, 68.1), (2, 80.0, 85.3, 67.9), (3, 79.7, 85.1, 68.4)))
+    table = {r["split"]: r for r in studies.seeds_table(s)}
+    assert table["val"]["paper_std"] == 0.1 and table["v2"]["paper_std"] == 0.23
+    assert table["real"]["paper_std"] is None and table["val"]["paper_mean"] is None
+    assert "seeds 1-100" in table["val"]["paper_source"]
+
+
+# --- reports state their scale --------------------------------------------------------------------------------------
+
+def test_every_study_report_states_its_scale(tmp_path, prepared, monkeypatch):
+    """A study run on the mini data says so in each report; the paper's settings say "Paper scale"."""
+    from stages import studies as stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    params = load_params(write_params(tmp_path / "params.yaml", prepared, {"seeds.arch": "test_resnet"}))
+    for name, top1 in (("a1", 50.0), ("a3", 40.0)):
+        _fake(Outputs.of("test_resnet", name), top1)
+    for seed in params.seeds.seeds[:3]:
+        _fake(Outputs.of("test_resnet", params.seeds.recipe, "seeds", seed), 30.0 + seed)
+    for study in ("seeds", "cost", "architectures"):
+        stage.main([study, "--params", str(tmp_path / "params.yaml")])
+        md = (tmp_path / "reports" / f"{study}.md").read_text()
+        assert "NOT comparable to the paper's ImageNet numbers" in md and "mini data" in md, study
+        assert (tmp_path / "reports" / f"{study}.png").read_bytes()[:4] == b"\x89PNG"
+    seeds = (tmp_path / "reports/seeds.md").read_text()
+    assert "not evaluated: 4, 5, 6, 7, 8" in seeds and "| ImageNet-val | 3 | 32.00 | 1.000 |" in seeds
+    cost = (tmp_path / "reports/cost.md").read_text()
+    assert "| test_resnet | a1 | 3 | 1 | cpu: test | " in cost and "| resnet50 | a1 | 600 | 4 | V100 32GB | 110.4 | 441.6 |" in cost
+    arch = (tmp_path / "reports/architectures.md").read_text()
+    assert "| test_resnet | 50.00 () | 40.00 () | a1 () | 84 |" in arch  # (40 s train + 2 s evaluate) x 2 recipes
+
+
+def test_scale_text_names_the_paper_scale_only_at_paper_scale(tmp_path, prepared):
+    from stages.report import scale_text
+
+    paper = load_params(write_params(tmp_path / "p.yaml", prepared, {"scale.epochs": 1.0, "scale.img_size": 224,
+                                                                      "scale.batch_size": 2048}))
+    assert scale_text(paper, {"source": "imagenet"}).startswith("Paper scale")
+    assert "NOT comparable" in scale_text(paper, {"source": "mini", "classes": 20})
+
+
+def _fake(o: Outputs, top1: float) -> None:
+    """The JSON outputs of one trained and evaluated model, as the train and evaluate stages write them."""
+    for path, data in ((o.train_metrics, {"epochs": 3, "devices": 1, "train/wall_s": 36.0, "device_hours": 0.01,
+                                          "train/stage_s": 40.0}),
+                       (o.eval_metrics, {"val/top1": top1, "real/top1": top1 + 5, "v2/top1": top1 - 10,
+                                         "eval_s": 2.0}),
+                       (o.run_file, {"run_id": None, "tags": {"rsb.device": "cpu: test"}})):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+
+# --- MLflow: one parent run per study, its trainings as children ----------------------------------------------------
+
+def test_a_studys_trainings_are_children_of_its_parent_run_in_a_real_store(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("RSB_TRACKING", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setattr(tracking, "project_root", lambda cwd=None: tmp_path)
+    client = MlflowClient(store)
+    exp = tracking.experiment_id(client, "rsb")
+    seeds = [client.create_run(exp, run_name=f"r18-a3-seed{s}").info.run_id for s in (1, 2, 3)]
+    report = tmp_path / "seeds.md"
+    report.write_text("# Seed study\n")
+    first = tracking.study_run("rsb", "seeds", "r18-a3, 3 seeds", {"seeds/val_std": 0.4}, [report], seeds, "h", None)
+    parent = client.get_run(first)
+    assert parent.data.tags["rsb.kind"] == "study" and parent.data.metrics["seeds/val_std"] == 0.4
+    assert [a.path for a in client.list_artifacts(first, "report")] == ["report/seeds.md"]
+    for run_id in seeds:
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == first
+    # a second study (after a change: one seed retrained) is a new parent; the first keeps its record
+    retrained = client.create_run(exp, run_name="r18-a3-seed3").info.run_id
+    second = tracking.study_run("rsb", "seeds", "r18-a3, 3 seeds", {"seeds/val_std": 0.3}, [report],
+                                [*seeds[:2], retrained], "h", None)
+    assert second != first and client.get_run(retrained).data.tags["mlflow.parentRunId"] == second
+    assert client.get_run(seeds[2]).data.tags["mlflow.parentRunId"] == first
+    assert client.get_run(first).data.tags["rsb.children"].split(",") == seeds
+    studies_runs = client.search_runs([exp], "tags.`rsb.kind` = 'study'")
+    assert {r.data.metrics["seeds/val_std"] for r in studies_runs} == {0.4, 0.3}
+
+
+# --- params -------------------------------------------------------------------------------------------------------
+
+def test_a_seed_study_of_an_unknown_recipe_or_architecture_is_refused(tmp_path, prepared):
+    from rsb.config import check_timm
+
+    with pytest.raises(ConfigError, match=r"seeds.recipe is recipe 'a9', which is not under recipes"):
+        load_params(write_params(tmp_path / "a.yaml", prepared, {"seeds.recipe": "a9"}))
+    params = load_params(write_params(tmp_path / "b.yaml", prepared, {"seeds.arch": "resnet5O"}))
+    with pytest.raises(ConfigError, match=r"seeds.arch: 'resnet5O' is not a timm architecture"):
+        check_timm(params)
+    with pytest.raises(ConfigError, match=r"seeds.seeds = \[1, 1\]: must be a non-empty list of distinct"):
+        load_params(write_params(tmp_path / "c.yaml", prepared, {"seeds.seeds": [1, 1]}))
+
+
+# --- a killed seed run resumes --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_killed_seed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, prepared):
+    """kill -9 between epochs of `stages.train --study seeds --seed 3`, then the same command (what `dvc repro
+    studies/dvc.yaml` reruns): it resumes from epoch 1 and ends bit-identical to a straight seed-3 run, which differs
+    from seed 4's (the seed reaches the training)."""
+    import torch
+
+    from rsb.io import load_weights
+
+    from test_reliability import FAULTS, run
+
+    over = {"scale.min_epochs": 3, "train.workers": 1, "seeds.arch": "test_resnet", "seeds.recipe": "a1"}
+    weights = {}
+    for case, seed, fault in (("killed", 3, "between-epochs"), ("straight", 3, None), ("other", 4, None)):
+        d = tmp_path / case
+        d.mkdir()
+        p = write_params(d / "params.yaml", prepared, over)
+        args = ["stages.train", "--arch", "test_resnet", "--recipe", "a1", "--study", "seeds", "--seed", str(seed),
+                "--params", str(p)]
+        o = Outputs.of("test_resnet", "a1", "seeds", seed, root=d)
+        if fault:
+            out = run(d, str(FAULTS), fault, *args)
+            assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+            assert not o.weights.exists(), "a killed seed run must not look finished"
+        out = run(d, "-m", *args)
+        assert out.returncode == 0, out.stderr[-3000:]
+        if fault:
+            assert "at epoch 1/3" in out.stdout
+        assert json.loads(o.run_file.read_text())["resolved"]["train"]["seed"] == seed
+        assert (d / "checkpoints" / f"test_resnet-a1-seed{seed}").is_dir() and not (d / "models").exists()
+        weights[case] = load_weights(o.weights)
+    same = all(torch.equal(weights["killed"][k], weights["straight"][k]) for k in weights["straight"])
+    assert same, "the resumed seed run differs from an uninterrupted one"
+    assert not all(torch.equal(weights["other"][k], weights["straight"][k]) for k in weights["straight"])
+
+
+def test_a_seed_run_trains_with_its_seed_into_the_studys_folders(tmp_path, prepared, monkeypatch):
+    """`stages.train --study seeds --seed 5` (what studies/dvc.yaml runs): train.seed is 5 in the resolved recipe
+    and the MLflow tags, and every output lands under studies/seeds/ (none in the grid's folders); `stages.evaluate`
+    scores it there."""
+    from stages.evaluate import main as evaluate
+    from stages.train import main as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = str(write_params(tmp_path / "params.yaml", prepared, {"seeds.arch": "test_resnet", "seeds.recipe": "a3"}))
+    args = ["--arch", "test_resnet", "--recipe", "a3", "--study", "seeds", "--seed", "5", "--params", p]
+    metrics = train(args)
+    o = Outputs.of("test_resnet", "a3", "seeds", 5)
+    info = json.loads(o.run_file.read_text())
+    assert info["resolved"]["train"]["seed"] == 5 and info["tags"]["rsb.seed"] == "5"
+    assert info["tags"]["rsb.study"] == "seeds" and o.weights.is_file() and o.history.is_file()
+    assert metrics["devices"] == 1 and metrics["device_hours"] == pytest.approx(metrics["train/wall_s"] / 3600)
+    assert metrics["train/wall_s"] >= metrics["train/time_s"] > 0
+    assert not any((tmp_path / d).exists() for d in ("models", "runs", "metrics", "plots"))
+    assert evaluate(args)["val/count"] > 0 and o.eval_metrics.is_file()
