@@ -88,7 +88,7 @@ def test_every_value_inside_its_domain_is_accepted(profile, key, value, needs_ti
 
 @pytest.mark.parametrize("key, value, message", [
     ("recipes.a1.bce_target_thresh", 1.5,
-     "p.yaml: recipes.a1.bce_target_thresh = 1.5: must be a finite number in (0, 1) (timm BinaryCrossEntropy"),
+     "p.yaml: recipes.a1.bce_target_thresh = 1.5: must be null (no threshold) or a finite number in (0, 1) (timm BinaryCrossEntropy"),
     ("recipes.a1.lr", float("nan"), "p.yaml: recipes.a1.lr = nan: must be a finite number > 0"),
     ("models", ["resnet18", "resnet18"], "p.yaml: models = ['resnet18', 'resnet18']: must be a non-empty list of "
                                           "distinct items"),
@@ -101,7 +101,10 @@ def test_every_value_inside_its_domain_is_accepted(profile, key, value, needs_ti
     ("models", ["resnet5"], "p.yaml: models: 'resnet5' is not a timm architecture"),
     ("experiment", "", "p.yaml: experiment = '': must be a non-empty string"),
     ("train.zero_stage", 2, "p.yaml: train.zero_stage = 2: must be one of 0 (DeepSpeed ZeRO: >= 1 flattens"),
-    ("recipes.a1.opt", "adamw", "p.yaml: recipes.a1.opt = 'adamw': this pipeline implements the paper's LAMB"),
+    ("recipes.a1.opt", "adamww", "p.yaml: recipes.a1.opt = 'adamww': must be a timm optimizer"),
+    ("recipes.t2.sched", "step", "p.yaml: recipes.t2.sched = 'step': this pipeline runs timm's cosine schedule"),
+    ("recipes.t2.bce_target_thresh", 1.0, "p.yaml: recipes.t2.bce_target_thresh = 1.0: must be null (no "
+                                          "threshold) or a finite number in (0, 1)"),
 ])
 def test_messages_say_file_key_value_and_domain_once(key, value, message):
     with pytest.raises(ConfigError) as e:

@@ -32,7 +32,7 @@ from rsb.training import create_loss, create_model, create_optimizer, create_sch
 
 from conftest import ROOT, clean_env, write_params
 
-RECIPES = ("a1", "a2", "a3")
+RECIPES = ("a1", "a2", "a3", "t2")  # the paper's three and DeiT's (T2, for the A2-vs-T2 comparison)
 NAME = "test_resnet-a1"
 
 
@@ -82,7 +82,7 @@ def test_model_optimizer_schedule_equal_train_py(tmp_path, prepared, recipe):
 def test_mixup_loss_transform_equal_train_py(tmp_path, prepared, extracted, recipe):
     r, args = both_sides(params_file(tmp_path, prepared), recipe)
     mo, mt = loaders.mixup(r, 20), ref.create_mixup(args)
-    assert vars(mo) == vars(mt)
+    assert mo is not None and vars(mo) == vars(mt)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 20, (8,))
     loaders.seed_all(3)
     xo, yo = mo(x.clone(), y.clone())
@@ -107,6 +107,20 @@ def test_mixup_loss_transform_equal_train_py(tmp_path, prepared, extracted, reci
             a = to(img)
             loaders.seed_all(seed)
             assert torch.equal(a, tt(img)), path
+
+
+@pytest.mark.parametrize("smoothing, bce", [(0.1, False), (0.0, False), (0.1, True)])
+def test_losses_without_mixup_are_train_pys(tmp_path, prepared, smoothing, bce):
+    """A recipe without Mixup/CutMix: no Mixup object (train.py hands the loss class indices) and train.py's loss
+    for the smoothing and BCE settings (LabelSmoothingCrossEntropy, CrossEntropyLoss, smoothed BCE)."""
+    p = params_file(tmp_path, prepared, {"recipes.a3.mixup": 0.0, "recipes.a3.cutmix": 0.0,
+                                         "recipes.a3.smoothing": smoothing, "recipes.a3.bce_loss": bce})
+    r, args = both_sides(p, "a3")
+    assert loaders.mixup(r, 20) is None and ref.create_mixup(args) is None
+    lo, lt = create_loss(r), ref.create_loss(args)
+    assert type(lo) is type(lt)
+    logits, labels = torch.randn(8, 20), torch.randint(0, 20, (8,))
+    assert torch.equal(lo(logits, labels), lt(logits, labels))
 
 
 def test_transforms_take_the_models_own_normalization(tmp_path, prepared):
@@ -140,7 +154,7 @@ def test_lr_rules_are_train_pys(tmp_path, prepared, rule, factor):
         r, args = both_sides(p, recipe)
         assert r.lr == pytest.approx(args.lr, rel=1e-12)
     expected = {"sqrt": (16 / 2048) ** 0.5, "linear": 16 / 2048, "none": 1.0}[rule] * 8e-3 * factor
-    assert r.lr == pytest.approx(expected, rel=1e-12)  # a3, by hand
+    assert both_sides(p, "a3")[0].lr == pytest.approx(expected, rel=1e-12)  # a3, by hand
 
 
 def test_warmup_ramps_linearly_then_cosine(tmp_path, prepared):
@@ -224,10 +238,10 @@ PARITY = {"models": ["test_resnet"], "scale.epochs": 0.001, "scale.min_epochs": 
 
 
 def reference_run(path: Path, extracted: Path, world: int, accum: int, precision: str = "fp32",
-                  loss_scale: float = 1.0) -> ref.Reference:
+                  loss_scale: float = 1.0, recipe: str = "a1") -> ref.Reference:
     raw = yaml.safe_load(path.read_text())
     micro = raw["scale"]["batch_size"] // (world * accum)
-    args = ref.args_for(raw, "a1", "test_resnet", 20, micro, world * accum, 1, precision)  # world x accum processes
+    args = ref.args_for(raw, recipe, "test_resnet", 20, micro, world * accum, 1, precision)  # world x accum processes
     dataset = ImageFolder(str(extracted / "train"), transform=ref.train_transform(args, ref.create_model(args)))
     torch.set_num_threads(1)  # as the stage's processes run in these tests (train.threads: 1)
     r = ref.Reference(args, dataset, world * accum)
@@ -238,7 +252,7 @@ def reference_run(path: Path, extracted: Path, world: int, accum: int, precision
     return r
 
 
-def our_run_in_process(tmp_path: Path, path: Path, monkeypatch) -> dict:
+def our_run_in_process(tmp_path: Path, path: Path, monkeypatch, recipe: str = "a1") -> dict:
     """stages.train.main in this process (a world of one), with torch's optimizer pre-hook recording gradients."""
     from stages.train import main
 
@@ -248,17 +262,17 @@ def our_run_in_process(tmp_path: Path, path: Path, monkeypatch) -> dict:
     handle = register_optimizer_step_pre_hook(lambda opt, a, k: grads.append(
         [p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]]))
     try:
-        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(path)])
+        main(["--arch", "test_resnet", "--recipe", recipe, "--params", str(path)])
     finally:
         handle.remove()
-    return read_outputs(tmp_path, grads)
+    return read_outputs(tmp_path, grads, f"test_resnet-{recipe}")
 
 
-def read_outputs(d: Path, grads: list) -> dict:
-    with open(d / "plots/train" / f"{NAME}.updates.csv") as f:
+def read_outputs(d: Path, grads: list, name: str = NAME) -> dict:
+    with open(d / "plots/train" / f"{name}.updates.csv") as f:
         rows = list(csv.DictReader(f))
     return {"loss": [float(r["loss"]) for r in rows], "lr": [float(r["lr"]) for r in rows], "grads": grads,
-            "state": load_weights(d / "models" / f"{NAME}.safetensors")}
+            "state": load_weights(d / "models" / f"{name}.safetensors")}
 
 
 def assert_same_run(ours: dict, theirs: ref.Reference, early: float = 1e-5, late: float = 5e-3) -> None:
@@ -294,6 +308,18 @@ def test_updates_equal_train_py_on_one_process_accumulating(tmp_path, prepared, 
     10 updates (warmup into cosine), and the final weights and BatchNorm statistics, fp32."""
     p = params_file(tmp_path, prepared, {**PARITY, "train.micro_batch": 16 // accum})
     assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, extracted, 1, accum))
+
+
+def test_t2_updates_equal_train_py_with_deits_flags(tmp_path, prepared, extracted, monkeypatch, world):
+    """T2 (DeiT's procedure: AdamW, SoftTargetCrossEntropy on Mixup 0.8 / CutMix 1.0 with smoothing 0.1, random
+    erasing 0.25, bicubic training interpolation, drop path 0.1, 3 repeats) through stages.train, one process
+    accumulating 2, against train.py on 2 processes with the same flags: lr, loss and gradient at every update,
+    final weights. AdamW normalizes its step per element, so the late tolerance is LAMB's."""
+    p = params_file(tmp_path, prepared, {**PARITY, "recipes.t2.warmup_epochs": 120, "train.micro_batch": 8})
+    ours = our_run_in_process(tmp_path, p, monkeypatch, recipe="t2")
+    theirs = reference_run(p, extracted, 1, 2, recipe="t2")
+    assert type(theirs.loss_fn).__name__ == "SoftTargetCrossEntropy" and type(theirs.optimizer).__name__ == "AdamW"
+    assert_same_run(ours, theirs)
 
 
 def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu") -> dict:
@@ -464,3 +490,17 @@ def test_resume_digest_follows_recipe_code_and_versions(tmp_path, monkeypatch):
         monkeypatch.setattr(md, "version", lambda name, pkg=pkg: "0.0.1" if name == pkg else real(name))
         assert checkpoint.resume_digest("recipe", code) != base, pkg
     monkeypatch.setattr(md, "version", real)
+
+
+def test_randaugment_magnitude_10_posterizes_to_black_instead_of_stopping_the_run():
+    """DeiT's rand-m9-mstd0.5 draws magnitude 10 (clipped) in ~2% of its ops, where timm's PosterizeIncreasing keeps
+    0 bits: Pillow 13 raises on that, the Pillow timm and DeiT were written against gave a black image. rsb.data.loader
+    restores the black image (tests/timm_reference.py imports it too, so both sides see the same op)."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    img = Image.new("RGB", (8, 8), (200, 120, 40))
+    black = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(img)
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img)  # 2 bits kept: unchanged op
+    assert kept.getpixel((0, 0)) == (192, 64, 0)

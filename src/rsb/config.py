@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ def _augment(v: str) -> bool:
     from PIL import Image
     from timm.data import create_transform
 
+    from rsb import compat
+
+    compat.posterize_with_zero_bits()  # as the training transforms run it
     create_transform(32, is_training=True, auto_augment=v)(Image.new("RGB", (40, 40)))
     return True
 
@@ -61,7 +65,7 @@ class Recipe:
     crop_pct: float = D.param(domain=D.number(0, 1, lo_open=True), source="timm create_transform: resize = size/crop_pct")
     batch_size: int = D.param(domain=D.number(1, integer=True), source="the paper's global batch (lr_base_size)")
     opt: str = D.param(domain=D.timm_name("a timm optimizer (timm.optim.list_optimizers())", _optimizer, "lamb", "lamb2"),
-                       source=f"{TRAIN_PY} --opt; this pipeline runs lamb")
+                       source=f"{TRAIN_PY} --opt (create_optimizer_v2 with its defaults: eps, betas, momentum 0.9)")
     lr: float = D.param(domain=D.number(0, lo_open=True), source=f"{TRAIN_PY} --lr (at batch_size)")
     weight_decay: float = D.param(domain=D.number(0), source=f"{TRAIN_PY} --weight-decay")
     sched: str = D.param(domain=D.timm_name("a timm scheduler (create_scheduler_v2)", _sched, "cosine", "cosin"),
@@ -71,9 +75,11 @@ class Recipe:
     warmup_lr: float = D.param(domain=D.number(0, hi_field="lr"),
                                source=f"{TRAIN_PY} --warmup-lr; timm ramps linearly from it up to lr")
     min_lr: float = D.param(domain=D.number(0, hi_field="lr"), source=f"{TRAIN_PY} --min-lr; the cosine decays to it")
-    bce_loss: bool = D.param(domain=D.one_of(True), source=f"{TRAIN_PY} --bce-loss; the paper's recipes use BCE")
-    bce_target_thresh: float = D.param(domain=D.number(0, 1, lo_open=True, hi_open=True),
-                                       source="timm BinaryCrossEntropy: targets > thresh become 1, the rest 0")
+    bce_loss: bool = D.param(domain=D.flag(), source=f"{TRAIN_PY} --bce-loss; false: cross-entropy (SoftTargetCrossEntropy "
+                                                      "under Mixup, else LabelSmoothingCrossEntropy or CrossEntropyLoss)")
+    bce_target_thresh: float | None = D.param(
+        domain=D.optional(D.number(0, 1, lo_open=True, hi_open=True), "no threshold"),
+        source="timm BinaryCrossEntropy: targets > thresh become 1, the rest 0")
     smoothing: float = D.param(domain=D.number(0, 1, hi_open=True), source="timm Mixup label_smoothing")
     drop_path: float = D.param(domain=D.number(0, 1, hi_open=True), source="timm create_model drop_path_rate")
     aug_repeats: int = D.param(domain=D.number(0, integer=True), source="timm RepeatAugSampler num_repeats (0: off)")
@@ -86,13 +92,14 @@ class Recipe:
     hflip: float = D.param(domain=PROBABILITY, source="timm create_transform hflip probability")
     model_ema: bool = D.param(domain=D.one_of(False), source=f"{TRAIN_PY} --model-ema; EMA is not part of A1-A3")
     amp: bool = D.param(domain=D.flag(), source=f"{TRAIN_PY} --amp; false: fp32 whatever train.precision says")
+    train_interpolation: str = D.param("random", domain=D.one_of("random", "bilinear", "bicubic"),
+                                       source=f"{TRAIN_PY} --train-interpolation (its default: random)")
 
     def check(self, where: str) -> None:
         """What the pipeline implements, beyond each key's own domain."""
-        for key, value, want in (("opt", self.opt, "lamb"), ("sched", self.sched, "cosine")):
-            if value != want:
-                raise ConfigError(f"{where}.{key} = {value!r}: this pipeline implements the paper's LAMB + cosine + "
-                                  f"BCE recipes; set {want!r}")
+        if self.sched != "cosine":  # train.py hands other schedulers decay/cycle options this pipeline does not pass
+            raise ConfigError(f"{where}.sched = {self.sched!r}: this pipeline runs timm's cosine schedule (the "
+                              "paper's and DeiT's); set 'cosine'")
 
 
 @dataclass(frozen=True)
@@ -238,13 +245,13 @@ def domains_markdown() -> str:
 
 def check_timm(params: Params, source: str = "params.yaml") -> None:
     """The keys timm's own parsers decide (architectures, auto-augment strings, optimizer and scheduler names), for
-    every recipe in `run`: milliseconds once timm is imported; the stages with expensive work call it first."""
+    every recipe: milliseconds once timm is imported; the stages with expensive work call it first."""
     try:
         for key, arch in [("models", a) for a in params.models] + [("seeds.arch", params.seeds.arch)]:
             if not _arch(arch):
                 raise ConfigError(f"{key}: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
-        for name in dict.fromkeys((*params.run, params.seeds.recipe)):
-            check_domains(params.recipes[name], f"recipes.{name}.", timm=True)
+        for name, recipe in params.recipes.items():  # every recipe: the studies train some that `run` does not list
+            check_domains(recipe, f"recipes.{name}.", timm=True)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -256,6 +263,9 @@ def _key(where: str, k) -> str:
 def _convert(tp, value, where: str):
     """Convert a YAML value to the annotated type, naming the dotted key on a mismatch."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # `float | None`: YAML null is None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None and len(inner) < len(typing.get_args(tp)) else _convert(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r}: must be a mapping")
@@ -400,6 +410,10 @@ def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None 
     """Apply `scale` to a recipe and check the global batch against the devices; `seed` replaces train.seed (the
     seed study's runs)."""
     check_arch(params, arch)
+    try:  # the recipe trained, whether or not `run` lists it (check_timm covers those in `run`)
+        check_domains(params.recipe(recipe_name), f"recipes.{recipe_name}.", timm=True)
+    except ConfigError as e:
+        raise ConfigError(f"params.yaml: {e}") from None
     r, s, t = params.recipe(recipe_name), params.scale, params.train
     if seed is not None:
         t = dataclasses.replace(t, seed=seed)

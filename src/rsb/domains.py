@@ -109,6 +109,12 @@ def text() -> Domain:
                   lambda h: ["rsb", "data/prepared"], lambda h: ["", " rsb"])
 
 
+def optional(inner: Domain, why: str) -> Domain:
+    """null (YAML `null`: timm's None, the option unset) or a value in `inner`."""
+    return Domain(f"null ({why}) or {inner.text}", lambda v, h: v is None or inner.ok(v, h),
+                  lambda h: [None, *inner.inside(h)], inner.outside, timm=inner.timm)
+
+
 def unique(element: Domain, example: str) -> Domain:
     """A non-empty list of distinct elements, each in `element` (`example`: one that is valid in context)."""
     def ok(v, h):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.loss import BinaryCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn
@@ -29,11 +29,16 @@ def create_optimizer(model: torch.nn.Module, r: Resolved) -> torch.optim.Optimiz
 
 
 def create_loss(r: Resolved) -> torch.nn.Module:
-    """As timm's train.py: with Mixup active, `BinaryCrossEntropy(target_threshold=...)` (smoothing happened in Mixup;
-    the loss's own default smoothing applies only to class-index targets, which Mixup never passes)."""
-    if r.recipe.mixup > 0 or r.recipe.cutmix > 0:
-        return BinaryCrossEntropy(target_threshold=r.recipe.bce_target_thresh)
-    return BinaryCrossEntropy(smoothing=r.recipe.smoothing, target_threshold=r.recipe.bce_target_thresh)
+    """timm train.py's branch (no JSD): under Mixup, BCE with the recipe's threshold or SoftTargetCrossEntropy (label
+    smoothing happened in Mixup; BCE's own smoothing applies only to class-index targets, which Mixup never passes);
+    without Mixup, smoothing goes to the loss; with neither, plain cross-entropy."""
+    rc = r.recipe
+    if rc.mixup > 0 or rc.cutmix > 0:
+        return BinaryCrossEntropy(target_threshold=rc.bce_target_thresh) if rc.bce_loss else SoftTargetCrossEntropy()
+    if rc.smoothing:
+        return BinaryCrossEntropy(smoothing=rc.smoothing, target_threshold=rc.bce_target_thresh) if rc.bce_loss \
+            else LabelSmoothingCrossEntropy(smoothing=rc.smoothing)
+    return torch.nn.CrossEntropyLoss()
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, r: Resolved, updates_per_epoch: int):

@@ -18,7 +18,11 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from rsb import compat
 from rsb.config import Resolved
+
+
+compat.posterize_with_zero_bits()  # before any transform is built (see rsb.compat)
 
 
 def normalization(model: torch.nn.Module) -> dict:
@@ -30,10 +34,12 @@ def normalization(model: torch.nn.Module) -> dict:
 
 def train_transform(r: Resolved, model: torch.nn.Module):
     """timm train.py's create_loader arguments (no prefetcher): RandomResizedCrop with train.py's default scale and
-    ratio and random interpolation, flip, RandAugment (which turns colour jitter off), random erasing."""
+    ratio and the recipe's interpolation (train.py's default: random), flip, RandAugment (which turns colour jitter
+    off), random erasing."""
     return create_transform(input_size=r.img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                             hflip=r.recipe.hflip, vflip=0.0, color_jitter=0.4, auto_augment=r.recipe.aa,
-                            interpolation="random", re_prob=r.recipe.reprob, re_mode="pixel", re_count=1,
+                            interpolation=r.recipe.train_interpolation, re_prob=r.recipe.reprob, re_mode="pixel",
+                            re_count=1,
                             **normalization(model))
 
 
@@ -43,8 +49,11 @@ def eval_transform(test_img_size: int, crop_pct: float, model: torch.nn.Module):
                             **normalization(model))
 
 
-def mixup(r: Resolved, num_classes: int) -> Mixup:
-    """timm train.py's mixup_args; label smoothing happens here, before BCE binarizes the targets."""
+def mixup(r: Resolved, num_classes: int) -> Mixup | None:
+    """timm train.py's mixup_args; label smoothing happens here, before the loss. None when the recipe mixes nothing
+    (train.py then hands the loss class indices)."""
+    if not (r.recipe.mixup > 0 or r.recipe.cutmix > 0):
+        return None
     return Mixup(mixup_alpha=r.recipe.mixup, cutmix_alpha=r.recipe.cutmix, cutmix_minmax=None, prob=1.0,
                  switch_prob=0.5, mode="batch", label_smoothing=r.recipe.smoothing, num_classes=num_classes)
 
