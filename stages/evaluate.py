@@ -33,11 +33,16 @@ from rsb.io import load_weights, write_json
 from rsb.outputs import Outputs
 
 
-def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = None) -> torch.nn.Module:
+def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = None,
+               img_size: int | None = None) -> torch.nn.Module:
+    """The trained network, built as training built it (`img_size`: the training size, for models that fix their
+    patch grid at creation)."""
+    from rsb.training import model_kwargs
+
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no trained weights; run `dvc repro {stage or 'train@' + weights.stem}` "
                                 "first")
-    model = timm.create_model(arch, num_classes=num_classes)
+    model = timm.create_model(arch, num_classes=num_classes, **(model_kwargs(arch, img_size) if img_size else {}))
     model.load_state_dict(load_weights(weights))
     return model
 
@@ -81,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     prepared = Path(params.data.prepared)
     t0 = time.perf_counter()
     num_classes = Split(prepared, "val").num_classes
-    model = load_model(args.arch, out.weights, num_classes,
-                       None if out.in_grid else f"studies/dvc.yaml:seed-train@{args.seed}")
+    model = load_model(args.arch, out.weights, num_classes, None if out.in_grid else out.stage, r.img_size)
     metrics = evaluate_model(model, prepared, r.test_img_size, r.recipe.crop_pct, params.evaluate.batch_size,
                              params.evaluate.workers, r.train.precision)
     metrics["eval_s"] = time.perf_counter() - t0

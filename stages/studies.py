@@ -3,6 +3,7 @@
     python -m stages.studies seeds           reports/seeds.md, .csv, .png        (the seed study, paper fig. 5-6)
     python -m stages.studies cost            reports/cost.md, .csv, .png         (cost vs accuracy, fig. 1)
     python -m stages.studies architectures   reports/architectures.md, .csv, .png (recipes x architectures, fig. 3)
+    python -m stages.studies procedures      reports/procedures.md, .csv, .png   (A2 vs T2 on two models, fig. 8)
 
 Each reads only the stages' JSON outputs (never MLflow), states its scale in its caption, and logs itself as one
 MLflow parent run (`rsb.kind=study`) with the report files as artifacts and its summary numbers as metrics
@@ -73,7 +74,26 @@ def architectures(params, out: Path) -> tuple[dict, list[str]]:
     return metrics, [r for r in runs if r]
 
 
-STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures}
+def procedures(params, out: Path) -> tuple[dict, list[str]]:
+    pr = params.procedures
+    rows = studies.procedures_rows(list(pr.models), list(pr.recipes))
+    if all(r["val_top1"] is None for r in rows):
+        raise ConfigError("studies/procedures/metrics/eval: no (procedures.models x procedures.recipes) pair is "
+                          "evaluated; run `dvc repro studies/dvc.yaml:procedures-report`")
+    text = _caption(params)
+    write_text(out / "procedures.md", studies.procedures_markdown(rows, text))
+    write_csv(out / "procedures.csv", rows)
+    studies.procedures_plot(rows, out / "procedures.png", text)
+    metrics = {f"procedures/{r['arch']}-{r['recipe']}_val_top1": r["val_top1"] for r in rows}
+    flips = studies.winners(rows, "val_top1")
+    if None not in flips.values() and studies.TIE not in flips.values():
+        metrics["procedures/ordering_flips"] = float(len(set(flips.values())) > 1)
+    runs = [json.loads(o.run_file.read_text()).get("run_id") for arch in pr.models for rc in pr.recipes
+            if (o := Outputs.of(arch, rc, study="procedures")).run_file.is_file()]
+    return metrics, [r for r in runs if r]
+
+
+STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures, "procedures": procedures}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     metrics, children = STUDIES[args.study](params, args.out)
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    label = f"{params.seeds.arch}-{params.seeds.recipe}, {len(params.seeds.seeds)} seeds" \
-        if args.study == "seeds" else ", ".join(params.models)
+    label = {"seeds": f"{params.seeds.arch}-{params.seeds.recipe}, {len(params.seeds.seeds)} seeds",
+             "procedures": f"{' x '.join(params.procedures.models)} under {', '.join(params.procedures.recipes)}"
+             }.get(args.study, ", ".join(params.models))
     tracking.study_run(params.experiment, args.study, label, metrics, sorted(args.out.glob(f"{args.study}.*")),
                        children, tracking.digest(params), Path(params.data.prepared))
     print((args.out / f"{args.study}.md").read_text())

@@ -139,18 +139,22 @@ def test_adding_an_architecture_runs_only_its_rows(repo):
 def test_studies_run_with_one_command_and_rerun_only_what_changed(repo):
     from mlflow.tracking import MlflowClient
 
-    set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2]})
-    commit(repo, "a seed study of two seeds")
+    set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2],
+                      "procedures.models": ["test_resnet", "test_vit"], "procedures.recipes": ["a1", "t2"]})
+    commit(repo, "a seed study of two seeds; A1 against T2 on a small ResNet and a small ViT")
+    pairs = [f"{m}-{r}" for m in ("test_resnet", "test_vit") for r in ("a1", "t2")]
     study = {f"studies/dvc.yaml:{s}" for s in ("seed-train@1", "seed-train@2", "seed-evaluate@1", "seed-evaluate@2",
-                                               "seeds-report", "cost", "architectures")}
+                                               "seeds-report", "cost", "architectures", "procedures-report",
+                                               *[f"procedures-{k}@{p}" for k in ("train", "evaluate") for p in pairs])}
     assert changed_stages(repo, "studies/dvc.yaml") == study and changed_stages(repo) == set()
     out = sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
     assert ran(out) == study, out  # the grid's models are reused, not retrained
-    for name in ("seeds", "cost", "architectures"):
+    for name in ("seeds", "cost", "architectures", "procedures"):
         md = (repo / "reports" / f"{name}.md").read_text()
         assert "NOT comparable to the paper's ImageNet numbers" in md, name
         assert (repo / "reports" / f"{name}.csv").is_file() and (repo / "reports" / f"{name}.png").is_file()
     assert "| ImageNet-val | 2 |" in (repo / "reports/seeds.md").read_text()
+    assert re.search(r"\| test_vit \| [\d.]+ \(\) \| [\d.]+ \(\) \|", (repo / "reports/procedures.md").read_text())
     assert "Running stage" not in sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
     assert "Running stage" not in sh(repo, "dvc", "repro").stdout, "the default pipeline does not see the studies"
     # one more seed: that seed's training and evaluation, and the seed report; nothing else

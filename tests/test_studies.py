@@ -11,6 +11,7 @@ import pytest
 
 from rsb import studies, tracking
 from rsb.config import ConfigError, load_params
+from rsb.data.datasets import Split
 from rsb.outputs import Outputs
 
 from conftest import ROOT, write_params
@@ -166,6 +167,11 @@ def test_a_seed_study_of_an_unknown_recipe_or_architecture_is_refused(tmp_path, 
         check_timm(params)
     with pytest.raises(ConfigError, match=r"seeds.seeds = \[1, 1\]: must be a non-empty list of distinct"):
         load_params(write_params(tmp_path / "c.yaml", prepared, {"seeds.seeds": [1, 1]}))
+    with pytest.raises(ConfigError, match=r"procedures.recipes lists recipe 't3', which is not under recipes"):
+        load_params(write_params(tmp_path / "d.yaml", prepared, {"procedures.recipes": ["a2", "t3"]}))
+    params = load_params(write_params(tmp_path / "e.yaml", prepared, {"procedures.models": ["resnet50", "deit_s"]}))
+    with pytest.raises(ConfigError, match=r"procedures.models: 'deit_s' is not a timm architecture"):
+        check_timm(params)
 
 
 # --- a killed seed run resumes --------------------------------------------------------------------------------------
@@ -226,3 +232,60 @@ def test_a_seed_run_trains_with_its_seed_into_the_studys_folders(tmp_path, prepa
     assert metrics["train/wall_s"] >= metrics["train/time_s"] > 0
     assert not any((tmp_path / d).exists() for d in ("models", "runs", "metrics", "plots"))
     assert evaluate(args)["val/count"] > 0 and o.eval_metrics.is_file()
+
+
+# --- the recipe/architecture paradox (A2 vs T2) ---------------------------------------------------------------------
+
+def test_the_procedures_report_says_whether_the_ordering_flips(tmp_path, prepared, monkeypatch):
+    from stages import studies as stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = write_params(tmp_path / "params.yaml", prepared, {"procedures.models": ["resnet50", "deit_small_patch16_224"],
+                                                          "procedures.recipes": ["a2", "t2"]})
+    cells = {("resnet50", "a2"): 30.0, ("resnet50", "t2"): 25.0, ("deit_small_patch16_224", "a2"): 28.0,
+             ("deit_small_patch16_224", "t2"): 27.0}
+    for (arch, recipe), top1 in cells.items():
+        _fake(Outputs.of(arch, recipe, "procedures"), top1)
+    stage.main(["procedures", "--params", str(p)])
+    md = (tmp_path / "reports/procedures.md").read_text()
+    assert "| resnet50 | 30.00 (79.8) | 25.00 () |" in md and "| deit_small_patch16_224 | 28.00 () | 27.00 (79.9) |" in md
+    assert "Ours: under a2 resnet50 wins; under t2 deit_small_patch16_224 wins: **the ordering flips**." in md
+    assert "Published: undecided (a cell is missing)." in md, "unverified cells stay empty, so no published verdict"
+    assert "NOT comparable to the paper's ImageNet numbers" in md
+    _fake(Outputs.of("deit_small_patch16_224", "t2", "procedures"), 24.0)
+    stage.main(["procedures", "--params", str(p)])
+    assert "resnet50 wins: the same architecture wins" in (tmp_path / "reports/procedures.md").read_text()
+    # with a split's size known, a lead under two binomial standard errors of the difference is a tie, not a flip
+    rows = [{"arch": a, "recipe": rc, "val_top1": v, "val_count": 500} for a, rc, v in
+            (("r", "a2", 23.8), ("d", "a2", 5.0), ("r", "t2", 5.0), ("d", "t2", 5.4))]
+    assert studies.winners(rows, "val_top1") == {"a2": "r", "t2": studies.TIE}
+    md = studies.procedures_markdown([{**r, "v2_top1": None, "paper_val_top1": None, "paper_source": None}
+                                      for r in rows], "c")
+    assert "under t2 a tie within noise: no ordering to compare" in md and "flips" not in md
+
+
+def test_a_vit_is_built_for_its_training_size_and_a_resnet_is_not():
+    """train.py's --model-kwargs img_size=<size>, as DeiT's main.py builds its models: a ViT fixes its patch grid at
+    creation; a ResNet takes any size and gets no kwarg; at the paper's 224 neither gets one."""
+    from rsb.training import model_kwargs
+
+    assert model_kwargs("deit_small_patch16_224", 32) == {"img_size": 32}
+    assert model_kwargs("deit_small_patch16_224", 224) == {}
+    assert model_kwargs("resnet50", 32) == {} and model_kwargs("test_resnet", 32) == {}
+
+
+def test_a_vit_trains_and_evaluates_at_the_scaled_size(tmp_path, prepared, monkeypatch):
+    """test_vit (timm's small ViT) through the train and evaluate stages at 32 px under T2, in the procedures
+    study's folders: built for 32 px on both sides, so its weights load and it scores every val image."""
+    from stages.evaluate import main as evaluate
+    from stages.train import main as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = str(write_params(tmp_path / "params.yaml", prepared, {"procedures.models": ["test_vit"]}))
+    args = ["--arch", "test_vit", "--recipe", "t2", "--study", "procedures", "--params", p]
+    train(args)
+    metrics = evaluate(args)
+    assert metrics["val/count"] == Split(prepared, "val").__len__() and metrics["transform"]["crop_pct"] == 0.875
+    assert Outputs.of("test_vit", "t2", "procedures").eval_metrics.is_file()

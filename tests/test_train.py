@@ -504,3 +504,18 @@ def test_randaugment_magnitude_10_posterizes_to_black_instead_of_stopping_the_ru
     assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
     kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img)  # 2 bits kept: unchanged op
     assert kept.getpixel((0, 0)) == (192, 64, 0)
+
+
+# facebookresearch/deit main.py, get_args_parser() defaults (read 2026-11-29), in timm train.py option names; lr is
+# main.py's linear rule `lr * batch_size * world_size / 512` at the global batch of recipes.t2.
+DEIT_MAIN_PY = {"opt": "adamw", "weight_decay": 0.05, "sched": "cosine", "warmup_epochs": 5, "warmup_lr": 1e-6,
+                "min_lr": 1e-5, "epochs": 300, "smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25,
+                "drop_path": 0.1, "aa": "rand-m9-mstd0.5-inc1", "train_interpolation": "bicubic", "bce_loss": False,
+                "crop_pct": 0.875, "aug_repeats": 3}
+
+
+def test_t2_is_deits_main_py():
+    """Each T2 value is DeiT's (main.py's defaults); the lr follows its linear rule at T2's batch."""
+    t2 = load_params(ROOT / "params.yaml").recipes["t2"]
+    assert {k: getattr(t2, k) for k in DEIT_MAIN_PY} == DEIT_MAIN_PY
+    assert t2.lr == pytest.approx(5e-4 * t2.batch_size / 512)

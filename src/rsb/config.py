@@ -190,6 +190,15 @@ class Seeds:
 
 
 @dataclass(frozen=True)
+class Procedures:
+    """The recipe/architecture paradox (paper figure 8): each model trained with each recipe. studies/dvc.yaml."""
+    models: tuple[str, ...] = D.param(("resnet50", "deit_small_patch16_224"), domain=D.unique(D.name(), "resnet18"),
+                                      source="timm architectures (timm decides); the paper: resnet50, DeiT-S")
+    recipes: tuple[str, ...] = D.param(("a2", "t2"), domain=D.unique(D.name(), "a1"),
+                                       source="recipes under recipes; the paper: A2 and DeiT's T2")
+
+
+@dataclass(frozen=True)
 class Params:
     experiment: str = D.param(domain=D.text(), source="MLflow experiment name (non-empty)")
     models: tuple[str, ...] = D.param(domain=D.unique(D.name(), "resnet18"), source="timm architectures (timm decides, before training); names in DVC stage names train@<arch>-<recipe>")
@@ -203,12 +212,14 @@ class Params:
     evaluate: Evaluate = field(default_factory=Evaluate)
     benchmark: Benchmark = field(default_factory=Benchmark)
     seeds: Seeds = field(default_factory=Seeds)
+    procedures: Procedures = field(default_factory=Procedures)
 
     def check(self) -> None:
         """What spans sections, after every key's own domain."""
         for name, recipe in self.recipes.items():
             recipe.check(f"recipes.{name}")
-        for key, names in (("run lists", self.run), ("seeds.recipe is", (self.seeds.recipe,))):
+        for key, names in (("run lists", self.run), ("seeds.recipe is", (self.seeds.recipe,)),
+                           ("procedures.recipes lists", self.procedures.recipes)):
             for name in names:
                 if name not in self.recipes:
                     raise ConfigError(f"{key} recipe {name!r}, which is not under recipes ({', '.join(self.recipes)})")
@@ -247,7 +258,8 @@ def check_timm(params: Params, source: str = "params.yaml") -> None:
     """The keys timm's own parsers decide (architectures, auto-augment strings, optimizer and scheduler names), for
     every recipe: milliseconds once timm is imported; the stages with expensive work call it first."""
     try:
-        for key, arch in [("models", a) for a in params.models] + [("seeds.arch", params.seeds.arch)]:
+        for key, arch in [("models", a) for a in params.models] + [("seeds.arch", params.seeds.arch)] + \
+                [("procedures.models", a) for a in params.procedures.models]:
             if not _arch(arch):
                 raise ConfigError(f"{key}: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
         for name, recipe in params.recipes.items():  # every recipe: the studies train some that `run` does not list
@@ -359,9 +371,9 @@ class Resolved:
 
 
 def check_arch(params: Params, arch: str) -> None:
-    if arch not in (*params.models, params.seeds.arch):
-        raise ConfigError(f"architecture {arch!r} is not under models in params.yaml ({', '.join(params.models)}) "
-                          "nor the seed study's seeds.arch")
+    if arch not in (*params.models, params.seeds.arch, *params.procedures.models):
+        raise ConfigError(f"architecture {arch!r} is not under models in params.yaml ({', '.join(params.models)}), "
+                          "seeds.arch or procedures.models")
     check_timm(params)
 
 

@@ -54,7 +54,8 @@ class Slots:
         self.device = device
         # the buffers timm's distribute_bn reduces
         self.bn = [b for n, b in model.named_buffers() if "running_mean" in n or "running_var" in n]
-        self.saved_bn = [[b.clone() for b in self.bn] for _ in seeds] if len(seeds) > 1 else None
+        # (none for models without BatchNorm, e.g. ViT/DeiT: nothing to keep apart)
+        self.saved_bn = [[b.clone() for b in self.bn] for _ in seeds] if len(seeds) > 1 and self.bn else None
         self.rng = []
         for s in seeds:
             seed_all(s)

@@ -55,5 +55,14 @@ class Outputs:
         return self.root / "plots" / "train" / f"{self.name}.updates.csv"
 
     @property
+    def stage(self) -> str:
+        """The DVC stage that trains it."""
+        if self.in_grid:
+            return f"train@{self.name}"
+        if self.seed is not None:
+            return f"studies/dvc.yaml:seed-train@{self.seed}"
+        return f"studies/dvc.yaml:{self.study}-train@{self.name}"
+
+    @property
     def in_grid(self) -> bool:
         return self.study == GRID

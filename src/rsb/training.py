@@ -19,8 +19,24 @@ from rsb.data.datasets import Split, load_classes
 from rsb.tracking import Tracker
 
 
+def model_kwargs(arch: str, img_size: int) -> dict:
+    """train.py's --model-kwargs for this size: models that fix their patch grid at creation (ViT, DeiT) are built
+    for the training size (`img_size`), as DeiT's main.py builds them; models that take any size (ResNets) get
+    nothing. At the paper's 224 px this is empty for both."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is not None and tuple(cfg.input_size[-2:]) == (img_size, img_size):
+        return {}
+    with torch.device("meta"):  # does the constructor take img_size? (no weights allocated)
+        try:
+            timm.create_model(arch, img_size=img_size)
+        except TypeError:
+            return {}
+    return {"img_size": img_size}
+
+
 def create_model(r: Resolved, num_classes: int) -> torch.nn.Module:
-    return timm.create_model(r.arch, num_classes=num_classes, drop_path_rate=r.recipe.drop_path)
+    return timm.create_model(r.arch, num_classes=num_classes, drop_path_rate=r.recipe.drop_path,
+                             **model_kwargs(r.arch, r.img_size))
 
 
 def create_optimizer(model: torch.nn.Module, r: Resolved) -> torch.optim.Optimizer:
