@@ -21,7 +21,8 @@ PAPER["scale"].update(epochs=1, min_epochs=1, img_size=224, batch_size=2048, lr_
 PAPER["train"].update(devices=8, micro_batch=256, workers=10)
 PROFILES = {"mini": MINI, "paper": PAPER}
 # keys whose domain is bounded by another key: to test a key's edges, its dependents move out of the way
-MAKE_ROOM = {"epochs": {"warmup_epochs": 0.0}, "lr": {"warmup_lr": 0.0, "min_lr": 0.0}}
+MAKE_ROOM = {"epochs": {"warmup_epochs": 0.0}, "lr": {"warmup_lr": 0.0, "min_lr": 0.0},
+             "zero_stage": {"channels_last": False}}  # ZeRO needs contiguous gradients (rsb.config)
 
 
 def declared(obj, where: str = ""):
@@ -100,7 +101,7 @@ def test_every_value_inside_its_domain_is_accepted(profile, key, value, needs_ti
                                                "auto-augment string"),
     ("models", ["resnet5"], "p.yaml: models: 'resnet5' is not a timm architecture"),
     ("experiment", "", "p.yaml: experiment = '': must be a non-empty string"),
-    ("train.zero_stage", 2, "p.yaml: train.zero_stage = 2: must be one of 0 (DeepSpeed ZeRO: >= 1 flattens"),
+    ("train.zero_stage", 3, "p.yaml: train.zero_stage = 3: must be one of 0, 1, 2 (DeepSpeed ZeRO 1/2 partitions"),
     ("recipes.a1.opt", "adamww", "p.yaml: recipes.a1.opt = 'adamww': must be a timm optimizer"),
     ("recipes.t2.sched", "step", "p.yaml: recipes.t2.sched = 'step': this pipeline runs timm's cosine schedule"),
     ("recipes.t2.bce_target_thresh", 1.0, "p.yaml: recipes.t2.bce_target_thresh = 1.0: must be null (no "

@@ -135,7 +135,7 @@ def test_two_nodes_without_ssh_equal_one_process_accumulating(tmp_path, prepared
            "--master-port", str(port), "--launcher", "no_ssh", "--master-addr", "127.0.0.1", "parity_worker",
            "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)]
     env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(nodes / "grads"), DS_ACCELERATOR="cpu",
-                    PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+                    PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}")
     procs = [subprocess.Popen(cmd, cwd=nodes, env={**env, "RSB_NODE_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [proc.communicate(timeout=600)[0] for proc in procs]

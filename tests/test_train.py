@@ -322,18 +322,19 @@ def test_t2_updates_equal_train_py_with_deits_flags(tmp_path, prepared, extracte
     assert_same_run(ours, theirs)
 
 
-def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu") -> dict:
+def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu", recipe: str = "a1",
+           same_grads: bool = True) -> dict:
     """The stage through the real launcher (rsb.launch -> deepspeed for more than one process)."""
     env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR=accelerator,
-                    PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+                    PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}")
     out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "parity_worker", "--arch",
-                          "test_resnet", "--recipe", "a1", "--params", str(path)], cwd=tmp_path, env=env,
+                          "test_resnet", "--recipe", recipe, "--params", str(path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     grads = [torch.load(tmp_path / "grads" / f"grads-rank{r}.pt") for r in range(devices)]
-    for other in grads[1:]:  # every rank hands the optimizer the same averaged gradient
+    for other in grads[1:] if same_grads else []:  # every rank hands the optimizer the same averaged gradient
         assert all(torch.equal(a, b) for x, y in zip(grads[0], other) for a, b in zip(x, y))
-    return read_outputs(tmp_path, grads[0])
+    return read_outputs(tmp_path, grads[0], f"test_resnet-{recipe}")
 
 
 @pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -344,6 +345,27 @@ def test_updates_equal_train_py_on_two_processes(tmp_path, prepared, extracted, 
     assert_same_run(launch(tmp_path, p, 2), reference_run(p, extracted, 2, accum))
     cost = json.loads((tmp_path / "metrics/train/test_resnet-a1.json").read_text())
     assert cost["devices"] == 2 and cost["device_hours"] == pytest.approx(2 * cost["train/wall_s"] / 3600)
+
+
+def test_t2_with_zero_on_two_processes_equals_train_py(tmp_path, prepared, extracted):
+    """T2 (AdamW) with ZeRO stage 2 through rsb.launch -> deepspeed on 2 processes against train.py on 2 processes:
+    lr and loss at every update and the final weights. (The gradient each rank's optimizer sees is its ZeRO shard,
+    so gradients are compared through their effect: the weights.)"""
+    p = params_file(tmp_path, prepared, {**PARITY, "recipes.t2.warmup_epochs": 120, "train.devices": 2,
+                                         "train.micro_batch": 8, "train.zero_stage": 2,
+                                         "train.channels_last": False})
+    ours = launch(tmp_path, p, 2, recipe="t2", same_grads=False)
+    theirs = reference_run(p, extracted, 2, 1, recipe="t2")
+    shard, full = ours["grads"][0], sum(v.numel() for v in theirs.model.parameters())
+    assert all(g.dim() == 1 for g in shard) and sum(g.numel() for g in shard) < full, "ZeRO was not on"
+    log = theirs.log
+    assert len(ours["loss"]) == len(log) >= 8
+    assert ours["lr"] == pytest.approx([u["lr"] for u in log], rel=1e-12)
+    assert ours["loss"] == pytest.approx([u["loss"] for u in log], rel=1e-5)
+    state = theirs.model.state_dict()
+    for k, v in ours["state"].items():
+        if v.is_floating_point():
+            assert off(v, state[k]) <= 1e-3, f"{k}: off by {off(v, state[k]):.2e} (relative norm)"
 
 
 def test_bf16_autocast_equals_train_py_amp(tmp_path, prepared, extracted, monkeypatch, world):
@@ -463,9 +485,18 @@ def test_scale_and_world_shape_errors(tmp_path, prepared):
     assert r.batch_size == r.micro_batch * r.grad_accum * r.world_size
 
 
-def test_zero_with_lamb_is_refused(tmp_path, prepared):
-    with pytest.raises(ConfigError, match="train.zero_stage = 2: must be one of 0 .* LAMB's per-tensor trust ratio"):
-        load_params(write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2}))
+def test_zero_is_refused_with_lamb_and_allowed_with_adamw(tmp_path, prepared):
+    """ZeRO partitions flattened parameters: LAMB's per-tensor trust ratio would change, AdamW's element-wise update
+    does not. Refused at resolve (the stage's start, before any work), for the recipe being trained."""
+    with pytest.raises(ConfigError, match=r"train.zero_stage = 1 with train.channels_last = true: DeepSpeed's ZeRO"):
+        load_params(write_params(tmp_path / "c.yaml", prepared, {"train.zero_stage": 1}))
+    params = load_params(write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2,
+                                                                      "train.channels_last": False}))
+    with pytest.raises(ConfigError, match=r"train.zero_stage = 2 with recipes.a1.opt = 'lamb': ZeRO partitions"):
+        resolve(params, "resnet18", "a1", world_size=1)
+    assert resolve(params, "resnet18", "t2", world_size=1).train.zero_stage == 2
+    with pytest.raises(ConfigError, match=r"train.zero_stage = 3: must be one of 0, 1, 2 \(DeepSpeed ZeRO 1/2"):
+        load_params(write_params(tmp_path / "q.yaml", prepared, {"train.zero_stage": 3}))
 
 
 def test_resume_digest_follows_recipe_code_and_versions(tmp_path, monkeypatch):

@@ -99,10 +99,21 @@ def verify(tag_dir: Path) -> None:
             raise CheckpointMismatch(f"{tag_dir / name}: content differs from what was written (sha256); the "
                                      "checkpoint is damaged or was tampered with. Move it away to start fresh")
         try:
-            torch.load(tag_dir / name, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_deepspeed_state_classes()):
+                torch.load(tag_dir / name, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means: do not hand it to a full unpickler
             raise CheckpointMismatch(f"{tag_dir / name}: does not load with weights_only=True ({type(e).__name__}: "
                                      f"{str(e)[:200]}); refusing to unpickle it") from None
+
+
+def _deepspeed_state_classes() -> list:
+    """The plain data classes DeepSpeed pickles into ZeRO optimizer states (its loss scaler, the ZeRO stage enum, a
+    parameter fragment's address): allowed to be rebuilt by the weights-only unpickler, nothing that runs code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def load(engine, ckpt_dir: Path, digest: str) -> dict | None:

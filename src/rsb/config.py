@@ -146,9 +146,9 @@ class Train:
     workers: int = D.param(1, domain=D.number(0, integer=True), source="DataLoader workers per process")
     threads: int = D.param(0, domain=D.number(0, integer=True), source="torch threads per process; 0 = cores / processes")
     eval_every: int = D.param(1, domain=D.number(0, integer=True), source="val top-1 every N epochs; 0 = at the end")
-    zero_stage: int = D.param(0, domain=D.one_of(0), source=(
-        "DeepSpeed ZeRO: >= 1 flattens and partitions parameters, so LAMB's per-tensor trust ratio would be computed "
-        "over shards and the recipe's math would change (measured: losses differ from the second step)"))
+    zero_stage: int = D.param(0, domain=D.one_of(0, 1, 2), source=(
+        "DeepSpeed ZeRO 1/2 partitions flattened optimizer state and gradients: only with an element-wise optimizer "
+        "(adam, adamw); with LAMB the per-tensor trust ratio would be computed over shards (refused at the stage)"))
     seed: int = D.param(0, domain=D.number(0, 2**31 - 1, integer=True), source="torch/NumPy seeds take 0..2^31-1")
 
 
@@ -218,6 +218,10 @@ class Params:
         """What spans sections, after every key's own domain."""
         for name, recipe in self.recipes.items():
             recipe.check(f"recipes.{name}")
+        if self.train.zero_stage and self.train.channels_last:
+            raise ConfigError(f"train.zero_stage = {self.train.zero_stage} with train.channels_last = true: DeepSpeed's "
+                              "ZeRO flattens gradients with .view(-1), which channels_last convolution gradients "
+                              "refuse (measured: RuntimeError at the first backward); set train.channels_last: false")
         for key, names in (("run lists", self.run), ("seeds.recipe is", (self.seeds.recipe,)),
                            ("procedures.recipes lists", self.procedures.recipes)):
             for name in names:
@@ -417,6 +421,11 @@ def scaled_size(size: int, scale: Scale) -> int:
     return max(8, round(size * scale.img_size / 224))
 
 
+# Element-wise optimizers whose update ZeRO 1/2 leaves unchanged (adamw measured bit-identical to stage 0 on one
+# process, and equal to train.py on two: tests/test_train.py); LAMB, LARS, NovoGrad, Adafactor work per tensor.
+ZERO_SAFE_OPTIMIZERS = ("adam", "adamw")
+
+
 def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None = None,
             seed: int | None = None) -> Resolved:
     """Apply `scale` to a recipe and check the global batch against the devices; `seed` replaces train.seed (the
@@ -429,6 +438,11 @@ def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None 
     r, s, t = params.recipe(recipe_name), params.scale, params.train
     if seed is not None:
         t = dataclasses.replace(t, seed=seed)
+    if t.zero_stage and r.opt not in ZERO_SAFE_OPTIMIZERS:
+        raise ConfigError(f"train.zero_stage = {t.zero_stage} with recipes.{recipe_name}.opt = {r.opt!r}: ZeRO "
+                          f"partitions flattened parameters, so {r.opt}'s per-tensor update (LAMB's trust ratio) would "
+                          "be computed over shards and change the recipe's math; use train.zero_stage: 0 "
+                          f"(ZeRO keeps the math of: {', '.join(ZERO_SAFE_OPTIMIZERS)})")
     world = world_size or t.devices * t.nodes
     epochs = max(s.min_epochs, round(r.epochs * s.epochs))
     lr = s.lr_factor * r.lr * {"sqrt": math.sqrt(s.batch_size / r.batch_size), "linear": s.batch_size / r.batch_size,

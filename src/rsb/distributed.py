@@ -54,7 +54,7 @@ def ds_config(r: Resolved) -> dict:
         "train_batch_size": r.batch_size,  # DeepSpeed checks batch = micro x accumulation x world
         "train_micro_batch_size_per_gpu": r.micro_batch,
         "gradient_accumulation_steps": r.grad_accum,
-        "zero_optimization": {"stage": 0},
+        "zero_optimization": {"stage": r.train.zero_stage},  # > 0 only with an element-wise optimizer (config)
         "gradient_clipping": 0.0,  # timm's LAMB clips the global grad norm itself (max_grad_norm=1.0)
         "torch_autocast": {"enabled": dtype is not None,
                            "dtype": str(dtype).removeprefix("torch.") if dtype else "bfloat16"},
@@ -76,7 +76,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Reso
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(r))
-    if engine.dp_world_size == 1:
+    if engine.dp_world_size == 1 and r.train.zero_stage == 0:  # ZeRO's optimizer runs its own reduction path
         # DeepSpeed all-reduces even a world of one: it copies every gradient into flat buffers and back (5% of a
         # resnet18 step on the CPU, measured; bench/train_vs_bare.py). Summing over one rank is the identity.
         engine.enable_backward_allreduce = False
