@@ -238,10 +238,10 @@ PARITY = {"models": ["test_resnet"], "scale.epochs": 0.001, "scale.min_epochs": 
 
 
 def reference_run(path: Path, extracted: Path, world: int, accum: int, precision: str = "fp32",
-                  loss_scale: float = 1.0, recipe: str = "a1") -> ref.Reference:
+                  loss_scale: float = 1.0, recipe: str = "a1", arch: str = "test_resnet") -> ref.Reference:
     raw = yaml.safe_load(path.read_text())
     micro = raw["scale"]["batch_size"] // (world * accum)
-    args = ref.args_for(raw, recipe, "test_resnet", 20, micro, world * accum, 1, precision)  # world x accum processes
+    args = ref.args_for(raw, recipe, arch, 20, micro, world * accum, 1, precision)  # world x accum processes
     dataset = ImageFolder(str(extracted / "train"), transform=ref.train_transform(args, ref.create_model(args)))
     torch.set_num_threads(1)  # as the stage's processes run in these tests (train.threads: 1)
     r = ref.Reference(args, dataset, world * accum)
@@ -252,7 +252,7 @@ def reference_run(path: Path, extracted: Path, world: int, accum: int, precision
     return r
 
 
-def our_run_in_process(tmp_path: Path, path: Path, monkeypatch, recipe: str = "a1") -> dict:
+def our_run_in_process(tmp_path: Path, path: Path, monkeypatch, recipe: str = "a1", arch: str = "test_resnet") -> dict:
     """stages.train.main in this process (a world of one), with torch's optimizer pre-hook recording gradients."""
     from stages.train import main
 
@@ -262,10 +262,10 @@ def our_run_in_process(tmp_path: Path, path: Path, monkeypatch, recipe: str = "a
     handle = register_optimizer_step_pre_hook(lambda opt, a, k: grads.append(
         [p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]]))
     try:
-        main(["--arch", "test_resnet", "--recipe", recipe, "--params", str(path)])
+        main(["--arch", arch, "--recipe", recipe, "--params", str(path)])
     finally:
         handle.remove()
-    return read_outputs(tmp_path, grads, f"test_resnet-{recipe}")
+    return read_outputs(tmp_path, grads, f"{arch}-{recipe}")
 
 
 def read_outputs(d: Path, grads: list, name: str = NAME) -> dict:
@@ -319,6 +319,17 @@ def test_t2_updates_equal_train_py_with_deits_flags(tmp_path, prepared, extracte
     ours = our_run_in_process(tmp_path, p, monkeypatch, recipe="t2")
     theirs = reference_run(p, extracted, 1, 2, recipe="t2")
     assert type(theirs.loss_fn).__name__ == "SoftTargetCrossEntropy" and type(theirs.optimizer).__name__ == "AdamW"
+    assert_same_run(ours, theirs)
+
+
+def test_t2_on_a_vit_equals_train_py(tmp_path, prepared, extracted, monkeypatch):
+    """T2 on timm's small ViT (no BatchNorm; built for the scaled 32 px on both sides) through stages.train, one
+    process accumulating 2, against train.py on 2 processes: lr, loss and gradient at every update, final weights."""
+    p = params_file(tmp_path, prepared, {**PARITY, "models": ["test_vit"], "recipes.t2.warmup_epochs": 120,
+                                         "train.micro_batch": 8})
+    ours = our_run_in_process(tmp_path, p, monkeypatch, recipe="t2", arch="test_vit")
+    theirs = reference_run(p, extracted, 1, 2, recipe="t2", arch="test_vit")
+    assert theirs.args.model_kwargs == {"img_size": 32}
     assert_same_run(ours, theirs)
 
 

@@ -18,6 +18,7 @@ Randomness is not part of timm's recipe; tests/test_train.py checks separately t
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from argparse import Namespace
 from contextlib import suppress
@@ -67,6 +68,11 @@ def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch
     args.warmup_epochs = rec["warmup_epochs"] * args.epochs / rec["epochs"]
     args.img_size = max(8, round(rec["img_size"] * scale["img_size"] / 224))
     args.model, args.num_classes, args.seed = arch, num_classes, params["train"]["seed"]
+    # a model that fixes its patch grid at creation is built for the scaled size, as `--model-kwargs img_size=N`
+    # would build it (decided here from the model class's own signature)
+    cls = type(timm.create_model(arch, pretrained=False))
+    if args.img_size != 224 and "img_size" in inspect.signature(cls.__init__).parameters:
+        args.model_kwargs = {"img_size": args.img_size}
     args.channels_last = params["train"]["channels_last"]  # train.py --channels-last (memory layout only)
     args.batch_size, args.grad_accum_steps, args.world_size = micro_batch, accum, world
     assert micro_batch * accum * world == scale["batch_size"], "the reference runs the params' global batch"
