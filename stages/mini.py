@@ -1,6 +1,7 @@
 """mini: the embedded default's data, a miniature ImageNet release in the official archive formats.
 
     python -m stages.mini --out data/mini
+    python -m stages.mini --downstream data/downstream   (the transfer study's two downstream sets, rsb.data.downstream)
 
 Results card (2 cores AMD EPYC, 2026-11-27, the default 20 classes x 80/25/10 images): ~10 s, 8.9 MB of archives.
 """
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from rsb.config import load_params
+from rsb.data.downstream import write_downstream
 from rsb.data.mini import write_release
 
 
@@ -18,8 +20,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Generate the miniature ImageNet release (official archive formats).")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", type=Path, help="folder for the archives (default: params data.raw)")
+    p.add_argument("--downstream", type=Path, help="write the downstream datasets (ImageFolder layout) here instead")
     args = p.parse_args(argv)
     data = load_params(args.params).data
+    if args.downstream:
+        summary = write_downstream(args.downstream, data.mini.seed, data.mini.image_size)
+        print(f"downstream datasets -> {args.downstream}: {summary}")
+        return summary
     out = args.out or Path(data.raw)
     summary = write_release(out, data.mini)
     (out / "release.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_labels"}, indent=2))

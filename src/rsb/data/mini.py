@@ -122,11 +122,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
-def object_mask(rng: np.random.Generator, size: tuple[int, int], r: float) -> np.ndarray:
+def object_mask(rng: np.random.Generator, size: tuple[int, int], r: float, shape: str | None = None) -> np.ndarray:
+    """A filled outline of radius `r` at a random position; its shape drawn from SHAPES unless given."""
     w, h = size
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     mask = Image.new("L", size, 0)
-    draw, shape = ImageDraw.Draw(mask), SHAPES[rng.integers(len(SHAPES))]
+    drawn = SHAPES[rng.integers(len(SHAPES))]
+    draw, shape = ImageDraw.Draw(mask), shape or drawn
     if shape == "disc":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:
@@ -137,9 +139,14 @@ def object_mask(rng: np.random.Generator, size: tuple[int, int], r: float) -> np
 def draw_object(img: np.ndarray, rng: np.random.Generator, label: int, style: Style,
                 scale: tuple[float, float] | None = None) -> None:
     """Paint an object of class `label` into `img` (H, W, 3 float): its colour family and texture are the class."""
-    texture, hue = TEXTURES[label % len(TEXTURES)], HUES[label // len(TEXTURES)]
+    paint(img, rng, TEXTURES[label % len(TEXTURES)], HUES[label // len(TEXTURES)], style, scale)
+
+
+def paint(img: np.ndarray, rng: np.random.Generator, texture: str, hue: float, style: Style,
+          scale: tuple[float, float] | None = None, shape: str | None = None) -> None:
+    """An object of one colour family and surface texture (the mini's four or the downstream sets' others)."""
     h, w, _ = img.shape
-    mask = object_mask(rng, (w, h), 0.5 * min(w, h) * rng.uniform(*(scale or style.scale)))
+    mask = object_mask(rng, (w, h), 0.5 * min(w, h) * rng.uniform(*(scale or style.scale)), shape)
     v = rng.uniform(0.6, 1.0)
     light = np.array(_rgb(hue + rng.normal(0, style.hue_jitter), rng.uniform(0.65, 1.0), v), dtype=np.float32)
     dark = light * (1 - 0.6 * style.contrast)
@@ -148,14 +155,30 @@ def draw_object(img: np.ndarray, rng: np.random.Generator, label: int, style: St
     u, t = xx * math.cos(angle) - yy * math.sin(angle), xx * math.sin(angle) + yy * math.cos(angle)
     period = rng.uniform(0.2, 0.28) * max(w, h)  # >= ~8 px per period at 40 px: visible at the mini resolution
     phase = rng.uniform(0, period)
-    on = {"solid": np.zeros_like(u, dtype=bool), "hstripes": ((t + phase) // (period / 2)) % 2 == 1,
-          "vstripes": ((u + phase) // (period / 2)) % 2 == 1,
-          "checker": (((u + phase) // (period / 2)) + ((t + phase) // (period / 2))) % 2 == 1}[texture]
+    half = period / 2
+    on = {"solid": lambda: np.zeros_like(u, dtype=bool),
+          "hstripes": lambda: ((t + phase) // half) % 2 == 1,
+          "vstripes": lambda: ((u + phase) // half) % 2 == 1,
+          "checker": lambda: (((u + phase) // half) + ((t + phase) // half)) % 2 == 1,
+          # the downstream sets' textures (rsb.data.downstream): new concepts from the same edges and colours
+          "diagonal": lambda: ((u + t + phase) // half) % 2 == 1,
+          "dots": lambda: (((u + phase) % half - half / 2) ** 2 + ((t + phase) % half - half / 2) ** 2) < (half / 3) ** 2,
+          "rings": lambda: (np.hypot(u - u[mask].mean(), t - t[mask].mean()) // (half / 1.5)) % 2 == 1,
+          "fine": lambda: ((t + phase) // (half / 2)) % 2 == 1}[texture]()
     img[mask] = np.where(on[..., None], dark, light)[mask]
 
 
 def render(rng: np.random.Generator, labels: list[int], style: Style, image_size: int) -> Image.Image:
     """An image of `labels[0]`, plus smaller objects of any further labels (ReaL's multi-label images)."""
+    img = background(rng, style, image_size)
+    for extra in labels[1:]:
+        draw_object(img, rng, extra, style, scale=(0.2, 0.3))
+    draw_object(img, rng, labels[0], style)
+    return finish(img, style)
+
+
+def background(rng: np.random.Generator, style: Style, image_size: int) -> np.ndarray:
+    """A photo-like canvas (H, W, 3 float): the longer side `image_size`, the shorter drawn from [0.8, 1.0] of it."""
     short = int(image_size * rng.uniform(0.8, 1.0))
     size = (image_size, short) if rng.random() < 0.5 else (short, image_size)
     # Background: a low-saturation colour with smooth noise (lighting) and grain; clutter strokes of any colour.
@@ -169,10 +192,10 @@ def render(rng: np.random.Generator, labels: list[int], style: Style, image_size
         x0, y0 = rng.uniform(0, size[0]), rng.uniform(0, size[1])
         x1, y1 = x0 + rng.normal(0, size[0] / 5), y0 + rng.normal(0, size[1] / 5)
         draw.line([x0, y0, x1, y1], fill=_rgb(rng.random(), rng.random(), rng.random()), width=int(rng.integers(1, 3)))
-    img = np.asarray(bg, dtype=np.float32).copy()
-    for extra in labels[1:]:
-        draw_object(img, rng, extra, style, scale=(0.2, 0.3))
-    draw_object(img, rng, labels[0], style)
+    return np.asarray(bg, dtype=np.float32).copy()
+
+
+def finish(img: np.ndarray, style: Style) -> Image.Image:
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     return out.filter(ImageFilter.GaussianBlur(style.blur)) if style.blur else out
 
