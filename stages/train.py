@@ -48,27 +48,36 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     params = load_params(args.params)
     out = Outputs.of(args.arch, args.recipe, args.study, args.seed)
-    name = out.name
     world = int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
     r = resolve(params, args.arch, args.recipe, world_size=world, seed=args.seed)
     prepared = Path(params.data.prepared)
     load_classes(prepared)  # fails clearly before any process group work if prepare has not run
+    tags = {"rsb.kind": "train", "rsb.arch": args.arch, "rsb.recipe": args.recipe, "rsb.study": out.study,
+            "rsb.seed": str(r.train.seed)}
+    return launch(params, r, out, f"train@{out.name}", tags, prepared,
+                  tracking.datasets(prepared, params.data.raw, ("train",)))
 
+
+def launch(params, r, out: Outputs, stage: str, tags: dict, prepared: Path, datasets: list[dict],
+           folder: Path | None = None, start: Path | None = None, identity: str = "") -> dict:
+    """One training on this process's rank, from the process group to the declared outputs: a grid or study
+    training (images from `prepared`), or a fine-tune (`folder`, `start`; `identity` names both for resuming)."""
     rank, local_rank, world = distributed.init()
     threads = distributed.set_threads(r.train.threads)
     device = distributed.device_for(local_rank)
     distributed.check_precision(r.train.precision, device)
-    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), name, checkpoint.resume_digest(r.digest()))
-    tags = {**tracking.provenance(f"train@{name}", r.digest(), prepared), "rsb.kind": "train", "rsb.arch": args.arch,
-            "rsb.recipe": args.recipe,
+    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), out.name, checkpoint.resume_digest(r.digest() + identity))
+    tags = {**tracking.provenance(stage, r.digest(), prepared), **tags,
             "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
-            "rsb.device": device_name(device), "rsb.study": out.study, "rsb.seed": str(r.train.seed)}
-    tracker = tracking.start(rank == 0, params.experiment, name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
+            "rsb.device": device_name(device)}
+    tracker = tracking.start(rank == 0, params.experiment, out.name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"),
+                             tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
     tracker.log_params(flatten(resolved))
-    tracker.log_datasets(tracking.datasets(prepared, params.data.raw, ("train",)), "training")
+    tracker.log_datasets(datasets, "training")
 
-    run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags)
+    run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags,
+              folder=folder, start=start)
     t0 = time.perf_counter()
     try:
         model, extra = train(run)
@@ -86,6 +95,7 @@ def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, ext
     final = h[-1]
     wall = sum(x.get("train/wall_s", x["train/epoch_s"]) for x in h)  # every epoch, across resumes
     metrics = {"train/loss": final["train/loss"], "val/top1": final.get("val/top1"), "val/top5": final.get("val/top5"),
+               "val/count": final.get("val/count"),
                "train/img_per_s": sum(x["train/img_per_s"] for x in h) / len(h),
                "train/time_s": sum(x["train/epoch_s"] for x in h), "train/wall_s": wall, "train/stage_s": seconds,
                "devices": run.r.world_size, "device_hours": run.r.world_size * wall / 3600,

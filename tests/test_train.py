@@ -32,7 +32,7 @@ from rsb.training import create_loss, create_model, create_optimizer, create_sch
 
 from conftest import ROOT, clean_env, write_params
 
-RECIPES = ("a1", "a2", "a3", "t2")  # the paper's three and DeiT's (T2, for the A2-vs-T2 comparison)
+RECIPES = ("a1", "a2", "a3", "t2", "ft")  # the paper's three, DeiT's (T2, for A2 vs T2) and the transfer fine-tune
 NAME = "test_resnet-a1"
 
 
@@ -82,13 +82,18 @@ def test_model_optimizer_schedule_equal_train_py(tmp_path, prepared, recipe):
 def test_mixup_loss_transform_equal_train_py(tmp_path, prepared, extracted, recipe):
     r, args = both_sides(params_file(tmp_path, prepared), recipe)
     mo, mt = loaders.mixup(r, 20), ref.create_mixup(args)
-    assert mo is not None and vars(mo) == vars(mt)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 20, (8,))
-    loaders.seed_all(3)
-    xo, yo = mo(x.clone(), y.clone())
-    loaders.seed_all(3)
-    xt, yt = mt(x.clone(), y.clone())
-    assert torch.equal(xo, xt) and torch.equal(yo, yt)
+    if recipe == "ft":  # the fine-tune mixes nothing: class indices go to the loss, as in train.py
+        assert mo is None and mt is None
+        xo = xt = x
+        yo = yt = y
+    else:
+        assert mo is not None and vars(mo) == vars(mt)
+        loaders.seed_all(3)
+        xo, yo = mo(x.clone(), y.clone())
+        loaders.seed_all(3)
+        xt, yt = mt(x.clone(), y.clone())
+        assert torch.equal(xo, xt) and torch.equal(yo, yt)
 
     lo, lt = create_loss(r), ref.create_loss(args)
     assert type(lo) is type(lt)

@@ -37,7 +37,7 @@ from rsb.data.loader import sample_seed, seed_all, stream_seed  # the project's 
 
 # train.py's argparse defaults, for the options its components read (train.py: "Model parameters" ... "Misc").
 TRAIN_PY_DEFAULTS = dict(
-    model="resnet50", pretrained=False, initial_checkpoint="", num_classes=None, gp=None, img_size=None,
+    model="resnet50", pretrained=False, pretrained_path=None, initial_checkpoint="", num_classes=None, gp=None, img_size=None,
     in_chans=None, input_size=None, crop_pct=None, mean=None, std=None, interpolation="", batch_size=128,
     grad_accum_steps=1, model_kwargs={}, torchscript=False,
     opt="sgd", opt_eps=None, opt_betas=None, momentum=0.9, weight_decay=2e-5, clip_grad=None, clip_mode="norm",
@@ -57,9 +57,15 @@ NOT_TRAIN_PY = {"test_img_size"}  # recipe keys that are validate.py's (the eval
 
 
 def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch: int, world: int, accum: int,
-             precision: str = "fp32") -> Namespace:
-    """train.py's `args` for one recipe of params.yaml, run on `world` processes accumulating `accum` micro-batches."""
-    rec, scale = params["recipes"][recipe], params["scale"]
+             precision: str = "fp32", pretrained_path: str | None = None) -> Namespace:
+    """train.py's `args` for one recipe of params.yaml, run on `world` processes accumulating `accum` micro-batches;
+    with `pretrained_path`, the transfer study's fine-tune: `--pretrained --pretrained-path`, and the study's
+    transfer.epochs / transfer.lr_factor in place of scale's (where not null)."""
+    rec, scale = params["recipes"][recipe], dict(params["scale"])
+    if pretrained_path:
+        for key, own in (("epochs", "epochs"), ("lr_factor", "lr_factor")):
+            if params["transfer"][own] is not None:
+                scale[key] = params["transfer"][own]
     unknown = set(rec) - set(TRAIN_PY_DEFAULTS) - NOT_TRAIN_PY
     assert not unknown, f"recipe keys that are not train.py options: {unknown}"
     args = Namespace(**{**copy.deepcopy(TRAIN_PY_DEFAULTS), **{k: v for k, v in rec.items() if k not in NOT_TRAIN_PY}})
@@ -68,6 +74,7 @@ def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch
     args.warmup_epochs = rec["warmup_epochs"] * args.epochs / rec["epochs"]
     args.img_size = max(8, round(rec["img_size"] * scale["img_size"] / 224))
     args.model, args.num_classes, args.seed = arch, num_classes, params["train"]["seed"]
+    args.pretrained, args.pretrained_path = bool(pretrained_path), pretrained_path
     # a model that fixes its patch grid at creation is built for the scaled size, as `--model-kwargs img_size=N`
     # would build it (decided here from the model class's own signature)
     cls = type(timm.create_model(arch, pretrained=False))
@@ -96,11 +103,14 @@ def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch
 
 def create_model(args: Namespace) -> torch.nn.Module:
     random_seed(args.seed, 0)  # train.py: utils.random_seed(args.seed, args.rank); DDP broadcasts rank 0's weights
+    factory_kwargs = {}
+    if args.pretrained_path:  # train.py: "merge with pretrained_cfg of model, 'file' has priority over 'url'"
+        factory_kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)  # head adaptation
     return timm.create_model(args.model, pretrained=args.pretrained, in_chans=3, num_classes=args.num_classes,
                              drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
                              global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
                              scriptable=args.torchscript, checkpoint_path=args.initial_checkpoint,
-                             **args.model_kwargs)
+                             **factory_kwargs, **args.model_kwargs)
 
 
 def create_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:

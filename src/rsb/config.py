@@ -83,9 +83,10 @@ class Recipe:
     smoothing: float = D.param(domain=D.number(0, 1, hi_open=True), source="timm Mixup label_smoothing")
     drop_path: float = D.param(domain=D.number(0, 1, hi_open=True), source="timm create_model drop_path_rate")
     aug_repeats: int = D.param(domain=D.number(0, integer=True), source="timm RepeatAugSampler num_repeats (0: off)")
-    aa: str = D.param(domain=D.timm_name("a timm auto-augment string (rand-m7-mstd0.5-inc1, ...)", _augment,
-                                         "rand-m7-mstd0.5-inc1", "rand-m7-mstd0.5-inc1x"),
-                      source="timm create_transform auto_augment")
+    aa: str | None = D.param(domain=D.optional(D.timm_name("a timm auto-augment string (rand-m7-mstd0.5-inc1, ...)",
+                                                           _augment, "rand-m7-mstd0.5-inc1", "rand-m7-mstd0.5-inc1x"),
+                                               "none: train.py's colour jitter 0.4 instead"),
+                             source="timm create_transform auto_augment")
     mixup: float = D.param(domain=D.number(0), source="timm Mixup mixup_alpha (Beta distribution; 0: off)")
     cutmix: float = D.param(domain=D.number(0), source="timm Mixup cutmix_alpha (0: off)")
     reprob: float = D.param(domain=PROBABILITY, source="timm RandomErasing probability")
@@ -198,6 +199,47 @@ class Procedures:
                                        source="recipes under recipes; the paper: A2 and DeiT's T2")
 
 
+def _weights_map(v, h) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and D.NAME.fullmatch(k) and k != SCRATCH and
+                                       isinstance(p, str) and p.strip() == p != "" for k, p in v.items())
+
+
+SCRATCH = "scratch"  # the start that is timm's random initialization
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Transfer learning (paper figure 7): the `recipe` fine-tuning procedure from each start on each downstream
+    dataset. studies/dvc.yaml."""
+    arch: str = D.param("resnet50", domain=D.timm_name("a timm architecture",
+                                                       lambda v: D.NAME.fullmatch(v) and _arch(v), "resnet50",
+                                                       "resnet5O"),
+                        source="timm.is_model; the paper: resnet50")
+    recipe: str = D.param("ft", domain=D.Domain("a recipe name under recipes",
+                                                 lambda v, h: isinstance(v, str) and bool(D.NAME.fullmatch(v)),
+                                                 lambda h: ["ft", "a1"], lambda h: ["f-t", ""]),
+                          source="the fine-tuning procedure (the same for every start and dataset)")
+    starts: tuple[str, ...] = D.param((SCRATCH,), domain=D.unique(D.name(), SCRATCH),
+                                      source=f"'{SCRATCH}' (timm's initialization) or names under transfer.weights")
+    weights: dict[str, str] = D.param(domain=D.Domain(
+        f"a mapping of start names (not '{SCRATCH}') to weights files", _weights_map,
+        lambda h: [{n: f"models/resnet50-{n}.safetensors" for n in h.starts if n != SCRATCH}],
+        lambda h: [{SCRATCH: "x.pth"}, {"a-1": "x.pth"}, {"a1": ""}]),
+        factory=dict, source="safetensors, or a weights-only torch file (torchvision's .pth); read, never downloaded")
+    root: str = D.param("data/downstream", domain=D.text(), source="folder holding the downstream datasets")
+    datasets: tuple[str, ...] = D.param(("patterns", "outlines"), domain=D.unique(D.name(), "patterns"),
+                                        source="folders under root, each <name>/train/<class>/..., <name>/val/<class>/...")
+    epochs: float | None = D.param(None, domain=D.optional(D.number(0, lo_open=True), "scale.epochs"),
+                                   source="factor on the fine-tuning recipe's epochs, in place of scale.epochs")
+    lr_factor: float | None = D.param(None, domain=D.optional(D.number(0, lo_open=True), "scale.lr_factor"),
+                                      source="lr factor for fine-tuning, in place of scale.lr_factor")
+
+    def scale(self, scale: "Scale") -> "Scale":
+        """`scale` as the fine-tuning runs apply it."""
+        return dataclasses.replace(scale, epochs=self.epochs or scale.epochs,
+                                   lr_factor=self.lr_factor or scale.lr_factor)
+
+
 @dataclass(frozen=True)
 class Params:
     experiment: str = D.param(domain=D.text(), source="MLflow experiment name (non-empty)")
@@ -213,6 +255,7 @@ class Params:
     benchmark: Benchmark = field(default_factory=Benchmark)
     seeds: Seeds = field(default_factory=Seeds)
     procedures: Procedures = field(default_factory=Procedures)
+    transfer: Transfer = field(default_factory=Transfer)
 
     def check(self) -> None:
         """What spans sections, after every key's own domain."""
@@ -223,10 +266,16 @@ class Params:
                               "ZeRO flattens gradients with .view(-1), which channels_last convolution gradients "
                               "refuse (measured: RuntimeError at the first backward); set train.channels_last: false")
         for key, names in (("run lists", self.run), ("seeds.recipe is", (self.seeds.recipe,)),
-                           ("procedures.recipes lists", self.procedures.recipes)):
+                           ("procedures.recipes lists", self.procedures.recipes),
+                           ("transfer.recipe is", (self.transfer.recipe,))):
             for name in names:
                 if name not in self.recipes:
                     raise ConfigError(f"{key} recipe {name!r}, which is not under recipes ({', '.join(self.recipes)})")
+        for name in self.transfer.starts:
+            if name != SCRATCH and name not in self.transfer.weights:
+                raise ConfigError(f"transfer.starts lists {name!r}, which is neither '{SCRATCH}' nor under "
+                                  f"transfer.weights ({', '.join(self.transfer.weights) or 'empty'}); add "
+                                  f"`{name}: <weights file>` there")
 
     def recipe(self, name: str) -> Recipe:
         if name not in self.recipes:
@@ -263,7 +312,7 @@ def check_timm(params: Params, source: str = "params.yaml") -> None:
     every recipe: milliseconds once timm is imported; the stages with expensive work call it first."""
     try:
         for key, arch in [("models", a) for a in params.models] + [("seeds.arch", params.seeds.arch)] + \
-                [("procedures.models", a) for a in params.procedures.models]:
+                [("procedures.models", a) for a in params.procedures.models] + [("transfer.arch", params.transfer.arch)]:
             if not _arch(arch):
                 raise ConfigError(f"{key}: {arch!r} is not a timm architecture (see timm.list_models('{arch[:6]}*'))")
         for name, recipe in params.recipes.items():  # every recipe: the studies train some that `run` does not list
@@ -375,9 +424,9 @@ class Resolved:
 
 
 def check_arch(params: Params, arch: str) -> None:
-    if arch not in (*params.models, params.seeds.arch, *params.procedures.models):
+    if arch not in (*params.models, params.seeds.arch, *params.procedures.models, params.transfer.arch):
         raise ConfigError(f"architecture {arch!r} is not under models in params.yaml ({', '.join(params.models)}), "
-                          "seeds.arch or procedures.models")
+                          "seeds.arch, procedures.models or transfer.arch")
     check_timm(params)
 
 
@@ -427,15 +476,15 @@ ZERO_SAFE_OPTIMIZERS = ("adam", "adamw")
 
 
 def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None = None,
-            seed: int | None = None) -> Resolved:
-    """Apply `scale` to a recipe and check the global batch against the devices; `seed` replaces train.seed (the
-    seed study's runs)."""
+            seed: int | None = None, scale: Scale | None = None) -> Resolved:
+    """Apply `scale` (params.yaml's unless given: fine-tuning's, `Transfer.scale`) to a recipe and check the global
+    batch against the devices; `seed` replaces train.seed (the seed study's runs)."""
     check_arch(params, arch)
     try:  # the recipe trained, whether or not `run` lists it (check_timm covers those in `run`)
         check_domains(params.recipe(recipe_name), f"recipes.{recipe_name}.", timm=True)
     except ConfigError as e:
         raise ConfigError(f"params.yaml: {e}") from None
-    r, s, t = params.recipe(recipe_name), params.scale, params.train
+    r, s, t = params.recipe(recipe_name), scale or params.scale, params.train
     if seed is not None:
         t = dataclasses.replace(t, seed=seed)
     if t.zero_stage and r.opt not in ZERO_SAFE_OPTIMIZERS:

@@ -2,6 +2,7 @@
 
     Outputs.of("resnet50", "a1")                        models/resnet50-a1.safetensors, metrics/train/..., runs/...
     Outputs.of("resnet50", "a2", study="seeds", seed=7)  studies/seeds/models/resnet50-a2-seed7.safetensors, ...
+    Outputs.finetune("resnet50", "a1", "pets")          studies/transfer/models/resnet50-a1-to-pets.safetensors, ...
 
 A study's files never land in the grid's folders, so the figure-4 report (which depends on metrics/train and
 metrics/eval as folders) does not rerun when a seed is added. Checkpoints stay under checkpoints/<name>/ (the name is
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GRID = "grid"  # the `rsb.study` tag of the main (models x run) trainings
+TRANSFER = "transfer"  # the transfer study's fine-tunes
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Outputs:
     root: Path = Path(".")
     study: str = GRID
     seed: int | None = None
+    matrix_key: str | None = None  # the fine-tune's finetune@<start>-<dataset>
 
     @classmethod
     def of(cls, arch: str, recipe: str, study: str | None = None, seed: int | None = None,
@@ -29,6 +32,11 @@ class Outputs:
         if study and study != GRID:
             return cls(name, root / "studies" / study, study, seed)
         return cls(name, root, GRID, seed)
+
+    @classmethod
+    def finetune(cls, arch: str, start: str, dataset: str, root: Path = Path(".")) -> "Outputs":
+        """The transfer study's fine-tune of `arch` from `start` on `dataset`: studies/transfer/..."""
+        return cls(f"{arch}-{start}-to-{dataset}", root / "studies" / TRANSFER, TRANSFER, None, f"{start}-{dataset}")
 
     @property
     def weights(self) -> Path:
@@ -61,6 +69,8 @@ class Outputs:
             return f"train@{self.name}"
         if self.seed is not None:
             return f"studies/dvc.yaml:seed-train@{self.seed}"
+        if self.study == TRANSFER:
+            return f"studies/dvc.yaml:finetune@{self.matrix_key}"
         return f"studies/dvc.yaml:{self.study}-train@{self.name}"
 
     @property

@@ -16,6 +16,7 @@ from rsb import checkpoint, distributed, engine
 from rsb.config import Resolved
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split, load_classes
+from rsb.data.folder import Folder, check as folder_check
 from rsb.tracking import Tracker
 
 
@@ -34,9 +35,14 @@ def model_kwargs(arch: str, img_size: int) -> dict:
     return {"img_size": img_size}
 
 
-def create_model(r: Resolved, num_classes: int) -> torch.nn.Module:
+def create_model(r: Resolved, num_classes: int, start: Path | None = None) -> torch.nn.Module:
+    """`start` (fine-tuning): timm train.py's `--pretrained --pretrained-path <start>`, i.e. timm's own loader with
+    `num_classes=-1` in the overlay, which forces the head adaptation: every tensor but the classifier comes from the
+    file, the classifier keeps its fresh initialization for `num_classes` (rsb.transfer checked the file first)."""
+    pretrained = {} if start is None else {"pretrained": True,
+                                           "pretrained_cfg_overlay": dict(file=str(start), num_classes=-1)}
     return timm.create_model(r.arch, num_classes=num_classes, drop_path_rate=r.recipe.drop_path,
-                             **model_kwargs(r.arch, r.img_size))
+                             **model_kwargs(r.arch, r.img_size), **pretrained)
 
 
 def create_optimizer(model: torch.nn.Module, r: Resolved) -> torch.optim.Optimizer:
@@ -78,16 +84,23 @@ class Run:
     tags: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     updates: list[dict] = field(default_factory=list)
+    folder: Path | None = None       # fine-tuning: a downstream ImageFolder dataset instead of `prepared`
+    start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer)
+
+    def split(self, name: str, transform) -> torch.utils.data.Dataset:
+        return Split(self.prepared, name, transform) if self.folder is None else Folder(self.folder, name, transform)
+
+    def num_classes(self) -> int:
+        return len(load_classes(self.prepared) if self.folder is None else folder_check(self.folder)["classes"])
 
 
 def train(run: Run) -> tuple[torch.nn.Module, dict]:
     r = run.r
     dtype = distributed.AUTOCAST[r.train.precision]
     torch.manual_seed(r.train.seed)  # identical initial weights on every rank
-    num_classes = len(load_classes(run.prepared))
-    model = create_model(r, num_classes).to(run.device)
-    train_set = Split(run.prepared, "train", loaders.train_transform(r, model))
-    val_set = Split(run.prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))
+    model = create_model(r, run.num_classes(), run.start).to(run.device)
+    train_set = run.split("train", loaders.train_transform(r, model))
+    val_set = run.split("val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))
     optimizer = create_optimizer(model, r)
     ds_engine = distributed.initialize(model, optimizer, r)
     if r.train.channels_last:  # after initialize: DeepSpeed's parameter broadcast needs contiguous tensors
@@ -97,7 +110,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     updates_per_epoch = loaders.MicroBatchSampler(train_set, r.micro_batch, r.grad_accum, r.world_size, run.rank,
                                                   r.recipe.aug_repeats).updates
     if updates_per_epoch == 0:
-        raise ValueError(f"{run.prepared}: {len(train_set)} train images make no full update of batch "
+        raise ValueError(f"{run.folder or run.prepared}: {len(train_set)} train images make no full update of batch "
                          f"{r.batch_size}; lower scale.batch_size")
     step = engine.Step(engine=ds_engine, loss_fn=create_loss(r), mixup_fn=loaders.mixup(r, train_set.num_classes),
                        scheduler=create_scheduler(optimizer, r, updates_per_epoch), device=run.device, dtype=dtype,
@@ -118,7 +131,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
         last = epoch == r.epochs - 1
         if last or (r.train.eval_every and (epoch + 1) % r.train.eval_every == 0):
             val = engine.evaluate(ds_engine.module, val_loader, run.device, dtype, r.train.channels_last)
-            stats.update({"val/top1": val["top1"], "val/top5": val["top5"]})
+            stats.update({"val/top1": val["top1"], "val/top5": val["top5"], "val/count": val["count"]})
         row = {"epoch": epoch + 1, **stats, "train/wall_s": time.perf_counter() - began}  # the epoch's cost
         run.history.append(row)
         run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
