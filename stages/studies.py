@@ -4,6 +4,7 @@
     python -m stages.studies cost            reports/cost.md, .csv, .png         (cost vs accuracy, fig. 1)
     python -m stages.studies architectures   reports/architectures.md, .csv, .png (recipes x architectures, fig. 3)
     python -m stages.studies procedures      reports/procedures.md, .csv, .png   (A2 vs T2 on two models, fig. 8)
+    python -m stages.studies transfer        reports/transfer.md, .csv, .png     (fine-tuned from each start, fig. 7)
 
 Each reads only the stages' JSON outputs (never MLflow), states its scale in its caption, and logs itself as one
 MLflow parent run (`rsb.kind=study`) with the report files as artifacts and its summary numbers as metrics
@@ -93,7 +94,25 @@ def procedures(params, out: Path) -> tuple[dict, list[str]]:
     return metrics, [r for r in runs if r]
 
 
-STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures, "procedures": procedures}
+def transfer(params, out: Path) -> tuple[dict, list[str]]:
+    tr = params.transfer
+    rows = studies.transfer_rows(tr.arch, list(tr.starts), list(tr.datasets))
+    if all(r["top1"] is None for r in rows):
+        raise ConfigError("studies/transfer/metrics/train: no (transfer.starts x transfer.datasets) pair is "
+                          "fine-tuned; run `dvc repro studies/dvc.yaml:transfer-report`")
+    summary = studies.transfer_summary(rows)
+    text = _caption(params) + (f" Fine-tuning: recipes.{tr.recipe} x epochs factor {tr.scale(params.scale).epochs}, "
+                               f"lr factor {tr.scale(params.scale).lr_factor}.")
+    write_text(out / "transfer.md", studies.transfer_markdown(rows, summary, tr.recipe, text))
+    write_csv(out / "transfer.csv", rows)
+    studies.transfer_plot(rows, out / "transfer.png", text)
+    metrics = {f"transfer/{r['start']}-{r['dataset']}_top1": r["top1"] for r in rows}
+    metrics.update({f"transfer/{st}_mean_top1": m for st, m in summary["means"].items()})
+    return metrics, [r["run_id"] for r in rows if r["run_id"]]
+
+
+STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures, "procedures": procedures,
+           "transfer": transfer}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics, children = STUDIES[args.study](params, args.out)
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     label = {"seeds": f"{params.seeds.arch}-{params.seeds.recipe}, {len(params.seeds.seeds)} seeds",
-             "procedures": f"{' x '.join(params.procedures.models)} under {', '.join(params.procedures.recipes)}"
-             }.get(args.study, ", ".join(params.models))
+             "procedures": f"{' x '.join(params.procedures.models)} under {', '.join(params.procedures.recipes)}",
+             "transfer": f"{params.transfer.arch} from {', '.join(params.transfer.starts)} to "
+                         f"{', '.join(params.transfer.datasets)}"}.get(args.study, ", ".join(params.models))
     tracking.study_run(params.experiment, args.study, label, metrics, sorted(args.out.glob(f"{args.study}.*")),
                        children, tracking.digest(params), Path(params.data.prepared))
     print((args.out / f"{args.study}.md").read_text())

@@ -177,6 +177,38 @@ def test_studies_run_with_one_command_and_rerun_only_what_changed(repo):
         "seed replicas are not registered models"
 
 
+def test_transfer_study_runs_with_one_command_and_reruns_only_what_changed(repo, tmp_path):
+    """The transfer study on the grid's A1 model, timm's initialization and a .pth file outside the project (an
+    external dependency, as torchvision's weights file would be): one command; a second run does nothing; a changed
+    weights file reruns its start, its fine-tune and the report, nothing else."""
+    import timm
+    import torch
+
+    ext = tmp_path / "weights" / "theirs.pth"
+    ext.parent.mkdir()
+    torch.manual_seed(5)
+    torch.save(timm.create_model("test_resnet").state_dict(), ext)
+    set_params(repo, {"transfer.arch": "test_resnet", "transfer.starts": ["a1", "scratch", "theirs"],
+                      "transfer.weights": {"a1": "models/test_resnet-a1.safetensors", "theirs": str(ext)},
+                      "transfer.datasets": ["patterns"], "transfer.epochs": 0.01})
+    commit(repo, "transfer from A1, scratch and an outside weights file")
+    out = sh(repo, "dvc", "repro", "studies/dvc.yaml:transfer-report").stdout
+    fine = {f"studies/dvc.yaml:finetune@{s}-patterns" for s in ("a1", "scratch", "theirs")}
+    starts = {"studies/dvc.yaml:transfer-start@a1", "studies/dvc.yaml:transfer-start@theirs",
+              "studies/dvc.yaml:transfer-scratch"}
+    assert ran(out) == {"studies/dvc.yaml:transfer-data", *starts, *fine, "studies/dvc.yaml:transfer-report"}, out
+    md = (repo / "reports/transfer.md").read_text()
+    assert "NOT comparable to the paper's ImageNet numbers" in md and "Fine-tuning: recipes.ft" in md
+    assert re.search(r"\| a1 \| [\d.]+ \(80.40\) \| [\d.]+ \| [\d.]+ \|", md), md  # the grid's own val top-1
+    assert "Running stage" not in sh(repo, "dvc", "repro", "studies/dvc.yaml:transfer-report").stdout
+    assert "Running stage" not in sh(repo, "dvc", "repro").stdout, "the default pipeline does not see the study"
+    torch.manual_seed(6)
+    torch.save(timm.create_model("test_resnet").state_dict(), ext)
+    out = sh(repo, "dvc", "repro", "studies/dvc.yaml:transfer-report").stdout
+    assert ran(out) == {"studies/dvc.yaml:transfer-start@theirs", "studies/dvc.yaml:finetune@theirs-patterns",
+                        "studies/dvc.yaml:transfer-report"}, out
+
+
 def test_mlflow_run_has_training_and_evaluation(repo):
     from mlflow.tracking import MlflowClient
 

@@ -1,5 +1,6 @@
 """The paper's other results, from the stages' JSON outputs only: the seed study (fig. 5-6), training cost against
-accuracy (fig. 1) and the recipes across architectures (fig. 3). Pure functions; `stages.studies` writes the files.
+accuracy (fig. 1), the recipes across architectures (fig. 3), A2 vs T2 (fig. 8) and transfer learning (fig. 7).
+Pure functions; `stages.studies` writes the files.
 
 Statistics are taken at the end of training (the last epoch's model, as the paper's seed study), with the sample
 standard deviation (n - 1); a statistic that n does not define (std of one seed, a correlation of fewer than three)
@@ -364,6 +365,122 @@ def procedures_plot(rows: list[dict], path: Path, caption: str) -> None:
         ax.plot(recipes, [cell[arch, rc]["val_top1"] for rc in recipes], marker="o", label=f"{arch} (ours)")
     ax.set(xlabel="training procedure", ylabel="val top-1 (%)", title="architecture x procedure (fig. 8)")
     ax.legend(fontsize=7)
+    _save(fig, path, caption)
+
+
+# --- transfer learning ----------------------------------------------------------------------------------------------
+
+def transfer_rows(arch: str, starts: list[str], datasets: list[str], root: Path = Path(".")) -> list[dict]:
+    """One row per (start, dataset): the fine-tune's downstream val top-1 and its val size, the start's ImageNet-val
+    top-1 (ours: the final val top-1 of its training, where the start is one of the grid's models; published: the
+    paper's)."""
+    paper = {r["start"]: r for r in published("paper_transfer.csv")}
+    out = []
+    for start in starts:
+        ours_imagenet = (_read(Outputs.of(arch, start, root=root).train_metrics) or {}).get("val/top1")
+        for dataset in datasets:
+            o = Outputs.finetune(arch, start, dataset, root=root)
+            m, run = _read(o.train_metrics) or {}, _read(o.run_file) or {}
+            ref = paper.get(start, {})
+            out.append({"start": start, "dataset": dataset, "top1": m.get("val/top1"), "count": m.get("val/count"),
+                        "train_s": m.get("train/wall_s"), "imagenet_top1": ours_imagenet,
+                        "paper_imagenet_top1": float(ref["imagenet_val_top1"]) if ref.get("imagenet_val_top1") else None,
+                        "paper_top1": float(ref["downstream_top1"]) if ref.get("downstream_top1") else None,
+                        "paper_source": ref.get("source"), "run_id": run.get("run_id")})
+    return out
+
+
+def _noise(a: dict, b: dict) -> float | None:
+    """Two standard errors of the difference of two binomial top-1s (None where a split size is unknown)."""
+    if not (a.get("count") and b.get("count")) or a["top1"] is None or b["top1"] is None:
+        return None
+    return 2 * math.hypot(binomial_se(a["top1"], a["count"]), binomial_se(b["top1"], b["count"]))
+
+
+def transfer_summary(rows: list[dict], scratch: str = "scratch") -> dict:
+    """Per start: the mean downstream top-1 over the datasets it has all of (None otherwise), its rank; per dataset:
+    the best pretrained start's lead over `scratch`, and whether that lead exceeds the noise (two binomial s.e.)."""
+    starts, datasets = list(dict.fromkeys(r["start"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
+    cell = {(r["start"], r["dataset"]): r for r in rows}
+    means = {}
+    for st in starts:
+        vals = [cell[st, d]["top1"] for d in datasets]
+        means[st] = None if None in vals else sum(vals) / len(vals)
+    ranked = sorted((st for st in starts if means[st] is not None), key=lambda st: means[st], reverse=True)
+    ses = {}  # binomial s.e. of each start's mean over the datasets (None where a val size is unknown)
+    for st in ranked:
+        parts = [binomial_se(cell[st, d]["top1"], cell[st, d]["count"]) for d in datasets]
+        ses[st] = None if None in parts else math.sqrt(sum(x * x for x in parts)) / len(parts)
+    # between neighbours in the ranking: ">" when the lead exceeds two s.e. of the difference, else "~" (noise)
+    gaps = [">" if ses[a] is None or ses[b] is None or means[a] - means[b] > 2 * math.hypot(ses[a], ses[b]) else "~"
+            for a, b in zip(ranked, ranked[1:])]
+    lead = {}
+    for d in datasets:
+        pre = [cell[st, d] for st in starts if st != scratch and cell[st, d]["top1"] is not None]
+        base = cell.get((scratch, d))
+        if not pre or base is None or base["top1"] is None:
+            lead[d] = None
+            continue
+        best = max(pre, key=lambda r: r["top1"])
+        noise = _noise(best, base)
+        lead[d] = {"start": best["start"], "points": best["top1"] - base["top1"], "noise": noise,
+                   "beyond_noise": noise is not None and best["top1"] - base["top1"] > noise}
+    return {"means": means, "ranked": ranked, "gaps": gaps, "lead_over_scratch": lead}
+
+
+def transfer_markdown(rows: list[dict], summary: dict, recipe: str, caption: str) -> str:
+    starts, datasets = list(dict.fromkeys(r["start"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
+    cell = {(r["start"], r["dataset"]): r for r in rows}
+    first = {r["start"]: r for r in rows}
+    lines = ["# Transfer learning: one fine-tuning procedure from each pretraining (the paper's figure 7)", "",
+             caption, "",
+             f"Downstream val top-1 (%) after fine-tuning with `recipes.{recipe}` (the same procedure for every start "
+             "and dataset; not the paper's hyperparameters, which no source we hold gives). ImageNet-val: the start's "
+             "top-1 on this run's ImageNet at the end of its training (ours; empty for a start not trained here) and "
+             "as published. Published downstream numbers are empty: the "
+             "figure's values are not in a source we could verify.", "",
+             "| start | ImageNet-val ours (published) | " + " | ".join(datasets) + " | mean |",
+             "|---" * (len(datasets) + 3) + "|"]
+    for st in starts:
+        lines.append(f"| {st} | {_f(first[st]['imagenet_top1'])} ({_f(first[st]['paper_imagenet_top1'], 2)}) | "
+                     + " | ".join(_f(cell[st, d]["top1"]) for d in datasets) + f" | {_f(summary['means'][st])} |")
+    lines += ["", "Val images per dataset: " + ", ".join(
+        f"{d} {next((cell[st, d]['count'] for st in starts if cell[st, d]['count']), None) or '?'}" for d in datasets)
+        + " (one binomial standard error at 50% top-1 is 50/sqrt(N) points)."]
+    lines += ["", "## What the numbers say", ""]
+    if summary["ranked"]:
+        ranked = summary["ranked"]
+        text = f"{ranked[0]} ({summary['means'][ranked[0]]:.2f})" + "".join(
+            f" {g} {st} ({summary['means'][st]:.2f})" for g, st in zip(summary["gaps"], ranked[1:]))
+        lines.append(f"Ranking by mean downstream top-1: {text} ('~': a lead under two binomial standard errors of "
+                     "the difference, i.e. noise at this size).")
+    for d, lead in summary["lead_over_scratch"].items():
+        if lead is None:
+            lines.append(f"- {d}: pretrained vs scratch undecided (a cell is missing or no scratch start).")
+        else:
+            verdict = "beyond noise" if lead["beyond_noise"] else "within noise (under two binomial s.e.)"
+            lines.append(f"- {d}: the best pretrained start ({lead['start']}) leads scratch by {lead['points']:+.2f} "
+                         f"points, {verdict}" + (f" (2 s.e. = {lead['noise']:.2f})" if lead["noise"] else "") + ".")
+    lines += ["", "The paper's finding (fig. 7, qualitative): A1 transfers best; A2 and the PyTorch default are close "
+              "downstream although A2 is much better on ImageNet-val and V2; A3 is clearly worse downstream (the "
+              "paper relates this to its 160 px training resolution).",
+              "", "Sources: " + "; ".join(sorted({r["paper_source"] for r in rows if r["paper_source"]})) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def transfer_plot(rows: list[dict], path: Path, caption: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    starts, datasets = list(dict.fromkeys(r["start"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
+    cell = {(r["start"], r["dataset"]): r for r in rows}
+    width = 0.8 / max(1, len(starts))
+    for i, st in enumerate(starts):
+        xs = [j + (i - (len(starts) - 1) / 2) * width for j in range(len(datasets))]
+        ys = [cell[st, d]["top1"] if cell[st, d]["top1"] is not None else 0 for d in datasets]
+        ax.bar(xs, ys, width, label=st)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set(ylabel="downstream val top-1 (%)", title="fine-tuned from each start (fig. 7)")
+    ax.legend(fontsize=7, title="start")
     _save(fig, path, caption)
 
 
