@@ -13,7 +13,6 @@ import pytest
 import timm
 import torch
 import yaml
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision.datasets import ImageFolder
 
 import timm_reference as ref
@@ -25,7 +24,7 @@ from rsb.io import load_weights
 from rsb.training import create_model
 
 from conftest import ROOT, clean_env, write_params
-from test_train import assert_same_run, read_outputs
+from test_train import assert_same_run, read_outputs, recorded_grads
 
 ARCH = "test_resnet"
 
@@ -183,13 +182,8 @@ def finetune_in_process(tmp_path: Path, params: Path, monkeypatch, start: str, d
     from stages.finetune import main
 
     monkeypatch.chdir(tmp_path)
-    grads: list = []
-    handle = register_optimizer_step_pre_hook(lambda opt, a, k: grads.append(
-        [p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]]))
-    try:
+    with recorded_grads() as grads:
         main(["--start", start, "--dataset", dataset, "--params", str(params)])
-    finally:
-        handle.remove()
     return read_outputs(tmp_path / "studies/transfer", grads, f"{ARCH}-{start}-to-{dataset}")
 
 

@@ -140,16 +140,20 @@ def test_studies_run_with_one_command_and_rerun_only_what_changed(repo):
     from mlflow.tracking import MlflowClient
 
     set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2],
-                      "procedures.models": ["test_resnet", "test_vit"], "procedures.recipes": ["a1", "t2"]})
-    commit(repo, "a seed study of two seeds; A1 against T2 on a small ResNet and a small ViT")
+                      "procedures.models": ["test_resnet", "test_vit"], "procedures.recipes": ["a1", "t2"],
+                      "transfer.arch": "test_resnet", "transfer.starts": ["scratch"], "transfer.weights": {},
+                      "transfer.datasets": ["patterns"], "transfer.epochs": 0.01})
+    commit(repo, "a seed study of two seeds; A1 against T2 on a small ResNet and a small ViT; a one-pair transfer")
     pairs = [f"{m}-{r}" for m in ("test_resnet", "test_vit") for r in ("a1", "t2")]
     study = {f"studies/dvc.yaml:{s}" for s in ("seed-train@1", "seed-train@2", "seed-evaluate@1", "seed-evaluate@2",
                                                "seeds-report", "cost", "architectures", "procedures-report",
-                                               *[f"procedures-{k}@{p}" for k in ("train", "evaluate") for p in pairs])}
+                                               *[f"procedures-{k}@{p}" for k in ("train", "evaluate") for p in pairs],
+                                               "transfer-data", "transfer-scratch", "finetune@scratch-patterns",
+                                               "transfer-report")}
     assert changed_stages(repo, "studies/dvc.yaml") == study and changed_stages(repo) == set()
     out = sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
     assert ran(out) == study, out  # the grid's models are reused, not retrained
-    for name in ("seeds", "cost", "architectures", "procedures"):
+    for name in ("seeds", "cost", "architectures", "procedures", "transfer"):
         md = (repo / "reports" / f"{name}.md").read_text()
         assert "NOT comparable to the paper's ImageNet numbers" in md, name
         assert (repo / "reports" / f"{name}.csv").is_file() and (repo / "reports" / f"{name}.png").is_file()

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -263,14 +264,21 @@ def our_run_in_process(tmp_path: Path, path: Path, monkeypatch, recipe: str = "a
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSB_TRACKING", "off")
+    with recorded_grads() as grads:
+        main(["--arch", arch, "--recipe", recipe, "--params", str(path)])
+    return read_outputs(tmp_path, grads, f"{arch}-{recipe}")
+
+
+@contextmanager
+def recorded_grads():
+    """Every gradient the optimizer is handed, per update (torch's global optimizer step pre-hook, not a patch)."""
     grads: list = []
     handle = register_optimizer_step_pre_hook(lambda opt, a, k: grads.append(
         [p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]]))
     try:
-        main(["--arch", arch, "--recipe", recipe, "--params", str(path)])
+        yield grads
     finally:
         handle.remove()
-    return read_outputs(tmp_path, grads, f"{arch}-{recipe}")
 
 
 def read_outputs(d: Path, grads: list, name: str = NAME) -> dict:

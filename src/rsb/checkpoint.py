@@ -19,6 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rsb.distributed import barrier, is_main
+from rsb.io import sha256
 
 
 class CheckpointMismatch(RuntimeError):
@@ -67,7 +68,7 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
     barrier()
     if is_main():
         meta = {k: client_state.get(k) for k in ("digest", "epoch", "mlflow_run_id")}
-        meta["files"] = {f.name: _sha256(f) for f in sorted((Path(ckpt_dir) / tag).iterdir()) if f.name != "rsb.json"}
+        meta["files"] = {f.name: sha256(f) for f in sorted((Path(ckpt_dir) / tag).iterdir()) if f.name != "rsb.json"}
         (Path(ckpt_dir) / tag / "rsb.json").write_text(json.dumps(meta))
         tmp = Path(ckpt_dir) / f".latest.{os.getpid()}"
         tmp.write_text(tag)
@@ -75,14 +76,6 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
         for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(tag_dir: Path) -> None:
@@ -95,7 +88,7 @@ def verify(tag_dir: Path) -> None:
         raise CheckpointMismatch(f"{tag_dir}: files {sorted(present)} are not the ones written ({sorted(files or [])})"
                                  "; the checkpoint is incomplete or was edited. Move it away to start fresh")
     for name, digest in files.items():
-        if _sha256(tag_dir / name) != digest:
+        if sha256(tag_dir / name) != digest:
             raise CheckpointMismatch(f"{tag_dir / name}: content differs from what was written (sha256); the "
                                      "checkpoint is damaged or was tampered with. Move it away to start fresh")
         try:

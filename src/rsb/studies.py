@@ -331,8 +331,7 @@ def winners(rows: list[dict], key: str) -> dict[str, str | None]:
 
 
 def procedures_markdown(rows: list[dict], caption: str) -> str:
-    models, recipes = list(dict.fromkeys(r["arch"] for r in rows)), list(dict.fromkeys(r["recipe"] for r in rows))
-    cell = {(r["arch"], r["recipe"]): r for r in rows}
+    models, recipes, cell = _table(rows, "arch", "recipe")
     lines = ["# Comparing architectures and procedures: the paradox (the paper's figure 8)", "", caption, "",
              "ImageNet-val top-1 (%), ours (published; empty: not published in a source we could verify). Each model "
              "is evaluated with its recipe's transform: resize to size / crop_pct, bicubic, centre crop, the model's "
@@ -352,15 +351,14 @@ def procedures_markdown(rows: list[dict], caption: str) -> str:
             return said + ": no ordering to compare (a lead under two binomial standard errors is noise)"
         return said + (": **the ordering flips**" if len(set(w.values())) > 1 else ": the same architecture wins")
     lines += ["", f"Ours: {verdict(ours)}.", f"Published: {verdict(paper)}.",
-              "", "Sources: " + "; ".join(sorted({r["paper_source"] for r in rows if r["paper_source"]})) + "."]
+              "", _sources(rows)]
     return "\n".join(lines) + "\n"
 
 
 def procedures_plot(rows: list[dict], path: Path, caption: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    models, recipes = list(dict.fromkeys(r["arch"] for r in rows)), list(dict.fromkeys(r["recipe"] for r in rows))
-    cell = {(r["arch"], r["recipe"]): r for r in rows}
+    models, recipes, cell = _table(rows, "arch", "recipe")
     for arch in models:
         ax.plot(recipes, [cell[arch, rc]["val_top1"] for rc in recipes], marker="o", label=f"{arch} (ours)")
     ax.set(xlabel="training procedure", ylabel="val top-1 (%)", title="architecture x procedure (fig. 8)")
@@ -400,8 +398,7 @@ def _noise(a: dict, b: dict) -> float | None:
 def transfer_summary(rows: list[dict], scratch: str = "scratch") -> dict:
     """Per start: the mean downstream top-1 over the datasets it has all of (None otherwise), its rank; per dataset:
     the best pretrained start's lead over `scratch`, and whether that lead exceeds the noise (two binomial s.e.)."""
-    starts, datasets = list(dict.fromkeys(r["start"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
-    cell = {(r["start"], r["dataset"]): r for r in rows}
+    starts, datasets, cell = _table(rows, "start", "dataset")
     means = {}
     for st in starts:
         vals = [cell[st, d]["top1"] for d in datasets]
@@ -429,8 +426,7 @@ def transfer_summary(rows: list[dict], scratch: str = "scratch") -> dict:
 
 
 def transfer_markdown(rows: list[dict], summary: dict, recipe: str, caption: str) -> str:
-    starts, datasets = list(dict.fromkeys(r["start"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
-    cell = {(r["start"], r["dataset"]): r for r in rows}
+    starts, datasets, cell = _table(rows, "start", "dataset")
     first = {r["start"]: r for r in rows}
     lines = ["# Transfer learning: one fine-tuning procedure from each pretraining (the paper's figure 7)", "",
              caption, "",
@@ -464,15 +460,14 @@ def transfer_markdown(rows: list[dict], summary: dict, recipe: str, caption: str
     lines += ["", "The paper's finding (fig. 7, qualitative): A1 transfers best; A2 and the PyTorch default are close "
               "downstream although A2 is much better on ImageNet-val and V2; A3 is clearly worse downstream (the "
               "paper relates this to its 160 px training resolution).",
-              "", "Sources: " + "; ".join(sorted({r["paper_source"] for r in rows if r["paper_source"]})) + "."]
+              "", _sources(rows)]
     return "\n".join(lines) + "\n"
 
 
 def transfer_plot(rows: list[dict], path: Path, caption: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    starts, datasets = list(dict.fromkeys(r["start"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
-    cell = {(r["start"], r["dataset"]): r for r in rows}
+    starts, datasets, cell = _table(rows, "start", "dataset")
     width = 0.8 / max(1, len(starts))
     for i, st in enumerate(starts):
         xs = [j + (i - (len(starts) - 1) / 2) * width for j in range(len(datasets))]
@@ -482,6 +477,16 @@ def transfer_plot(rows: list[dict], path: Path, caption: str) -> None:
     ax.set(ylabel="downstream val top-1 (%)", title="fine-tuned from each start (fig. 7)")
     ax.legend(fontsize=7, title="start")
     _save(fig, path, caption)
+
+
+def _table(rows: list[dict], a: str, b: str) -> tuple[list, list, dict]:
+    """The row keys, the column keys (each in first-seen order) and the cells of a two-key table."""
+    return (list(dict.fromkeys(r[a] for r in rows)), list(dict.fromkeys(r[b] for r in rows)),
+            {(r[a], r[b]): r for r in rows})
+
+
+def _sources(rows: list[dict]) -> str:
+    return "Sources: " + "; ".join(sorted({r["paper_source"] for r in rows if r["paper_source"]})) + "."
 
 
 def _pyplot():

@@ -11,12 +11,12 @@ the start as timm's train.py does with `--pretrained --pretrained-path <start>` 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import timm
 import torch
+
+from rsb.io import sha256
 
 
 class StartError(ValueError):
@@ -37,14 +37,6 @@ def reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
         model = timm.create_model(arch)
     skip = classifier_keys(arch)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
