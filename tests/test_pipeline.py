@@ -200,7 +200,9 @@ def test_transfer_study_runs_with_one_command_and_reruns_only_what_changed(repo,
     fine = {f"studies/dvc.yaml:finetune@{s}-patterns" for s in ("a1", "scratch", "theirs")}
     starts = {"studies/dvc.yaml:transfer-start@a1", "studies/dvc.yaml:transfer-start@theirs",
               "studies/dvc.yaml:transfer-scratch"}
-    assert ran(out) == {"studies/dvc.yaml:transfer-data", *starts, *fine, "studies/dvc.yaml:transfer-report"}, out
+    # (transfer-data may come from DVC's run cache: the all-studies test before this one generated the same sets)
+    assert ran(out) | restored(out) == {"studies/dvc.yaml:transfer-data", *starts, *fine,
+                                        "studies/dvc.yaml:transfer-report"}, out
     md = (repo / "reports/transfer.md").read_text()
     assert "NOT comparable to the paper's ImageNet numbers" in md and "Fine-tuning: recipes.ft" in md
     assert re.search(r"\| a1 \| [\d.]+ \(80.40\) \| [\d.]+ \| [\d.]+ \|", md), md  # the grid's own val top-1
@@ -237,6 +239,11 @@ def commit(repo: Path, message: str) -> None:
 
 def ran(out: str) -> set[str]:
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def restored(out: str) -> set[str]:
+    """Stages DVC brought back from its run cache instead of running (same command, deps and params as before)."""
+    return {line.split("'")[1] for line in out.splitlines() if "is cached - skipping run" in line}
 
 
 def experiments(repo: Path) -> dict[str, dict]:
