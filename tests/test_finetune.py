@@ -118,6 +118,28 @@ def test_torchvision_weights_start_the_model_as_train_py_pretrained_path_does(tm
     assert not torch.equal(create_model(r, 12).state_dict()["layer1.0.conv1.weight"], ours["layer1.0.conv1.weight"])
 
 
+def test_a_vit_start_of_another_grid_size_loads_as_train_py_loads_it(tmp_path, prepared):
+    """A ViT trained at the scaled 32 px (a 2 x 2 patch grid) starts a fine-tune: timm's loader resamples its
+    position embedding to the model's grid, on both sides; every other tensor must still match exactly."""
+    torch.manual_seed(3)
+    torch.save(timm.create_model("test_vit", img_size=32).state_dict(), tmp_path / "vit.pth")
+    start = tmp_path / "vit.safetensors"
+    transfer.import_start(tmp_path / "vit.pth", "test_vit", start)
+    p = tparams(tmp_path, prepared, tmp_path, {"transfer.arch": "test_vit"})
+    params = load_params(p)
+    r = resolve(params, "test_vit", "ft", scale=params.transfer.scale(params.scale))
+    torch.manual_seed(r.train.seed)
+    ours = create_model(r, 12, start).state_dict()
+    args = ref.args_for(yaml.safe_load(p.read_text()), "ft", "test_vit", 12, r.micro_batch, 1, r.grad_accum,
+                        pretrained_path=str(start))
+    theirs = ref.create_model(args).state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours) and ours["pos_embed"].shape == theirs["pos_embed"].shape
+    torch.save({k: (v[:, :1] if k == "blocks.0.attn.qkv.weight" else v) for k, v in
+                torch.load(tmp_path / "vit.pth").items()}, tmp_path / "bad.pth")
+    with pytest.raises(transfer.StartError, match="blocks.0.attn.qkv.weight has shape"):
+        transfer.import_start(tmp_path / "bad.pth", "test_vit", tmp_path / "bad.safetensors")
+
+
 def test_checkpoint_forms_are_unwrapped(tmp_path):
     state = save_pth(tmp_path / "plain.pth")
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "ddp.pth")

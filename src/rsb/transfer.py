@@ -19,6 +19,11 @@ import torch
 from rsb.io import sha256
 
 
+# Tensors timm's own loader adapts to the model (a ViT's position embedding, resampled to its patch grid by the
+# model's checkpoint filter, as when train.py fine-tunes 224 px weights at 384 px): any grid size is a valid start.
+RESAMPLED = frozenset({"pos_embed"})
+
+
 class StartError(ValueError):
     """A weights file that cannot start a fine-tune of the architecture."""
 
@@ -74,7 +79,7 @@ def check_start(state: dict[str, torch.Tensor], arch: str, source: Path) -> dict
         raise StartError(f"{source}: not {arch} weights: it {what} ({len(missing)} missing, {len(unexpected)} "
                          f"unexpected of {len(expected)} tensors); is it another architecture's file?")
     for k, shape in expected.items():
-        if tuple(body[k].shape) != shape:
+        if tuple(body[k].shape) != shape and k not in RESAMPLED:
             raise StartError(f"{source}: {k} has shape {list(body[k].shape)}, {arch} needs {list(shape)}; is it "
                              "another architecture's (or width's) file?")
     return body
