@@ -13,7 +13,7 @@ downstream val split after the last epoch) is the study's number. A killed fine-
 checkpoints/<name>/<digest>/, where the digest also covers the start's sha256 and the dataset's files.
 
 Results card (2 cores AMD EPYC Zen 4, bf16 autocast, 2026-11-29, mini default: resnet50, 10 epochs of recipes.ft on
-480 images at 32 px, batch 64): 38-47 s of training at 99-122 img/s in a 42-52 s stage; downstream val top-1 from
+480 images at 32 px, batch 64): 37-46 s of training at 101-124 img/s in a 42-50 s stage; downstream val top-1 from
 A1/A2/A3 starts 26.7-32.9%, from scratch 10.4-11.3% (chance 8.3%). BENCHMARKS.md, "The transfer study".
 """
 from __future__ import annotations
