@@ -13,7 +13,6 @@ import pytest
 import timm
 import torch
 import yaml
-from torchvision.datasets import ImageFolder
 
 import timm_reference as ref
 from rsb import transfer
@@ -110,7 +109,7 @@ def test_torchvision_weights_start_the_model_as_train_py_pretrained_path_does(tm
     ours = create_model(r, 12, start).state_dict()
     args = ref.args_for(yaml.safe_load(p.read_text()), "ft", "resnet50", 12, r.micro_batch, 1, r.grad_accum,
                         pretrained_path=str(start))
-    theirs = ref.create_model(args).state_dict()
+    theirs = ref.model_of_rank(args).state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(torch.equal(ours[k], v) for k, v in tv.items() if not k.startswith("fc.")), "torchvision's tensors"
     assert ours["fc.weight"].shape == (12, 2048)
@@ -132,7 +131,7 @@ def test_a_vit_start_of_another_grid_size_loads_as_train_py_loads_it(tmp_path, p
     ours = create_model(r, 12, start).state_dict()
     args = ref.args_for(yaml.safe_load(p.read_text()), "ft", "test_vit", 12, r.micro_batch, 1, r.grad_accum,
                         pretrained_path=str(start))
-    theirs = ref.create_model(args).state_dict()
+    theirs = ref.model_of_rank(args).state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours) and ours["pos_embed"].shape == theirs["pos_embed"].shape
     torch.save({k: (v[:, :1] if k == "blocks.0.attn.qkv.weight" else v) for k, v in
                 torch.load(tmp_path / "vit.pth").items()}, tmp_path / "bad.pth")
@@ -225,13 +224,11 @@ def test_fine_tuning_updates_equal_train_py_from_the_same_start(tmp_path, prepar
     starts(["--name", "other", "--params", str(p)])
     ours = finetune_in_process(tmp_path, p, monkeypatch, "other")
     raw = yaml.safe_load(p.read_text())
-    args = ref.args_for(raw, "ft", ARCH, 12, 8, 2, 1, pretrained_path=str(tmp_path / "studies/transfer/starts/other.safetensors"))
-    dataset = ImageFolder(str(downstream / "patterns" / "train"), transform=ref.train_transform(args, ref.create_model(args)))
-    torch.set_num_threads(1)
-    theirs = ref.Reference(args, dataset, 2)
-    theirs.train_epoch(0)
-    assert theirs.updates_per_epoch == 10 and type(theirs.loss_fn).__name__ == "LabelSmoothingCrossEntropy"
-    assert_same_run(ours, theirs)
+    args = ref.args_for(raw, "ft", ARCH, 12, 8, 2, 1, pretrained_path=str(tmp_path / "studies/transfer/starts/other.safetensors"),
+                        overrides={"recipes.ft.warmup_epochs": 40})
+    theirs = ref.run(args, downstream / "patterns" / "train", 2, val_dir=downstream / "patterns" / "val")
+    assert theirs.info["updates_per_epoch"] == 10 and theirs.info["loss"] == "LabelSmoothingCrossEntropy"
+    assert_same_run(ours, theirs, updates=10)
 
 
 def test_fine_tunes_report_and_are_children_of_the_transfer_study_in_a_real_store(tmp_path, prepared, downstream,

@@ -18,9 +18,10 @@ pytestmark = [pytest.mark.gpu, run_if(min_gpus=1)]
 def test_one_epoch_on_one_gpu_in_bf16_matches_the_cpu_fp32_reference(tmp_path, prepared, extracted):
     """The stage on cuda:0 with bf16 autocast against train.py's assembly on the CPU in fp32: same lr schedule;
     the first update's gradient within 5% (relative norm; bf16 rounding, measured ~1% on CPUs), losses within 2%."""
-    p = params_file(tmp_path, prepared, {**PARITY, "train.precision": "bf16"})
+    cfg = {**PARITY, "train.precision": "bf16"}
+    p = params_file(tmp_path, prepared, cfg)
     ours = launch(tmp_path, p, 1, accelerator="cuda")
-    theirs = reference_run(p, extracted, 1, 2, "fp32")
+    theirs = reference_run(p, extracted, 1, 2, cfg, "fp32")
     assert ours["lr"] == pytest.approx([u["lr"] for u in theirs.log], rel=1e-12)
     first = off(torch.cat([g.flatten() for g in ours["grads"][0]]),
                 torch.cat([g.flatten() for g in theirs.log[0]["grads"]]))

@@ -1,39 +1,133 @@
-"""timm's train.py, assembled from timm's own helpers: the independent side of every fidelity test.
+"""timm's train.py, assembled from timm's own helpers and run on real processes: the independent side of every
+fidelity test.
 
-Nothing here builds a component through rsb. A recipe is read from params.yaml as plain YAML and laid over train.py's
-argparse defaults (the recipe keys are train.py option names); each component is then built as train.py's `main()`
-builds it, through the same timm helpers (`optimizer_kwargs`, `scheduler_kwargs`, `create_transform` with
-create_loader's arguments, `Mixup(**mixup_args)`, the BCE branch, timm's samplers, `distribute_bn`). It mirrors
-train.py at huggingface/pytorch-image-models commit 2aabaef (timm 1.x; this project pins timm==1.0.31), on its
-`--no-prefetcher` path: Mixup runs on the float batch, not in FastCollateMixup on uint8 images.
+Nothing here comes from rsb or stages (no import of either, anywhere in this file):
+- the recipe values are the paper's table (tests/reference/rsb_recipes.csv, see its README), DeiT's main.py defaults
+  for T2, and a pinned copy of the project's own fine-tune (FT) — never params.yaml, so a value changed there fails;
+  a test that changes a recipe value for speed (a shorter warmup) hands the same `overrides` to both sides;
+- each component is built as train.py's `main()` builds it, through timm's helpers (`optimizer_kwargs`,
+  `scheduler_kwargs`, `create_transform` with create_loader's arguments, `Mixup(**mixup_args)`, the loss branch,
+  timm's samplers);
+- a run is train.py's loop on `world` real processes (gloo): torch's DistributedDataParallel averages the gradients
+  (`--no-ddp-bb`: each process keeps its BatchNorm statistics during the epoch), timm's own `distribute_bn` reduces
+  them after each epoch, train.py's `validate` follows, `--grad-accum-steps` as train.py accumulates;
+- the seed contract (docs/seeds.md: which seed drives what, per sample, per process, per epoch) is implemented here
+  from its specification, independently of rsb.data.loader.
 
-`scale` (how the mini run shrinks a recipe) is this project's, not train.py's; the reference computes the scaled
-epochs, warmup and image size itself from params.yaml and passes them to train.py's options, and the learning rate
-goes through train.py's own `lr_base` rule.
+It mirrors train.py at huggingface/pytorch-image-models commit 2aabaef (timm 1.x; this project pins timm==1.0.31) on
+its `--no-prefetcher` path (Mixup on the float batch). `scale` (how the mini run shrinks a recipe) is this
+project's, not train.py's: the reference reads it, and train.seed / train.channels_last, from the test's params file
+and computes the scaled epochs, warmup and image size itself; the lr goes through train.py's own `lr_base` rule.
 
-Two choices are the project's own and are taken from rsb on purpose, so both sides draw the same random numbers:
-the seed of each virtual rank's stream (`stream_seed`) and of each sample's augmentation (`sample_seed`).
-Randomness is not part of timm's recipe; tests/test_train.py checks separately that the streams are distinct.
+Processes are forked from a fork server that has imported this module once per test session (~7 s on 2 cores), so
+a run costs its training, not a fresh interpreter per process.
 """
 from __future__ import annotations
 
 import copy
+import csv
+import hashlib
 import inspect
-import math
+import multiprocessing
+import random
+import tempfile
 from argparse import Namespace
 from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 from timm.data import Mixup, create_transform, resolve_data_config
-from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.distributed_sampler import OrderedDistributedSampler, RepeatAugSampler
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import random_seed
+from timm.utils import distribute_bn, random_seed, reduce_tensor
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.datasets import ImageFolder
 
-from rsb.data.loader import sample_seed, seed_all, stream_seed  # the project's seeds (see the module docstring)
+
+def _posterize_as_pillow_before_13() -> None:
+    """The Pillow that timm's RandAugment was written against answered `posterize(img, 0)` with a black image;
+    Pillow 13 raises instead, which DeiT's rand-m9-mstd0.5 reaches in ~2% of its posterize draws. train.py on the
+    Pillow of its time therefore saw black images there: give timm's op that answer (written here from Pillow's
+    former behaviour, not taken from rsb)."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+    original = auto_augment.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        return img.point([0] * 256 * len(img.getbands())) if bits_to_keep <= 0 else original(img, bits_to_keep,
+                                                                                               **kwargs)
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is original:
+            auto_augment.NAME_TO_OP[name] = posterize
+    auto_augment.posterize = posterize
+
+
+_posterize_as_pillow_before_13()
+
+# --- the recipes: the paper's table, DeiT's main.py, the project's fine-tune ----------------------------------------
+
+PAPER_TABLE = Path(__file__).parent / "reference" / "rsb_recipes.csv"
+# Keys the paper's table does not list: timm train.py's defaults of the paper's time (commit 004fb5f8, 2021), and
+# --amp (the paper trains in mixed precision).
+TRAIN_PY_2021 = {"warmup_lr": 1e-4, "min_lr": 1e-6, "hflip": 0.5, "train_interpolation": "random", "amp": True}
+# facebookresearch/deit main.py, get_args_parser() defaults (read 2026-11-29), in timm train.py option names, at the
+# paper's batch 2048 (lr: main.py's linear rule 5e-4 x batch / 512); the paper's T2 has no EMA.
+DEIT_MAIN_PY = {"epochs": 300, "img_size": 224, "test_img_size": 224, "crop_pct": 0.875, "batch_size": 2048,
+                "opt": "adamw", "lr": 5e-4 * 2048 / 512, "weight_decay": 0.05, "sched": "cosine", "warmup_epochs": 5,
+                "warmup_lr": 1e-6, "min_lr": 1e-5, "bce_loss": False, "bce_target_thresh": None, "smoothing": 0.1,
+                "drop_path": 0.1, "aug_repeats": 3, "aa": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
+                "reprob": 0.25, "hflip": 0.5, "model_ema": False, "amp": True, "train_interpolation": "bicubic"}
+# The transfer study's fine-tune is this project's own procedure (no published values could be read); pinned here so
+# that an unintended change of params.yaml's `recipes.ft` fails a test.
+FT = {"epochs": 100, "img_size": 224, "test_img_size": 224, "crop_pct": 0.875, "batch_size": 512, "opt": "sgd",
+      "lr": 0.01, "weight_decay": 1e-4, "sched": "cosine", "warmup_epochs": 2, "warmup_lr": 1e-5, "min_lr": 0.0,
+      "bce_loss": False, "bce_target_thresh": None, "smoothing": 0.1, "drop_path": 0.0, "aug_repeats": 0, "aa": None,
+      "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "hflip": 0.5, "model_ema": False, "amp": True,
+      "train_interpolation": "bilinear"}
+
+
+def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def paper_recipes() -> dict[str, dict]:
+    with open(PAPER_TABLE) as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in rows[0] if k != "key"]
+    return {n: {**TRAIN_PY_2021, **{row["key"]: _value(row[n]) for row in rows}} for n in names}
+
+
+RECIPES = {**paper_recipes(), "t2": DEIT_MAIN_PY, "ft": FT}
+
+
+def recipe(name: str, overrides: dict | None = None) -> dict:
+    """A recipe by name, with the test's `recipes.<name>.<key>` overrides (the same ones its params file has)."""
+    prefix = f"recipes.{name}."
+    return {**RECIPES[name], **{k[len(prefix):]: v for k, v in (overrides or {}).items() if k.startswith(prefix)}}
+
+
+# --- train.py's args --------------------------------------------------------------------------------------------------
 
 # train.py's argparse defaults, for the options its components read (train.py: "Model parameters" ... "Misc").
 TRAIN_PY_DEFAULTS = dict(
@@ -56,19 +150,21 @@ TRAIN_PY_DEFAULTS = dict(
 NOT_TRAIN_PY = {"test_img_size"}  # recipe keys that are validate.py's (the eval size), not train.py's
 
 
-def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch: int, world: int, accum: int,
-             precision: str = "fp32", pretrained_path: str | None = None) -> Namespace:
-    """train.py's `args` for one recipe of params.yaml, run on `world` processes accumulating `accum` micro-batches;
-    with `pretrained_path`, the transfer study's fine-tune: `--pretrained --pretrained-path`, and the study's
-    transfer.epochs / transfer.lr_factor in place of scale's (where not null)."""
-    rec, scale = params["recipes"][recipe], dict(params["scale"])
+def args_for(params: dict, recipe_name: str, arch: str, num_classes: int, micro_batch: int, world: int, accum: int,
+             precision: str = "fp32", pretrained_path: str | None = None, overrides: dict | None = None) -> Namespace:
+    """train.py's `args` for one recipe on `world` processes with `--grad-accum-steps accum`; with `pretrained_path`,
+    the transfer study's fine-tune: `--pretrained --pretrained-path`, and transfer.epochs / transfer.lr_factor in
+    place of scale's (where not null). `params` (the test's params file, plain YAML) gives only the scale, the seed
+    and the memory layout."""
+    rec, scale = recipe(recipe_name, overrides), dict(params["scale"])
     if pretrained_path:
-        for key, own in (("epochs", "epochs"), ("lr_factor", "lr_factor")):
-            if params["transfer"][own] is not None:
-                scale[key] = params["transfer"][own]
+        for key in ("epochs", "lr_factor"):
+            if params["transfer"][key] is not None:
+                scale[key] = params["transfer"][key]
     unknown = set(rec) - set(TRAIN_PY_DEFAULTS) - NOT_TRAIN_PY
     assert not unknown, f"recipe keys that are not train.py options: {unknown}"
     args = Namespace(**{**copy.deepcopy(TRAIN_PY_DEFAULTS), **{k: v for k, v in rec.items() if k not in NOT_TRAIN_PY}})
+    args.test_img_size = max(8, round(rec["test_img_size"] * scale["img_size"] / 224))  # validate.py --img-size
     # the scaled run, computed here independently of rsb.config
     args.epochs = max(scale["min_epochs"], round(rec["epochs"] * scale["epochs"]))
     args.warmup_epochs = rec["warmup_epochs"] * args.epochs / rec["epochs"]
@@ -83,7 +179,7 @@ def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch
     args.channels_last = params["train"]["channels_last"]  # train.py --channels-last (memory layout only)
     args.batch_size, args.grad_accum_steps, args.world_size = micro_batch, accum, world
     assert micro_batch * accum * world == scale["batch_size"], "the reference runs the params' global batch"
-    args.sched_on_updates = True  # rsb steps the schedule per update (timm's --sched-on-updates)
+    args.sched_on_updates = True  # the schedule is stepped per update (timm's --sched-on-updates)
     args.amp = rec["amp"] and precision != "fp32"
     args.amp_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float16")
     # train.py: `if not args.lr:` the lr comes from lr_base and the global batch; the recipe's lr is the paper's at
@@ -101,8 +197,15 @@ def args_for(params: dict, recipe: str, arch: str, num_classes: int, micro_batch
     return args
 
 
+# --- the components, as train.py builds them ---------------------------------------------------------------------------
+
+def model_of_rank(args: Namespace, rank: int = 0) -> torch.nn.Module:
+    """train.py: `utils.random_seed(args.seed, args.rank)`, then create_model (DDP then broadcasts rank 0's)."""
+    random_seed(args.seed, rank)
+    return create_model(args)
+
+
 def create_model(args: Namespace) -> torch.nn.Module:
-    random_seed(args.seed, 0)  # train.py: utils.random_seed(args.seed, args.rank); DDP broadcasts rank 0's weights
     factory_kwargs = {}
     if args.pretrained_path:  # train.py: "merge with pretrained_cfg of model, 'file' has priority over 'url'"
         factory_kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)  # head adaptation
@@ -159,8 +262,17 @@ def train_transform(args: Namespace, model: torch.nn.Module):
                             re_num_splits=0, use_prefetcher=False, separate=False)
 
 
+def eval_transform(args: Namespace, model: torch.nn.Module):
+    """validate.py at the paper's eval: `--img-size <test size> --crop-pct <recipe's> --interpolation bicubic`."""
+    cfg = resolve_data_config({"img_size": args.test_img_size, "crop_pct": args.crop_pct,
+                               "interpolation": "bicubic"}, model=model)
+    return create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
+                            crop_pct=cfg["crop_pct"], mean=cfg["mean"], std=cfg["std"])
+
+
 def create_sampler(dataset, args: Namespace, num_replicas: int, rank: int):
-    """create_loader(distributed=True, is_training=True): RepeatAugSampler with repeats, else DistributedSampler."""
+    """create_loader(distributed=True, is_training=True): RepeatAugSampler with repeats, else DistributedSampler.
+    (train.py on one process refuses repeats and shuffles with a RandomSampler: not a shape this project runs.)"""
     if args.aug_repeats:
         return RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=args.aug_repeats)
     return torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank)
@@ -173,100 +285,196 @@ def amp_autocast(args: Namespace, device: torch.device):
                    dtype=torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16)
 
 
-class Reference:
-    """train.py on `virtual` processes with no accumulation, simulated in one: each process has its model replica
-    (its own BatchNorm statistics, as DDP with --no-ddp-bb) and its own random streams; DDP averages the gradients;
-    one optimizer steps; after each epoch `distribute_bn(reduce=True)` averages the statistics."""
+# --- the seed contract (docs/seeds.md), implemented from its specification -------------------------------------------
 
-    def __init__(self, args: Namespace, dataset, virtual: int, device=torch.device("cpu")):
-        self.args, self.dataset, self.virtual, self.device = args, dataset, virtual, device
-        self.model = create_model(args).to(device)
-        if args.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.replicas = [copy.deepcopy(self.model) for _ in range(virtual)]
-        self.optimizer = create_optimizer(self.model, args)
-        self.samplers = [create_sampler(dataset, args, virtual, v) for v in range(virtual)]
-        self.updates_per_epoch = min(len(s) for s in self.samplers) // args.batch_size
-        self.scheduler = create_scheduler(self.optimizer, args, self.updates_per_epoch)
-        self.loss_fn, self.mixup_fn = create_loss(args), create_mixup(args)
-        self.autocast = amp_autocast(args, device)
-        self.num_updates = 0
-        self.log: list[dict] = []  # per update: loss (mean over the global batch), lr used, averaged gradients
+def stream_seed(seed: int, epoch: int, process: int) -> int:
+    """docs/seeds.md, rule 2: (seed x 1,000,003 + process x 10,007 + epoch) mod 2^31."""
+    return (seed * 1_000_003 + process * 10_007 + epoch) % 2**31
 
-    def micro_batch(self, v: int, stream: list[int], seed: int, u: int):
-        mb = self.args.batch_size
-        samples = []
-        for p in range(u * mb, (u + 1) * mb):
-            seed_all(sample_seed(seed, p))
-            samples.append(self.dataset[stream[p]])
-        return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples])
 
-    def train_epoch(self, epoch: int) -> None:
-        streams, seeds, rng = [], [], []
-        for v, sampler in enumerate(self.samplers):
-            sampler.set_epoch(epoch)
-            streams.append(list(sampler))
-            seeds.append(stream_seed(self.args.seed, epoch, v))
-            seed_all(seeds[-1])
-            rng.append(_rng_state())
-        for rep in self.replicas:
-            rep.train()
-        for u in range(self.updates_per_epoch):
-            losses = []
-            for v, rep in enumerate(self.replicas):
-                x, y = self.micro_batch(v, streams[v], seeds[v], u)
-                _set_rng_state(rng[v])
-                x, y = x.to(self.device), y.to(self.device)
-                if self.mixup_fn is not None:
-                    x, y = self.mixup_fn(x, y)
-                if self.args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+def sample_seed(stream: int, position: int) -> int:
+    """docs/seeds.md, rule 3: the first 4 bytes of BLAKE2b("<stream>:<position>"), little-endian."""
+    return int.from_bytes(hashlib.blake2b(f"{stream}:{position}".encode(), digest_size=4).digest(), "little")
+
+
+def seed_all(seed: int) -> None:
+    """docs/seeds.md, rule 4: Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeededPositions(torch.utils.data.Dataset):
+    """Yields dataset[index] for (index, position), the generators seeded from the sample's own seed first."""
+
+    def __init__(self, dataset, stream: int):
+        self.dataset, self.stream = dataset, stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, position = item
+        seed_all(sample_seed(self.stream, position))
+        return self.dataset[index]
+
+
+def micro_batches(sampler, micro_batch: int) -> list[list[tuple[int, int]]]:
+    """create_loader's training batches (drop_last) over the sampler's epoch order, each sample with its position."""
+    order = list(enumerate(sampler))
+    return [[(i, p) for p, i in order[b * micro_batch:(b + 1) * micro_batch]] for b in range(len(order) // micro_batch)]
+
+
+# --- a run: train.py's main() on `world` processes -------------------------------------------------------------------
+
+@dataclass
+class Result:
+    args: Namespace
+    log: list[dict]            # per update: loss (mean over the global batch), lr used, gradients handed to step()
+    state: dict                # rank 0's final state_dict (BatchNorm statistics after distribute_bn)
+    val: list[float] = field(default_factory=list)  # top-1 (%) after each epoch, when a val folder was given
+    info: dict = field(default_factory=dict)        # loss and optimizer classes, updates per epoch
+
+
+def run(args: Namespace, train_dir: Path, world: int, epochs: int | None = None, val_dir: Path | None = None,
+        plant: dict | None = None, timeout: float = 600) -> Result:
+    """train.py on `world` processes for `epochs` (default: all of them). `plant` is for tests that show a bug would
+    be seen: {"loss_scale": f} multiplies the loss."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with tempfile.TemporaryDirectory(prefix="timm-ref-") as tmp:
+        cfg = dict(args=args, train_dir=str(train_dir), val_dir=str(val_dir) if val_dir else None,
+                   epochs=epochs or args.epochs, store=f"{tmp}/store", out=f"{tmp}/result.pt", plant=plant or {})
+        procs = [ctx.Process(target=_process, args=(rank, world, cfg)) for rank in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        codes = [p.exitcode for p in procs]
+        assert codes == [0] * world, f"reference processes exited with {codes} (their tracebacks are above)"
+        return Result(args=args, **torch.load(cfg["out"], weights_only=False))
+
+
+def _process(rank: int, world: int, cfg: dict) -> None:
+    torch.set_num_threads(1)
+    args, device = copy.deepcopy(cfg["args"]), torch.device("cpu")
+    args.rank, args.distributed = rank, world > 1
+    if args.distributed:
+        dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=300))
+    model = model_of_rank(args, rank).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(model, args)
+    train_set = ImageFolder(cfg["train_dir"], transform=train_transform(args, model))
+    val_set = ImageFolder(cfg["val_dir"], transform=eval_transform(args, model)) if cfg["val_dir"] else None
+    if args.distributed:
+        model = DistributedDataParallel(model, broadcast_buffers=False)  # train.py --no-ddp-bb
+    sampler = create_sampler(train_set, args, world, rank)
+    batches = len(sampler) // args.batch_size
+    updates_per_epoch = (batches + args.grad_accum_steps - 1) // args.grad_accum_steps
+    scheduler = create_scheduler(optimizer, args, updates_per_epoch)
+    loss_fn, mixup_fn = create_loss(args), create_mixup(args)
+    if "loss_scale" in cfg["plant"]:
+        inner, factor = loss_fn, cfg["plant"]["loss_scale"]
+        loss_fn = lambda out, y: inner(out, y) * factor  # noqa: E731
+    ctx = Epoch(model, optimizer, scheduler, loss_fn, mixup_fn, amp_autocast(args, device), args, world, device)
+    log, val = [], []
+    for epoch in range(cfg["epochs"]):
+        sampler.set_epoch(epoch)  # train.py: loader_train.sampler.set_epoch(epoch)
+        stream = stream_seed(args.seed, epoch, rank)
+        loader = torch.utils.data.DataLoader(SeededPositions(train_set, stream),
+                                             batch_sampler=micro_batches(sampler, args.batch_size), num_workers=1,
+                                             multiprocessing_context="fork")  # a worker, as train.py decodes
+        log += ctx.train_one_epoch(epoch, loader, stream)
+        if args.distributed:
+            distribute_bn(model, world, reduce=True)  # train.py --dist-bn reduce
+        if val_set is not None:
+            val.append(validate(model, val_set, args, ctx.autocast, world, rank))
+    if rank == 0:
+        unwrapped = model.module if args.distributed else model
+        torch.save({"log": log, "state": {k: v.clone() for k, v in unwrapped.state_dict().items()}, "val": val,
+                    "info": {"loss": type(ctx.loss_fn).__name__ if not cfg["plant"] else "planted",
+                             "optimizer": type(optimizer).__name__, "updates_per_epoch": updates_per_epoch}},
+                   cfg["out"])
+    if args.distributed:
+        dist.destroy_process_group()
+
+
+@dataclass
+class Epoch:
+    """train.py's train_one_epoch (no prefetcher), recording what each update hands the optimizer."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: object
+    mixup_fn: Mixup | None
+    autocast: object
+    args: Namespace
+    world: int
+    device: torch.device
+
+    def train_one_epoch(self, epoch: int, loader, stream: int) -> list[dict]:
+        model, optimizer, args = self.model, self.optimizer, self.args
+        model.train()
+        accum_steps = args.grad_accum_steps
+        last_accum_steps = len(loader) % accum_steps
+        updates_per_epoch = (len(loader) + accum_steps - 1) // accum_steps
+        num_updates = epoch * updates_per_epoch
+        last_batch_idx, last_batch_idx_to_accum = len(loader) - 1, len(loader) - last_accum_steps
+        batches = iter(loader)  # (the workers' base seed is drawn here, before this process's stream is seeded)
+        seed_all(stream)  # docs/seeds.md rule 2: this process's Mixup/CutMix and drop-path draws for the epoch
+        optimizer.zero_grad()
+        log, losses = [], []
+        for batch_idx, (input, target) in enumerate(batches):
+            need_update = batch_idx == last_batch_idx or (batch_idx + 1) % accum_steps == 0
+            if batch_idx >= last_batch_idx_to_accum:
+                accum_steps = last_accum_steps
+            input, target = input.to(self.device), target.to(self.device)
+            if self.mixup_fn is not None:
+                input, target = self.mixup_fn(input, target)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            sync = suppress() if need_update or self.world == 1 else model.no_sync()
+            with sync:
                 with self.autocast():
-                    loss = self.loss_fn(rep(x), y)
+                    loss = self.loss_fn(model(input), target)
+                if accum_steps > 1:
+                    loss /= accum_steps
                 loss.backward()
-                rng[v] = _rng_state()
-                losses.append(loss.detach().float())
-            self._update(torch.stack(losses).mean().item())
-        self._distribute_bn()
-
-    def _update(self, loss: float) -> None:
-        params = [p for p in self.model.parameters()]
-        for i, p in enumerate(params):  # DDP: all-reduce (sum) / world
-            p.grad = torch.stack([list(r.parameters())[i].grad for r in self.replicas]).mean(0)
-        lr = self.optimizer.param_groups[0]["lr"]
-        grads = [p.grad.detach().clone() for g in self.optimizer.param_groups for p in g["params"]]
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        for r in self.replicas:
-            r.zero_grad(set_to_none=True)
-            for a, b in zip(r.parameters(), params):
-                a.data.copy_(b.data)
-        self.num_updates += 1
-        self.scheduler.step_update(num_updates=self.num_updates)
-        self.log.append({"loss": loss, "lr": lr, "grads": grads})
-
-    def _distribute_bn(self) -> None:
-        """timm.utils.distribute_bn(model, world_size, reduce=True) over the simulated processes."""
-        for name, buf in self.model.named_buffers():
-            if "running_mean" in name or "running_var" in name:
-                reps = [dict(r.named_buffers())[name] for r in self.replicas]
-                buf.copy_(torch.stack(reps).sum(0) / float(self.virtual))
-                for b in reps:
-                    b.copy_(buf)
+            losses.append(loss.detach().float() * accum_steps)
+            if not need_update:
+                continue
+            lr = optimizer.param_groups[0]["lr"]
+            grads = [p.grad.detach().float().clone() for g in optimizer.param_groups for p in g["params"]]
+            optimizer.step()
+            num_updates += 1
+            optimizer.zero_grad()
+            mean = torch.stack(losses).mean()
+            losses = []
+            log.append({"loss": (reduce_tensor(mean, self.world) if self.world > 1 else mean).item(), "lr": lr,
+                        "grads": grads})
+            self.scheduler.step_update(num_updates=num_updates)
+        return log
 
 
-def _rng_state():
-    import random
-
-    import numpy as np
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_state(state) -> None:
-    import random
-
-    import numpy as np
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-
+@torch.no_grad()
+def validate(model, dataset, args: Namespace, autocast, world: int, rank: int) -> float:
+    """train.py's validate over create_loader's OrderedDistributedSampler shards; correct counts summed over
+    processes (train.py averages per-batch top-1 across processes: the same number on shards of equal size)."""
+    model.eval()
+    shard = OrderedDistributedSampler(dataset, num_replicas=world, rank=rank) if world > 1 else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=100, sampler=shard, num_workers=0)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for input, target in loader:
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(input)
+        counts += torch.tensor([(output.argmax(1) == target).sum().item(), len(target)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts)
+    return float(100 * counts[0] / counts[1])

@@ -45,15 +45,20 @@ class Step:
 class Slots:
     """What would live in separate processes, for the micro-batch slots (virtual ranks) one process accumulates:
     each slot's random streams (Python, NumPy, torch: Mixup's draws and drop path) and, with more than one slot,
-    its BatchNorm running statistics. `reduce_bn` then averages them as timm's `distribute_bn(reduce=True)` averages
-    ranks, so one process accumulating k micro-batches ends an epoch where k processes end it."""
+    its BatchNorm running statistics and batch counters. `reduce_bn` then averages the statistics as timm's
+    `distribute_bn(reduce=True)` averages ranks (the counters, equal in every slot, are a process's own count), so
+    one process accumulating k micro-batches ends an epoch where k processes end it."""
 
     def __init__(self, model: torch.nn.Module, seeds: list[int], device: torch.device):
         from rsb.data.loader import seed_all
 
         self.device = device
-        # the buffers timm's distribute_bn reduces
-        self.bn = [b for n, b in model.named_buffers() if "running_mean" in n or "running_var" in n]
+        # the buffers timm's distribute_bn reduces, then the counters it leaves alone (BatchNorm's
+        # num_batches_tracked: the averaging factor of a BatchNorm with momentum=None)
+        named = list(model.named_buffers())
+        self.bn = [b for n, b in named if "running_mean" in n or "running_var" in n]
+        self.reduced = len(self.bn)
+        self.bn += [b for n, b in named if n.endswith("num_batches_tracked")]
         # (none for models without BatchNorm, e.g. ViT/DeiT: nothing to keep apart)
         self.saved_bn = [[b.clone() for b in self.bn] for _ in seeds] if len(seeds) > 1 and self.bn else None
         self.rng = []
@@ -83,7 +88,8 @@ class Slots:
     def reduce_bn(self) -> None:
         if self.saved_bn is not None:
             for i, b in enumerate(self.bn):
-                b.copy_(torch.stack([saved[i] for saved in self.saved_bn]).mean(0))
+                b.copy_(torch.stack([saved[i] for saved in self.saved_bn]).mean(0) if i < self.reduced
+                        else self.saved_bn[0][i])
 
 
 def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
