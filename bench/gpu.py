@@ -30,7 +30,6 @@ from rsb import distributed, profiling
 from rsb.config import load_params, override, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
-from rsb.training import create_model
 
 FULL = {"arch": "resnet50", "img": 224, "precision": "bf16", "candidates": [512, 384, 256, 192, 128],
         "mini": {"classes": 20, "train_per_class": 150, "val_per_class": 5, "v2_per_class": 2, "image_size": 500},

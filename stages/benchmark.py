@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
 
-from rsb import distributed, profiling, tracking
-from rsb.config import ConfigError, auto_precision, check_arch, load_params
+from rsb import distributed, errors, profiling, tracking
+from rsb.config import auto_precision, check_arch, load_params
 from rsb.io import write_json
 
 
@@ -72,7 +71,4 @@ def _version(pkg: str) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    errors.run(main)

@@ -16,20 +16,19 @@ and the MLflow model.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
 
-from rsb import distributed, tracking
-from rsb.config import ConfigError, load_params, resolve
+from rsb import distributed, errors, tracking
+from rsb.config import Train, check_option, load_params, resolve
 from rsb.data import loader as loaders
-from rsb.data.datasets import PreparedError, Split
+from rsb.data.datasets import Split
 from rsb.engine import predict, real_correct, topk_correct
-from rsb.io import load_weights, write_json
+from rsb.errors import InputError
+from rsb.io import load_weights, read_json, refuse_overlap, write_json
 from rsb.outputs import Outputs
 
 
@@ -40,10 +39,15 @@ def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = N
     from rsb.training import model_kwargs
 
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no trained weights; run `dvc repro {stage or 'train@' + weights.stem}` "
-                                "first")
+        raise InputError(f"{weights}: no trained weights; run `dvc repro {stage or 'train@' + weights.stem}` first")
     model = timm.create_model(arch, num_classes=num_classes, **(model_kwargs(arch, img_size) if img_size else {}))
-    model.load_state_dict(load_weights(weights))
+    state = load_weights(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:160]
+        raise InputError(f"{weights}: not {arch} weights for {num_classes} classes ({first.strip()}); rerun "
+                         f"`dvc repro {stage or 'train@' + weights.stem}`") from None
     return model
 
 
@@ -79,11 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--study", default=None, help="a study's run (e.g. seeds): files under studies/<study>/")
     p.add_argument("--seed", type=int, default=None, help="the seed study's run <arch>-<recipe>-seed<N>")
     args = p.parse_args(argv)
+    check_option(Train, "seed", args.seed, "--seed")
     params = load_params(args.params)
     r = resolve(params, args.arch, args.recipe, seed=args.seed)
     out = Outputs.of(args.arch, args.recipe, args.study, args.seed)
     name = out.name
     prepared = Path(params.data.prepared)
+    refuse_overlap({"eval metrics": out.eval_metrics}, {"data.prepared": prepared, "data.raw": Path(params.data.raw),
+                                                        "weights": out.weights})
     t0 = time.perf_counter()
     num_classes = Split(prepared, "val").num_classes
     model = load_model(args.arch, out.weights, num_classes, None if out.in_grid else out.stage, r.img_size)
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["eval_s"] = time.perf_counter() - t0
     write_json(out.eval_metrics, metrics)
 
-    run_id = json.loads(out.run_file.read_text()).get("run_id") if out.run_file.is_file() else None
+    run_id = read_json(out.run_file).get("run_id") if out.run_file.is_file() else None
     t = tracking.start(True, params.experiment, name, run_id, {"rsb.evaluated": "true",
                                                            "rsb.eval_stage": f"evaluate@{name}"})
     t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
@@ -108,7 +115,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, PreparedError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    errors.run(main)

@@ -19,15 +19,13 @@ A1/A2/A3 starts 26.7-32.9%, from scratch 10.4-11.3% (chance 8.3%). BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 
-from rsb.checkpoint import CheckpointMismatch
+from rsb import errors
 from rsb.config import ConfigError, load_params, resolve
 from rsb.data import folder
-from rsb.engine import NonFiniteLoss
+from rsb.io import read_json, refuse_overlap
 from rsb.outputs import TRANSFER, Outputs
 from stages.starts import STARTS
 from stages.train import launch
@@ -46,13 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not start.is_file() or not start.with_suffix(".json").is_file():
         raise ConfigError(f"{start}: no such start; run `dvc repro studies/dvc.yaml:finetune@{args.start}-"
                           f"{args.dataset}` (it builds the start first) or `python -m stages.starts --name {args.start}`")
-    meta = json.loads(start.with_suffix(".json").read_text())
+    meta = read_json(start.with_suffix(".json"))
     if meta["arch"] != tr.arch:
         raise ConfigError(f"{start}: a start of {meta['arch']}, but transfer.arch is {tr.arch}; rebuild the start")
     data = Path(tr.root) / args.dataset
     info = folder.check(data)  # before the process group, the model or the checkpoint: one clear line
     data_digest = folder.digest(data)
     out = Outputs.finetune(tr.arch, args.start, args.dataset)
+    refuse_overlap(out.training_outputs(), {f"transfer.root/{args.dataset}": data, "start": start})
     world = int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
     r = resolve(params, tr.arch, tr.recipe, world_size=world, scale=tr.scale(params.scale))
     tags = {"rsb.kind": "finetune", "rsb.arch": tr.arch, "rsb.recipe": tr.recipe, "rsb.study": TRANSFER,
@@ -65,11 +64,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    where = f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}"
-    try:
-        main()
-    except (ConfigError, folder.FolderError, CheckpointMismatch, NonFiniteLoss, ValueError) as e:
-        sys.exit(f"error: {e} [{where}]")
-    except Exception as e:
-        print(f"error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
+    errors.run(main, errors.rank())

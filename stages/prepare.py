@@ -33,12 +33,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from rsb.config import ConfigError, check_timm, load_params
+from rsb import errors, io as rio
+from rsb.config import check_timm, load_params
 from rsb.data import archives
 from rsb.data.archives import ArchiveError, OFFICIAL_COUNTS
 from rsb.data.datasets import SPLITS, Reader, fingerprint, source_path
 
 CHUNK = 256  # images per task of the decode check
+STAGE = "prepare"
+LEGACY = ("info.json", "classes.json", "train.npz", "val.npz", "v2.npz")  # an index of a version before the marker
 
 
 def _check(task: tuple[list[Path], list[tuple]]) -> list[tuple[str, str | None]]:
@@ -77,10 +80,11 @@ def check_images(splits: dict, root: Path, bar: tqdm) -> dict[str, str]:
 
 
 def _remove_abandoned(out: Path) -> None:
-    """Partial folders of a prepare that was killed (its pid is gone): at ImageNet scale each holds up to 150 GB."""
+    """Partial folders of a prepare that was killed (its pid is gone; its marker inside): at ImageNet scale each
+    holds up to 150 GB."""
     for d in out.parent.glob(f".{out.name}.partial-*"):
         pid = d.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)) and rio.owned(d, STAGE):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -99,7 +103,8 @@ def index(raw: Path, tmp: Path, source: str, paths: dict, devkit: archives.Devki
     index_of = {w: i for i, w in enumerate(devkit.wnids)}
     n_classes = len(devkit.wnids)
     if source == "folder":
-        found = {s: [(n, 0, -1, size) for n, _, size in archives.index_folder(paths[s])] for s in SPLITS}
+        found = {s: [(n, 0, -1, size) for n, _, size in archives.index_folder(paths[s], flat=s == "val")]
+                 for s in SPLITS}
         sources = {s: [{"path": str(paths[s]), "base": "raw", "kind": "folder"}] for s in SPLITS}
     else:
         found = {"train": archives.index_train(paths["train"], set(devkit.wnids)),
@@ -111,6 +116,7 @@ def index(raw: Path, tmp: Path, source: str, paths: dict, devkit: archives.Devki
                    for s, (p, b) in where.items()}
     out = {}
     for split in SPLITS:
+        archives.check_members(split, [e[0] for e in found[split]], paths[split], devkit)
         entries = sorted(found[split])
         labels = [label_of(split, PurePosixPath(e[0]), index_of, devkit, n_classes, paths[split]) for e in entries]
         out[split] = (sources[split], entries, labels)
@@ -133,8 +139,11 @@ def label_of(split: str, name: PurePosixPath, index_of: dict, devkit, n_classes:
     return index_of[folder]
 
 
-def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
-    """Check the release under `raw`, then index it into a fresh folder that replaces `out` on success."""
+def build(raw: Path, out: Path, source: str, verify_md5: bool, key: str = "data.prepared") -> dict:
+    """Check the release under `raw`, then index it into a fresh folder that replaces `out` on success. Before
+    any work: `out` must not overlap `raw`, and an existing `out` must be an index this stage wrote."""
+    rio.refuse_overlap({key: out}, {"data.raw": raw})
+    rio.check_replaceable(out, STAGE, key, LEGACY)
     paths = archives.require_folder(raw) if source == "folder" else archives.require(raw)
     if verify_md5:
         archives.verify_md5(paths)
@@ -149,6 +158,7 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    rio.mark(tmp, STAGE)
     try:
         splits = index(raw, tmp, source, paths, devkit)
         counts = {s: len(entries) for s, (_, entries, _) in splits.items()}
@@ -173,9 +183,7 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool) -> dict:
                    for i, wn in enumerate(devkit.wnids)]
         (tmp / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")  # written last: the mark of completion
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        rio.replace_folder(tmp, out, STAGE, key, LEGACY)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info
@@ -192,13 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_timm(params, args.params)  # a recipe typo fails now, not after hours of preparing ImageNet
     data = params.data
     source, raw, out = args.source or data.source, args.raw or Path(data.raw), args.out or Path(data.prepared)
-    info = build(raw, out, source, data.verify_md5 and source == "imagenet")
+    info = build(raw, out, source, data.verify_md5 and source == "imagenet", "--out" if args.out else "data.prepared")
     print(f"prepared {out}: {info['classes']} classes, {info['images']}")
     return info
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ArchiveError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    errors.run(main)

@@ -11,13 +11,11 @@ Results card (2 cores AMD EPYC, mini default): about a second after imports; 6 r
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from rsb import report, tracking
+from rsb import errors, report, tracking
 from rsb.config import ConfigError, load_params, scaled_size
-from rsb.io import write_csv, write_text
+from rsb.io import read_json, write_csv, write_text
 
 
 def scale_text(params, info: dict) -> str:
@@ -51,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not table:
         raise ConfigError(f"{args.metrics}/eval: no evaluation of any (models x run) pair; run the evaluate stages")
     info_file = Path(params.data.prepared) / "info.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    devices = sorted({json.loads(f.read_text()).get("device", "?") for f in (args.metrics / "benchmark").glob("*.json")
+    info = read_json(info_file) if info_file.is_file() else {}
+    devices = sorted({read_json(f).get("device", "?") for f in (args.metrics / "benchmark").glob("*.json")
                       if f.stem in params.models})
     text = caption(params, info, ", ".join(devices) or "(no benchmark)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +68,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    errors.run(main)

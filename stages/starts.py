@@ -10,10 +10,10 @@ fine-tuning (rsb.transfer). The .json beside it records the source file, its sha
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from rsb import transfer
+from rsb import errors, transfer
+from rsb.io import refuse_overlap
 from rsb.config import SCRATCH, ConfigError, check_timm, load_params
 
 STARTS = Path("studies/transfer/starts")
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params(args.params)
     check_timm(params)
     tr, dst = params.transfer, STARTS / f"{args.name}.safetensors"
+    if args.name in tr.weights:
+        refuse_overlap({"the start": dst}, {f"transfer.weights.{args.name}": Path(tr.weights[args.name])})
     if args.name == SCRATCH:
         meta = transfer.scratch_start(tr.arch, params.train.seed, dst)
     elif args.name in tr.weights:
@@ -39,7 +41,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, transfer.StartError) as e:
-        sys.exit(f"error: {e}")
+    errors.run(main)

@@ -16,20 +16,18 @@ Results card: see BENCHMARKS.md (the study commands on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from rsb import studies, tracking
+from rsb import errors, studies, tracking
 from rsb.config import ConfigError, load_params
-from rsb.io import write_csv, write_text
+from rsb.io import read_json, write_csv, write_text
 from rsb.outputs import Outputs
 from stages.report import scale_text
 
 
 def _caption(params) -> str:
     info_file = Path(params.data.prepared) / "info.json"
-    return scale_text(params, json.loads(info_file.read_text()) if info_file.is_file() else {})
+    return scale_text(params, read_json(info_file) if info_file.is_file() else {})
 
 
 def seeds(params, out: Path) -> tuple[dict, list[str]]:
@@ -70,7 +68,7 @@ def architectures(params, out: Path) -> tuple[dict, list[str]]:
     write_csv(out / "architectures.csv", rows)
     studies.architectures_plot(rows, list(params.run), out / "architectures.png", text)
     metrics = {f"architectures/{r['arch']}-{rc}_val_top1": r[rc] for r in rows for rc in params.run}
-    runs = [json.loads(o.run_file.read_text()).get("run_id") for arch in params.models for rc in params.run
+    runs = [read_json(o.run_file).get("run_id") for arch in params.models for rc in params.run
             if (o := Outputs.of(arch, rc)).run_file.is_file()]
     return metrics, [r for r in runs if r]
 
@@ -89,7 +87,7 @@ def procedures(params, out: Path) -> tuple[dict, list[str]]:
     flips = studies.winners(rows, "val_top1")
     if None not in flips.values() and studies.TIE not in flips.values():
         metrics["procedures/ordering_flips"] = float(len(set(flips.values())) > 1)
-    runs = [json.loads(o.run_file.read_text()).get("run_id") for arch in pr.models for rc in pr.recipes
+    runs = [read_json(o.run_file).get("run_id") for arch in pr.models for rc in pr.recipes
             if (o := Outputs.of(arch, rc, study="procedures")).run_file.is_file()]
     return metrics, [r for r in runs if r]
 
@@ -136,7 +134,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    errors.run(main)

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rsb import checkpoint, distributed, tracking
-from rsb.config import ConfigError, flatten, load_params, resolve
-from rsb.checkpoint import CheckpointMismatch
-from rsb.data.datasets import PreparedError, load_classes
-from rsb.engine import NonFiniteLoss
-from rsb.io import save_weights, write_csv, write_json
+from rsb import checkpoint, distributed, errors, tracking
+from rsb.config import Train, check_option, flatten, load_params, resolve
+from rsb.data.datasets import load_classes
+from rsb.io import refuse_overlap, save_weights, write_csv, write_json
 from rsb.outputs import Outputs
 from rsb.profiling import device_name
 from rsb.training import Run, train
@@ -46,11 +43,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=None, help="replaces train.seed; the run is <arch>-<recipe>-seed<N>")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by older launchers
     args = p.parse_args(argv)
+    check_option(Train, "seed", args.seed, "--seed")
     params = load_params(args.params)
     out = Outputs.of(args.arch, args.recipe, args.study, args.seed)
     world = int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
     r = resolve(params, args.arch, args.recipe, world_size=world, seed=args.seed)
     prepared = Path(params.data.prepared)
+    refuse_overlap(out.training_outputs(), {"data.prepared": prepared, "data.raw": Path(params.data.raw)})
     load_classes(prepared)  # fails clearly before any process group work if prepare has not run
     tags = {"rsb.kind": "train", "rsb.arch": args.arch, "rsb.recipe": args.recipe, "rsb.study": out.study,
             "rsb.seed": str(r.train.seed)}
@@ -120,11 +119,4 @@ def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, ext
 
 
 if __name__ == "__main__":
-    where = f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}"
-    try:
-        main()
-    except (ConfigError, PreparedError, CheckpointMismatch, NonFiniteLoss, ValueError) as e:
-        sys.exit(f"error: {e} [{where}]")
-    except Exception as e:  # the launcher stops the other ranks; this line says which one failed, and why
-        print(f"error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
+    errors.run(main, errors.rank())  # the launcher stops the other ranks; the line says which one failed, and why

@@ -34,6 +34,7 @@ def test_stage_json_fields(tmp_path, prepared, monkeypatch):
     assert set(m["versions"]) == {"python", "torch", "timm", "deepspeed"}
 
 
+@pytest.mark.slow  # 8 s of subprocesses; CI runs it (`pytest -m 'not slow'` stays within 3 min)
 def test_gpu_script_dry_run(tmp_path):
     """bench/gpu.sh --dry-run: the whole GPU check at tiny sizes on the CPU, so it still runs the day a GPU is lent."""
     import json

@@ -12,6 +12,7 @@ from torchvision import transforms as T
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
 from rsb.engine import real_correct, topk_correct
+from rsb.errors import InputError
 from rsb.io import save_weights
 from stages.evaluate import evaluate_model
 
@@ -96,7 +97,7 @@ def test_missing_weights_name_the_stage(tmp_path, prepared, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     p = write_params(tmp_path / "params.yaml", prepared)
-    with pytest.raises(FileNotFoundError, match="run `dvc repro train@test_resnet-a1`"):
+    with pytest.raises(InputError, match="run `dvc repro train@test_resnet-a1`"):
         main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
 
 

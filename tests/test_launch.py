@@ -104,6 +104,7 @@ def test_slurm_runs_one_no_ssh_launcher_per_node_through_srun(tmp_path, monkeypa
         command(2, 8, tmp_path / "hostfile", 0, "stages.train", [], "slurm", "auto", {})
 
 
+@pytest.mark.slow  # 29 s; the fast suite keeps the 2-process launcher parity; CI runs this
 def test_two_nodes_without_ssh_equal_one_process_accumulating(tmp_path, prepared, extracted, monkeypatch, world):
     """Two `--no_ssh` launchers on 127.0.0.1 (node rank 0 and 1, one CPU process each) train two epochs as a world
     of 2 across "2 nodes": the same lr, gradients and weights as train.py on 2 processes, and the same weights as

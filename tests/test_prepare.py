@@ -291,7 +291,7 @@ def test_a_flat_val_folder_takes_its_labels_from_the_devkit(prepared, extracted,
 def test_prepared_is_an_index_not_a_copy(prepared, release):
     """No image is extracted: data/prepared holds a few small files, far smaller than the images it indexes."""
     files = sorted(p.name for p in prepared.iterdir())
-    assert files == ["classes.json", "info.json", "real.json", "train.names.json.gz", "train.npz",
+    assert files == [".rsb-output", "classes.json", "info.json", "real.json", "train.names.json.gz", "train.npz",
                      "v2.names.json.gz", "v2.npz", "v2.tar", "val.names.json.gz", "val.npz"]
     index = sum(p.stat().st_size for p in prepared.iterdir() if p.name != "v2.tar")
     assert index < 0.2 * sum(json.loads((prepared / "info.json").read_text())["bytes"].values())

@@ -6,7 +6,6 @@ same command again, as `dvc repro` would run it. On the CPU the result must be b
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import signal
 import subprocess

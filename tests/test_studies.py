@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import statistics
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,7 @@ from rsb.config import ConfigError, load_params
 from rsb.data.datasets import Split
 from rsb.outputs import Outputs
 
-from conftest import ROOT, write_params
+from conftest import write_params
 
 
 def rows(*values) -> list[dict]:

@@ -360,6 +360,7 @@ def test_updates_equal_train_py_on_one_process_accumulating(tmp_path, prepared, 
     assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, extracted, 1, 2, cfg))
 
 
+@pytest.mark.slow  # 10 s; the fast suite keeps 1 x 2, 2 x 1 and the resume; CI runs this
 def test_updates_equal_train_py_on_one_process_accumulating_4(tmp_path, prepared, extracted, monkeypatch, world):
     """World 1 x accumulation 4 against train.py on 4 processes, one epoch of 10 updates (REORDERED: see there)."""
     cfg = {**PARITY, "train.micro_batch": 4, "scale.min_epochs": 1, "train.eval_every": 0,
@@ -418,6 +419,7 @@ def test_t2_updates_equal_train_py_with_deits_flags(tmp_path, prepared, extracte
     assert_same_run(ours, theirs)
 
 
+@pytest.mark.slow  # 6 s; T2's flags stay in the fast suite on test_resnet; CI runs this
 def test_t2_on_a_vit_equals_train_py(tmp_path, prepared, extracted, monkeypatch):
     """T2 on timm's small ViT (no BatchNorm; built for the scaled 32 px on both sides) through stages.train, one
     process accumulating 2, against train.py on 2 processes: lr, loss and gradient at every update, final weights."""
@@ -459,6 +461,7 @@ def test_updates_equal_train_py_on_two_processes(tmp_path, prepared, extracted, 
     assert cost["devices"] == 2 and cost["device_hours"] == pytest.approx(2 * cost["train/wall_s"] / 3600)
 
 
+@pytest.mark.slow  # 27 s; CI runs it
 def test_t2_with_zero_on_two_processes_equals_train_py(tmp_path, prepared, extracted):
     """T2 (AdamW) with ZeRO stage 2 through rsb.launch -> deepspeed on 2 processes against train.py on 2 processes:
     lr and loss at every update and the final weights. (The gradient each rank's optimizer sees is its ZeRO shard,
@@ -478,6 +481,7 @@ def test_t2_with_zero_on_two_processes_equals_train_py(tmp_path, prepared, extra
     assert ours["val"] == pytest.approx(theirs.val, abs=100 / 80 + 1e-9)
 
 
+@pytest.mark.slow  # 16 s; the fast suite keeps the precision wiring (test_the_stage_trains_in_the_precision_...)
 def test_bf16_autocast_equals_train_py_amp(tmp_path, prepared, extracted, monkeypatch, world):
     """precision bf16: our DeepSpeed torch_autocast run against train.py --amp --amp-dtype bfloat16, one epoch.
     Measured bit-identical on the CPU; the tolerance (1e-2) leaves room for another kernel order, and a 2x gradient

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rsb.distributed import barrier, is_main
-from rsb.io import sha256
+from rsb.errors import RsbError
+from rsb.io import read_json, sha256
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointMismatch(RsbError, RuntimeError):
     """A checkpoint from another recipe or architecture."""
 
 
@@ -58,7 +59,7 @@ def peek(ckpt_dir: Path) -> dict:
     """The latest checkpoint's small metadata (digest, epoch, MLflow run id), without loading it."""
     tag = latest_tag(ckpt_dir)
     meta = Path(ckpt_dir) / str(tag) / "rsb.json"
-    return json.loads(meta.read_text()) if tag and meta.is_file() else {}
+    return read_json(meta) if tag and meta.is_file() else {}
 
 
 def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
@@ -82,7 +83,7 @@ def verify(tag_dir: Path) -> None:
     """Every file as it was written (sha256 in rsb.json), and loadable without executing code."""
     import torch
 
-    files = json.loads((tag_dir / "rsb.json").read_text()).get("files")
+    files = read_json(tag_dir / "rsb.json").get("files")
     present = {f.name for f in tag_dir.iterdir() if f.name != "rsb.json"}
     if not files or set(files) != present:
         raise CheckpointMismatch(f"{tag_dir}: files {sorted(present)} are not the ones written ({sorted(files or [])})"

@@ -19,9 +19,10 @@ import yaml
 
 from rsb import domains as D
 from rsb.data.mini import MiniSpec
+from rsb.errors import RsbError
 
 
-class ConfigError(ValueError):
+class ConfigError(RsbError, ValueError):
     """A params.yaml problem, phrased as the key, what it holds, and what to do."""
 
 
@@ -35,7 +36,14 @@ def _sched(v: str) -> bool:
 
 
 def _augment(v: str) -> bool:
-    """timm's own parser, then one application: timm accepts some malformed strings until it applies them."""
+    """timm's own parser, then one application: timm accepts some malformed strings until it applies them. Its
+    parsers also skip, without a word, any segment with no digit in it (`rand-m9-mstd-inc1` trains with timm's
+    default magnitude noise; `rand-m9--inc1`, `rand-m9-foo`): such a segment is refused here (RandAugment's
+    `t<names>` segment, which needs none, excepted)."""
+    head, *segments = v.split("-")
+    if any(not re.search(r"\d", seg) and not (head == "rand" and seg.startswith("t") and len(seg) > 1)
+           for seg in segments):
+        return False
     from PIL import Image
     from timm.data import create_transform
 
@@ -298,6 +306,14 @@ def check_domains(obj, where: str = "", timm: bool = False) -> None:
             for k, v in value.items():
                 if dataclasses.is_dataclass(v):
                     check_domains(v, f"{where}{f.name}.{k}.", timm)
+
+
+def check_option(section: type, name: str, value, flag: str) -> None:
+    """A command-line value through the domain of the params.yaml key it stands for: one line naming the flag."""
+    f = {f.name: f for f in dataclasses.fields(section)}[name]
+    d = f.metadata["domain"]
+    if value is not None and not d.ok(value, None):
+        raise ConfigError(f"{flag} {value!r}: must be {d.text}, as its params.yaml key ({f.metadata['source']})")
 
 
 def domains_markdown() -> str:

@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from rsb.errors import RsbError
 
-class NonFiniteLoss(FloatingPointError):
+
+class NonFiniteLoss(RsbError, FloatingPointError):
     """Training diverged: the last good checkpoint is left as it was."""
 
 
@@ -108,26 +110,28 @@ def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_
     losses, rows, seen, t0 = [], [], 0, time.perf_counter()
     bar = tqdm(total=len(loader) // accum, desc=f"epoch {epoch}", disable=not show_progress, leave=False,
                dynamic_ncols=True)
-    for i, (images, labels) in enumerate(loader):
-        slots.enter(i % accum)
-        images, labels = s.to_device(images), labels.to(s.device, non_blocking=True)
-        if s.mixup_fn is not None:
-            images, labels = s.mixup_fn(images, labels)
-        losses.append(forward_backward(s, images, labels))
-        slots.leave(i % accum)
-        seen += images.shape[0]
-        if (i + 1) % accum:
-            continue
-        lr = s.engine.optimizer.param_groups[0]["lr"]  # the lr this update used
-        s.num_updates += 1
-        s.scheduler.step_update(num_updates=s.num_updates)
-        rows.append({"step": s.num_updates, "lr": lr, "loss": torch.stack(losses[-accum:]).mean()})
-        if len(rows) % s.log_every == 0:
-            _flush(s, rows[-s.log_every:], epoch, bar, seen / (time.perf_counter() - t0))
-        bar.update(1)
-    if tail := len(rows) % s.log_every:
-        _flush(s, rows[-tail:], epoch, bar, seen / (time.perf_counter() - t0))
-    bar.close()
+    try:  # closed on a failure too, so an error line is not printed after the bar
+        for i, (images, labels) in enumerate(loader):
+            slots.enter(i % accum)
+            images, labels = s.to_device(images), labels.to(s.device, non_blocking=True)
+            if s.mixup_fn is not None:
+                images, labels = s.mixup_fn(images, labels)
+            losses.append(forward_backward(s, images, labels))
+            slots.leave(i % accum)
+            seen += images.shape[0]
+            if (i + 1) % accum:
+                continue
+            lr = s.engine.optimizer.param_groups[0]["lr"]  # the lr this update used
+            s.num_updates += 1
+            s.scheduler.step_update(num_updates=s.num_updates)
+            rows.append({"step": s.num_updates, "lr": lr, "loss": torch.stack(losses[-accum:]).mean()})
+            if len(rows) % s.log_every == 0:
+                _flush(s, rows[-s.log_every:], epoch, bar, seen / (time.perf_counter() - t0))
+            bar.update(1)
+        if tail := len(rows) % s.log_every:
+            _flush(s, rows[-tail:], epoch, bar, seen / (time.perf_counter() - t0))
+    finally:
+        bar.close()
     slots.reduce_bn()
     elapsed = time.perf_counter() - t0
     return {"train/loss": sum(r["loss"] for r in rows) / max(1, len(rows)), "train/lr": rows[-1]["lr"] if rows else 0.0,

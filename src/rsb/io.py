@@ -1,12 +1,17 @@
-"""Writing the stages' declared outputs: atomically (write, then rename), so a killed stage never leaves half a file."""
+"""Files the stages write and read back: outputs written atomically (write, then rename), so a killed stage never
+leaves half a file; what is read back is checked (JSON named on a parse error, weights readable and finite); no
+output may overlap an input, and a folder is removed only when the project's own marker shows it created it."""
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from rsb.errors import InputError
 
 
 @contextmanager
@@ -46,10 +51,98 @@ def save_weights(path: Path, state_dict: dict) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
 
 
-def load_weights(path: Path) -> dict:
+def load_weights(path: Path, what: str = "weights") -> dict:
+    """A safetensors weights file, every floating tensor finite; one InputError naming the file otherwise."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {what} file; run the stage that writes it (`dvc repro`) or fix the path")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, a pickle renamed: the same problem
+        raise InputError(f"{path}: not a readable safetensors {what} file ({type(e).__name__}: {str(e)[:120]}); "
+                         "restore it (`dvc checkout`) or rerun the stage that writes it") from None
+    check_finite(state, path)
+    return state
+
+
+def check_finite(state: dict, path: Path | str) -> None:
+    """Weights with a NaN or an infinity would train or score garbage without a word: refused where they enter."""
+    import torch
+
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise InputError(f"{path}: tensor {k} holds NaN or infinite values; these weights cannot be used "
+                             "(retrain, or use another file)")
+
+
+def read_json(path: Path, what: str = "") -> object:
+    """A JSON file the project wrote (or a user gave), named on a parse error instead of a decoder traceback."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not text ({e.reason}); {what or 'restore it or rerun the stage that writes it'}") \
+            from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); "
+                         f"{what or 'restore it (git / dvc checkout) or rerun the stage that writes it'}") from None
+
+
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(Path(p).expanduser()))
+
+
+def refuse_overlap(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Refuse, before any work, an output that equals, contains or lies inside an input (symlinks resolved): a
+    stage must never write over, or remove, what it reads. Keys name the params key or file for the message."""
+    for okey, out in outputs.items():
+        o = _real(out)
+        for ikey, inp in inputs.items():
+            i = _real(inp)
+            if o == i or i in o.parents or o in i.parents:
+                how = "is" if o == i else "lies inside" if i in o.parents else "contains"
+                raise InputError(f"{okey} = {out}: {how} the input {ikey} = {inp}; a stage never writes where its "
+                                 f"inputs are: set {okey} to a folder outside {inp}")
+
+
+MARKER = ".rsb-output"
+
+
+def mark(folder: Path, stage: str) -> None:
+    """Record in `folder` that `stage` created it, so a later run may replace it."""
+    (Path(folder) / MARKER).write_text(json.dumps({"written_by": stage}) + "\n")
+
+
+def owned(folder: Path, stage: str, legacy: tuple[str, ...] = ()) -> bool:
+    """True if `stage` created `folder` (its marker, or for outputs of older versions all the `legacy` files)."""
+    folder = Path(folder)
+    try:
+        return json.loads((folder / MARKER).read_text()).get("written_by") == stage
+    except (OSError, ValueError, AttributeError):
+        return bool(legacy) and all((folder / f).is_file() for f in legacy)
+
+
+def replace_folder(new: Path, out: Path, stage: str, key: str, legacy: tuple[str, ...] = ()) -> None:
+    """Move the finished folder `new` onto `out`; an existing `out` is removed only if `stage` created it (or it is
+    empty); anything else there is the user's: refused, untouched."""
+    check_replaceable(out, stage, key, legacy)
+    if Path(out).exists():
+        shutil.rmtree(out)
+    Path(new).rename(out)
+
+
+def check_replaceable(out: Path, stage: str, key: str, legacy: tuple[str, ...] = ()) -> None:
+    """`out` is absent, empty, or was created by `stage`: called before any work, and again before replacing."""
+    out = Path(out)
+    if out.is_symlink() or out.is_file():
+        raise InputError(f"{key} = {out}: is a {'symbolic link' if out.is_symlink() else 'file'}, not a folder this "
+                         f"stage wrote; set {key} to a new folder")
+    if out.exists():
+        if not (owned(out, stage, legacy) or not any(out.iterdir())):
+            raise InputError(f"{key} = {out}: exists and was not written by {stage} (no {MARKER}); move it away or "
+                             f"set {key} to a new folder")
 
 
 def sha256(path: Path) -> str:

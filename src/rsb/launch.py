@@ -13,8 +13,9 @@ BENCHMARKS.md). More go through `deepspeed`, the launcher DeepSpeed documents, i
   slurm   inside a SLURM allocation (`sbatch`): `srun` starts one `no_ssh` launcher per node, so `dvc repro` runs
           once, on the first node, and no ssh is needed; the hostfile is built from SLURM_JOB_NODELIST.
 
-Either way every worker trains with the DeepSpeed engine. This module imports only the standard library, so it
-starts in ~50 ms.
+Either way every worker trains with the DeepSpeed engine. Before anything starts, the options go through their
+params.yaml keys' domains (rsb.config, ~0.1 s to import), and a fixed rendezvous port this node would open must be
+free. This module imports only the standard library itself.
 """
 from __future__ import annotations
 
@@ -27,11 +28,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rsb.errors import RsbError
+
 LAUNCHERS = ("pdsh", "no_ssh", "slurm")
 
 
-class LaunchError(ValueError):
+class LaunchError(RsbError, ValueError):
     """A launch that cannot work: says which setting or file, and what to do."""
+
+
+def check_port(port: int, host: str = "") -> None:
+    """The rendezvous port rank 0 will listen on is free here (checked before any process starts)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise LaunchError(f"train.master_port={port}: in use on this node ({e.strerror}); stop what holds it, "
+                              "or choose another port (0 picks a free one)") from None
 
 
 def free_port() -> int:
@@ -115,6 +129,8 @@ def command(nodes: int, devices: int, hostfile: Path, master_port: int, module: 
         return _slurm(nodes, devices, master_port, module, args, master_addr, env)
     if launcher == "no_ssh" and nodes > 1:
         return _no_ssh(nodes, devices, hostfile, master_port, module, args, master_addr, env)
+    if master_port:
+        check_port(master_port)
     cmd = _deepspeed(nodes, devices, master_port or free_port())
     if nodes > 1:
         check_hosts(hostfile, nodes, devices)
@@ -134,6 +150,8 @@ def _no_ssh(nodes, devices, hostfile, master_port, module, args, master_addr, en
                           "rendezvous port, and 0 picks a different free port on each")
     hosts = check_hosts(hostfile, nodes, devices)
     addr = master_addr if master_addr != "auto" else env.get("MASTER_ADDR", hosts[0])
+    if rank == "0":  # this node's rank 0 listens on the port
+        check_port(master_port)
     return [*_deepspeed(nodes, devices, master_port), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", rank,
             "--master_addr", addr, "--module", module, *args]
 
@@ -162,13 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("module")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
-    try:
-        cmd = command(a.nodes, a.devices, a.hostfile, a.master_port, a.module, a.args, a.launcher, a.master_addr)
-    except LaunchError as e:
-        sys.exit(f"error: {e}")
+    from rsb.config import Train, check_option
+
+    for flag, key in (("--nodes", "nodes"), ("--devices", "devices"), ("--master-port", "master_port"),
+                      ("--launcher", "launcher")):
+        check_option(Train, key, getattr(a, key), flag)
+    cmd = command(a.nodes, a.devices, a.hostfile, a.master_port, a.module, a.args, a.launcher, a.master_addr)
     sys.stdout.flush()
     os.execvp(cmd[0], cmd)
 
 
 if __name__ == "__main__":
-    main()
+    from rsb import errors
+
+    errors.run(main)

@@ -62,6 +62,11 @@ class Outputs:
     def updates(self) -> Path:
         return self.root / "plots" / "train" / f"{self.name}.updates.csv"
 
+    def training_outputs(self, checkpoints: Path = Path("checkpoints")) -> dict[str, Path]:
+        """What the training writes, named for an overlap message (rsb.io.refuse_overlap)."""
+        return {"weights": self.weights, "train metrics": self.train_metrics, "run record": self.run_file,
+                "history": self.history, "checkpoints": checkpoints / self.name}
+
     @property
     def stage(self) -> str:
         """The DVC stage that trains it."""

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from importlib.resources import files
 from pathlib import Path
 
-from rsb.io import atomic
+from rsb.io import atomic, read_json
 
 SPLITS = (("val", "val_top1"), ("real", "real_top1"), ("v2", "v2_top1"))
 
@@ -19,7 +18,7 @@ def reference() -> dict[tuple[str, str], dict]:
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def rows(metrics_dir: Path, models: list[str], recipes: list[str], train_sizes: dict[str, tuple[int, int]]) -> list[dict]:

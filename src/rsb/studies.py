@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from importlib.resources import files
 from pathlib import Path
 
-from rsb.io import atomic
+from rsb.io import atomic, read_json
 from rsb.outputs import Outputs
 
 SPLITS = ("val", "real", "v2")
@@ -23,7 +22,7 @@ SPLIT_NAMES = {"val": "ImageNet-val", "real": "ImageNet-ReaL", "v2": "ImageNetV2
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def published(name: str) -> list[dict]:

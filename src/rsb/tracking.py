@@ -9,13 +9,24 @@ with one warning, every number still lands in the DVC outputs, and `python -m rs
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import warnings
 from pathlib import Path
 
+from rsb.errors import RsbError
+from rsb.io import read_json
+
 EXPS_MARKER = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+# From the first call on, in this process and the `mlflow ui` it starts: no usage report sent to MLflow's telemetry
+# endpoint (MLflow 3's documented switch; a cluster without internet sees no stray timeouts), and an unreachable
+# server costs seconds, not the minutes of MLflow's default 7 retries with exponential backoff.
+NETWORK = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+for _k, _v in NETWORK.items():
+    os.environ.setdefault(_k, _v)
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -44,8 +55,6 @@ def digest(value) -> str:
     """A short stable hash of a params section (dataclass or dict): the `rsb.params_hash` tag."""
     import dataclasses
     import hashlib
-    import json
-
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -59,11 +68,9 @@ def output_key(stage: str, path: Path) -> str:
 def provenance(stage: str, params_hash: str, prepared: Path | None = None) -> dict:
     """The tags that lead an MLflow run back to its code, params and data: git commit, DVC experiment, stage, params
     hash and the prepared data's content digest (prepare's info.json)."""
-    import json
-
     info = Path(prepared) / "info.json" if prepared else None
     data = "none (synthetic input)" if info is None else \
-        json.loads(info.read_text()).get("digest", "unknown") if info.is_file() else "unknown"
+        read_json(info).get("digest", "unknown") if info.is_file() else "unknown"
     return {"rsb.stage": stage, "rsb.params_hash": params_hash, "rsb.data_digest": data,
             "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME") or "workspace", "mlflow.source.git.commit": git_commit()}
 
@@ -86,8 +93,6 @@ class Tracker:
 class MlflowTracker(Tracker):
     def __init__(self, experiment: str, run_name: str, run_id: str | None = None, tags: dict | None = None,
                  system_metrics: bool = True):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server costs seconds, not minutes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.enabled, self._monitor = tracking_uri(), True, None
         self._safe(self._start, experiment, run_name, run_id, tags or {}, system_metrics)
 
@@ -214,9 +219,7 @@ def study_run(experiment: str, study: str, label: str, metrics: dict, files: lis
 
 def datasets(prepared: Path, source: str, splits: tuple[str, ...]) -> list[dict]:
     """MLflow dataset inputs for splits of the prepared data: name, source (data.raw), the content digest, counts."""
-    import json
-
-    info = json.loads((Path(prepared) / "info.json").read_text())
+    info = read_json(Path(prepared) / "info.json")
     names = {"train": "train", "val": "val", "real": "val (ReaL labels)", "v2": "ImageNetV2 matched-frequency"}
     return [{"name": f"{info['source']} {names[s]}", "source": source, "digest": info["digest"][:16],
              "profile": {"images": info["images"]["val" if s == "real" else s], "scored": info["real_scored"]}
@@ -225,8 +228,6 @@ def datasets(prepared: Path, source: str, splits: tuple[str, ...]) -> list[dict]
 
 def log_datasets(client, run_id: str, items: list[dict], context: str) -> None:
     """Each item as a dataset input of the run (the UI's Datasets column; `datasets.digest` in searches)."""
-    import json
-
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
@@ -300,7 +301,6 @@ CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disabl
 
 def compare_url(base: str, client, experiment: str, arch: str) -> tuple[str, list]:
     """The UI's Compare view of one architecture's workspace training runs (A1, A2, A3, ...)."""
-    import json
     from urllib.parse import quote
 
     exp_id = experiment_id(client, experiment)
@@ -416,11 +416,9 @@ def _csv_rows(path: Path) -> list[dict]:
 
 
 def _numbers(path: Path) -> dict:
-    import json
-
     if not path.is_file():
         return {}
-    return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, (int, float))}
+    return {k: v for k, v in read_json(path).items() if isinstance(v, (int, float))}
 
 
 def _fill(t: MlflowTracker, params: dict, series: list[tuple[list[dict], dict[str, str]]]) -> None:
@@ -448,8 +446,6 @@ def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = No
     each trained model's run (runs/<name>.json) gets its missing params, per-update and per-epoch metrics, final
     train and eval metrics, and is marked FINISHED (studies/<study>/runs/ too); a run that never reached the store is created, tagged
     `rsb.backfill_of`. Benchmarks without a run get one. Idempotent: a second call logs nothing."""
-    import json
-
     from mlflow.tracking import MlflowClient
 
     from rsb.config import flatten
@@ -458,7 +454,7 @@ def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = No
     exp_id, done = experiment_id(client, experiment), []
     studies = sorted(d for d in (root / "studies").glob("*") if d.is_dir())
     for run_file in [f for r in (root, *studies) for f in sorted((r / "runs").glob("*.json"))]:
-        name, info, where = run_file.stem, json.loads(run_file.read_text()), run_file.parent.parent
+        name, info, where = run_file.stem, read_json(run_file), run_file.parent.parent
         key = info.get("run_id") or f"{name}:{info.get('resolved', {}).get('digest', '')}"
         run_id = _existing(client, exp_id, info.get("run_id"), key)
         before = _snapshot(client, run_id) if run_id else None
@@ -485,8 +481,6 @@ def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = No
 def _register(t: MlflowTracker, root: Path, name: str, resolved: dict, prepared: Path | None) -> None:
     """An evaluated model that the store has no version of (the server was down at evaluate) is logged and
     registered; one that has a version is left alone."""
-    import json
-
     import timm
     import torch
 
@@ -495,7 +489,7 @@ def _register(t: MlflowTracker, root: Path, name: str, resolved: dict, prepared:
     weights, evaluated = root / "models" / f"{name}.safetensors", root / "metrics/eval" / f"{name}.json"
     if not (weights.is_file() and evaluated.is_file() and prepared and resolved):
         return
-    classes = len(json.loads((Path(prepared) / "classes.json").read_text()))
+    classes = len(read_json(Path(prepared) / "classes.json"))
     model = timm.create_model(resolved["arch"], num_classes=classes)
     model.load_state_dict(load_weights(weights))
     size = resolved["test_img_size"]
@@ -519,7 +513,11 @@ def _snapshot(client, run_id: str) -> tuple:
     return run.info.status, len(run.data.params), tuple(sorted(steps.items()))
 
 
-if __name__ == "__main__":
+class TrackingError(RsbError):
+    """The MLflow store a command needs cannot be reached or refuses the request."""
+
+
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from rsb.config import load_params
@@ -534,8 +532,21 @@ if __name__ == "__main__":
     parser.add_argument("--exp", help="promote: the DVC experiment whose model the alias moves to")
     parser.add_argument("--port", type=int, default=5000, help="ui: the port on 127.0.0.1")
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.command == "promote" and not (args.recipe and args.exp):
+        parser.error("promote needs --recipe and --exp (e.g. --arch resnet50 --recipe a3 --exp lr6)")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _command(args, params)
+    except MlflowException as e:
+        first = redact(str(e)).splitlines()[0][:200]
+        raise TrackingError(f"MLflow at {redact(tracking_uri())}: {first}; start the server (mlflow server --host "
+                            "127.0.0.1 ...) or point MLFLOW_TRACKING_URI at one") from None
+
+
+def _command(args, params) -> None:
     if args.command == "ui":
         from mlflow.tracking import MlflowClient
 
@@ -545,12 +556,10 @@ if __name__ == "__main__":
             print(f"MLflow UI on {redact(tracking_uri())}, experiment {params.experiment!r}: {url}", flush=True)
             ui.wait()
     elif args.command == "promote":
-        if not (args.recipe and args.exp):
-            parser.error("promote needs --recipe and --exp (e.g. --arch resnet50 --recipe a3 --exp lr6)")
         try:
             version = promote(args.arch, args.recipe, args.exp)
         except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+            raise TrackingError(str(e)) from None
         print(f"rsb-{args.arch}@{args.recipe} -> version {version} (experiment {args.exp})")
     elif args.command == "screenshot":
         compared = screenshot(params.experiment, args.arch, args.out)
@@ -558,3 +567,9 @@ if __name__ == "__main__":
     else:
         names = backfill(params.experiment, prepared=Path(params.data.prepared))
         print(f"back-filled {len(names)} run(s) into {redact(tracking_uri())}: {', '.join(names) or 'none needed'}")
+
+
+if __name__ == "__main__":
+    from rsb import errors
+
+    errors.run(main)

@@ -16,7 +16,8 @@ from pathlib import Path
 import timm
 import torch
 
-from rsb.io import sha256
+from rsb.errors import RsbError
+from rsb.io import check_finite, sha256
 
 
 # Tensors timm's own loader adapts to the model (a ViT's position embedding, resampled to its patch grid by the
@@ -24,7 +25,7 @@ from rsb.io import sha256
 RESAMPLED = frozenset({"pos_embed"})
 
 
-class StartError(ValueError):
+class StartError(RsbError, ValueError):
     """A weights file that cannot start a fine-tune of the architecture."""
 
 
@@ -65,6 +66,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise StartError(f"{path}: holds no state dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
+    check_finite(state, path)
     return state
 
 

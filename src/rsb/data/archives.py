@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -20,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from rsb.data.mini import ARCHIVES, DEVKIT
+from rsb.errors import RsbError
 
 # torchvision.datasets.imagenet.ARCHIVE_META (the official release's md5 sums).
 OFFICIAL_MD5 = {
@@ -31,7 +31,7 @@ OFFICIAL_COUNTS = {"classes": 1000, "val": 50000, "v2": 10000}
 WNID = re.compile(r"n\d{8}")
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(RsbError, RuntimeError):
     """A bad input file: the message names the file and what was expected."""
 
 
@@ -247,9 +247,7 @@ def index_val(path: Path, devkit: Devkit) -> list[Entry]:
     with open(path, "rb") as f:
         entries = [(f"{val_wnid(path, name, devkit)}/{PurePosixPath(name).name}", offset, n)
                    for name, offset, n in members(f, path, path.stat().st_size)]
-    if len(entries) != len(devkit.val_wnids):
-        raise ArchiveError(f"{path}: {len(entries)} images, but the devkit ground truth lists {len(devkit.val_wnids)}")
-    return entries
+    return entries  # each of the devkit's IDs exactly once: check_members
 
 
 def repack_v2(path: Path, out: Path, n_classes: int) -> list[Entry]:
@@ -286,14 +284,45 @@ def require_folder(raw: Path) -> dict[str, Path]:
     return paths
 
 
-def index_folder(base: Path) -> list[Entry]:
-    """Every file under an extracted split folder -> (path relative to it, 0, size), in sorted order."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            entries.append((path.relative_to(base).as_posix(), 0, path.stat().st_size))
-    if not entries:
-        raise ArchiveError(f"{base}: no image files")
-    return entries
+def index_folder(base: Path, flat: bool = False) -> list[Entry]:
+    """Every image under an extracted split folder -> (path relative to it, 0, size), read by the one ImageFolder
+    reader (`rsb.data.folder.scan`, the downstream sets' too); `flat`: ImageNet's flat val folder is allowed."""
+    from rsb.data.folder import scan
+
+    return [(name, 0, size) for name, size in scan(base, flat, ArchiveError)]
+
+
+def check_members(split: str, names: list[str], path: Path, devkit: Devkit) -> None:
+    """Members against the devkit: no name twice (a repeated member, or two inner tars of one class); val holds
+    each of the devkit's ILSVRC2012_val_* IDs exactly once, none missing, none extra, each under the wnid the
+    devkit's ground truth gives it."""
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ArchiveError(f"{path}: member {n} appears more than once; the archive is not the official release "
+                               "(re-download it, or remove the repeat from the folder)")
+        seen.add(n)
+    if split != "val":
+        return
+    ids: dict[int, str] = {}
+    for n in names:
+        p = PurePosixPath(n)
+        m = VAL_NAME.fullmatch(p.name)
+        if not m:
+            raise ArchiveError(f"{path}: {n} is not ILSVRC2012_val_<8 digits>.JPEG; the devkit's ground truth labels "
+                               "val images by that number")
+        i = int(m.group(1))
+        if i in ids:
+            raise ArchiveError(f"{path}: val image {p.name} appears twice ({ids[i]}, {n}); keep one")
+        ids[i] = n
+        if not 1 <= i <= len(devkit.val_wnids):
+            raise ArchiveError(f"{path}: {p.name} is not in the devkit's ground truth (ILSVRC2012_val_00000001.."
+                               f"{len(devkit.val_wnids):08d}); remove it")
+        if len(p.parts) > 1 and p.parts[0] != devkit.val_wnids[i - 1]:
+            raise ArchiveError(f"{path}: {n} lies in {p.parts[0]}/, but the devkit's ground truth says "
+                               f"{devkit.val_wnids[i - 1]}; the val folder is mislabelled: rebuild it from the "
+                               "official val tar")
+    missing = sorted(set(range(1, len(devkit.val_wnids) + 1)) - set(ids))
+    if missing:
+        raise ArchiveError(f"{path}: {len(missing)} val image(s) of the devkit's ground truth missing (first: "
+                           f"ILSVRC2012_val_{missing[0]:08d}.JPEG); restore them from the official val tar")

@@ -20,11 +20,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from rsb.errors import RsbError
+from rsb.io import read_json
+
 SPLITS = ("train", "val", "v2")
 FINGERPRINT = 1 << 16  # bytes hashed at each end of a source archive
 
 
-class PreparedError(RuntimeError):
+class PreparedError(RsbError, RuntimeError):
     """data/prepared is missing or incomplete, or a source it indexes changed after preparation."""
 
 
@@ -33,7 +36,7 @@ def load_classes(root: Path) -> list[dict]:
     if not (Path(root) / "info.json").is_file() or not path.is_file():
         raise PreparedError(f"{root}: not a complete prepared dataset (no info.json/classes.json); "
                             "run `dvc repro prepare` first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def fingerprint(path: Path) -> dict:
@@ -64,9 +67,13 @@ class Reader:
         if self.pid != os.getpid():
             self.fds, self.pid = {}, os.getpid()
         fd = self.fds.get(file)
-        if fd is None:
-            fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
-        data = os.pread(fd, size, offset)
+        try:
+            if fd is None:
+                fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
+            data = os.pread(fd, size, offset)
+        except OSError as e:
+            raise PreparedError(f"{self.paths[file]}: cannot be read ({e.strerror or type(e).__name__}); restore it, "
+                                "or run `dvc repro prepare` on what is there now") from None
         if len(data) != size:
             raise PreparedError(f"{self.paths[file]}: {len(data)} bytes at offset {offset}, the index says {size}; "
                                 "the source changed after preparation. Run `dvc repro prepare`")
@@ -85,7 +92,7 @@ class Split(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root, self.split, self.transform = Path(root), split, transform
         self.num_classes = len(load_classes(self.root))
-        info = json.loads((self.root / "info.json").read_text())
+        info = read_json(self.root / "info.json")
         index = np.load(self.root / f"{split}.npz")
         self.file, self.offset, self.size, self.labels = (index[k] for k in ("source", "offset", "size", "label"))
         sources = info["sources"][split]
@@ -116,7 +123,11 @@ class Split(Dataset):
         if offset >= 0:
             return self.reader.read(file, offset, size)
         path = self.reader.paths[file] / self.samples_names()[i]
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise PreparedError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); the folder changed after "
+                                "preparation: restore the file, or run `dvc repro prepare`") from None
         if len(data) != size:
             raise PreparedError(f"{path}: {len(data)} bytes, the index says {size}; the folder changed after "
                                 "preparation. Run `dvc repro prepare`")
@@ -129,13 +140,19 @@ class Split(Dataset):
         return self._names
 
     def __getitem__(self, i: int):
-        img = Image.open(io.BytesIO(self.read(i)))
-        img = img.convert("RGB")
+        data = self.read(i)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img = img.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoder failure: the file, named, from inside a loader worker
+            where = self.reader.paths[int(self.file[i])]
+            raise PreparedError(f"{where}: image {self.samples_names()[i]} cannot be decoded ({type(e).__name__}: "
+                                f"{str(e)[:120]}); restore an intact copy and run `dvc repro prepare`") from None
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
     def real_labels(self) -> list[list[int]]:
         """ReaL's label list for each val sample, in this dataset's order (real.json is by val file number)."""
         if self.split != "val":
             raise ValueError("ReaL labels exist for the val split only")
-        real = json.loads((self.root / "real.json").read_text())
+        real = read_json(self.root / "real.json")
         return [real[int(p.stem.rsplit("_", 1)[1]) - 1] for p, _ in self.samples]

@@ -1,0 +1,64 @@
+"""One error path for the whole project: an expected failure ends in one line
+
+    error: <file or key>: <what is wrong>; <what to do>
+
+and exit status 1, never a traceback (`RSB_DEBUG=1` shows it). Every project error class derives from `RsbError`;
+an `OSError` (a file missing, unreadable, a port taken) is expected too and is named by its file. A failure inside a
+DataLoader worker reaches the main process wrapped by torch ("Caught X in DataLoader worker process 0. Original
+Traceback ..."): `message` unwraps it to the worker's own line, which names the file that failed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable
+
+
+class RsbError(Exception):
+    """An expected failure; the message names the file or key, what is wrong and what to do."""
+
+
+class InputError(RsbError, ValueError):
+    """A file the project reads that cannot be used as it is (unparsable, non-finite weights, an input overlapping
+    an output)."""
+
+
+EXPECTED = (RsbError, OSError)
+_WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+_LAST = re.compile(r"^[\w.]+: (.*)$")
+
+
+def message(e: BaseException) -> str:
+    """The one line to print for an expected failure."""
+    text = str(e)
+    if _WRAPPED.match(text):  # torch re-raises a worker's exception with the worker's traceback as its message
+        last = text.rstrip().splitlines()[-1]
+        m = _LAST.match(last)
+        text = m.group(1) if m else last
+    elif isinstance(e, OSError) and not isinstance(e, RsbError) and e.filename:
+        text = f"{e.filename}: {e.strerror or type(e).__name__}; check the path and its permissions"
+    return " ".join(text.split("\n")).strip() or type(e).__name__
+
+
+def run(main: Callable[[], object], where: str = "") -> None:
+    """Run a command's `main`; an expected failure becomes one `error: ...` line and exit status 1. `where` (a
+    training's rank) is appended; with it, an unexpected failure (a bug) is named in one line before its traceback,
+    so the launcher's output says which rank failed and why."""
+    try:
+        main()
+    except EXPECTED as e:
+        if os.environ.get("RSB_DEBUG") == "1":
+            raise
+        sys.exit(f"error: {message(e)}{f' [{where}]' if where else ''}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted")
+    except Exception as e:
+        if where:
+            print(f"error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+
+
+def rank() -> str:
+    """`rank R of W` of this process (the launcher's environment), for error lines."""
+    return f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}"
