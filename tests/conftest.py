@@ -107,7 +107,9 @@ def write_params(path: Path, prepared: Path, overrides: dict | None = None) -> P
 def clean_env(**extra: str) -> dict:
     """The environment of a fresh shell for a subprocess: none of the process-group variables an in-process test
     left behind, no tracking settings unless given, this checkout importable."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    inherited = os.environ.get("PYTHONPATH")  # wheels carried onto PYTHONPATH (bench/gpu.sh): extended, never replaced
+    extra["PYTHONPATH"] = ":".join(filter(None, [extra.get("PYTHONPATH", f"{ROOT / 'src'}:{ROOT}"), inherited]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "MLFLOW_TRACKING_URI", "RSB_TRACKING", "DVC_EXP_NAME"):
         env.pop(k, None)

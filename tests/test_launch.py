@@ -31,6 +31,27 @@ def test_several_processes_go_through_deepspeed(tmp_path):
     assert int(cmd[cmd.index("--master_port") + 1]) > 0
 
 
+def test_without_a_console_script_the_launcher_runs_as_a_module(tmp_path, monkeypatch):
+    """Wheels installed with `pip install --target` (the GPU machine) put no `deepspeed` script on PATH: the same
+    runner is started as a module with this interpreter, so its workers inherit PYTHONPATH."""
+    import shutil
+
+    from rsb import launch
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cmd = launch.command(1, 2, tmp_path / "absent", 29601, "stages.train", ["--arch", "x"])
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"] and "--num_gpus" in cmd
+
+
+def test_children_extend_pythonpath(monkeypatch):
+    """A test's subprocess keeps the PYTHONPATH it was started with (carried wheels), after this checkout's."""
+    from conftest import ROOT, clean_env
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    assert clean_env()["PYTHONPATH"] == f"{ROOT / 'src'}:{ROOT}:/tmp/site"
+    assert clean_env(PYTHONPATH="x")["PYTHONPATH"] == "x:/tmp/site"
+
+
 @pytest.mark.parametrize("text, match", [
     ("worker-1 slots=eight\n", r"hostfile:1: 'worker-1 slots=eight' is not `<host> slots=<n>`"),
     ("worker-1\n", r"hostfile:1: 'worker-1' is not"),

@@ -373,7 +373,8 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
     # the command a user runs: a fresh browser on the link it prints opens the runs table (not GenAI's overview)
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "rsb.tracking", "ui", "--port", str(port)], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": ":".join(
+                              filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))})
     try:
         line = next(line for line in ui.stdout if line.startswith("MLflow UI on "))  # mlflow ui logs there too
         url = re.search(r"http://127\.0\.0\.1:\d+/\S+", line).group(0)

@@ -20,6 +20,7 @@ free. This module imports only the standard library itself.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -111,9 +112,17 @@ def slurm_hosts(env) -> list[str]:
 
 
 def _deepspeed(nodes: int, devices: int, port: int) -> list[str]:
-    if shutil.which("deepspeed") is None:
-        raise LaunchError("`deepspeed` is not on PATH; install the project (`pip install -e .`) in this environment")
-    return ["deepspeed", "--num_nodes", str(nodes), "--num_gpus", str(devices), "--master_port", str(port)]
+    """DeepSpeed's launcher: its console script, or the same runner as a module where none is installed (wheels put
+    on PYTHONPATH with `pip install --target` install no scripts; the runner starts workers with sys.executable, so
+    they inherit this PYTHONPATH)."""
+    if shutil.which("deepspeed"):
+        runner = ["deepspeed"]
+    elif importlib.util.find_spec("deepspeed") is not None:
+        runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    else:
+        raise LaunchError("deepspeed is neither on PATH nor importable; install the project (`pip install -e .`) in "
+                          "this environment")
+    return [*runner, "--num_nodes", str(nodes), "--num_gpus", str(devices), "--master_port", str(port)]
 
 
 def command(nodes: int, devices: int, hostfile: Path, master_port: int, module: str, args: list[str],
