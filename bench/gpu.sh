@@ -1,30 +1,55 @@
 #!/usr/bin/env bash
 # The GPU check: one script, <= 8 minutes on one H100/H200-class GPU, everything it measured under one folder.
 #
-#   bash bench/gpu.sh [OUT]             # on a CUDA machine (OUT defaults to bench-gpu/)
-#   bash bench/gpu.sh --dry-run [OUT]   # anywhere: tiny sizes on the CPU, so CI keeps the script working
+#   bash bench/gpu_wheels.sh                   # here: .whl/, what the GPU machine's image lacks (7 wheels, ~7 MiB)
+#   bash bench/gpu.sh [OUT]                    # there, with .whl carried (OUT defaults to bench-gpu/)
+#   bash bench/gpu.sh --rehearse [OUT]         # here, on the CPU: the same script in a fresh virtual environment
+#                                              # that holds only what the GPU image holds, wheels installed as there
+#   bash bench/gpu.sh --dry-run [OUT]          # anywhere, in this environment: tiny sizes on the CPU (CI)
 #
-# On the lent device machine the image has torch and timm but not deepspeed, mlflow or dvc: carry wheels in .whl/
-# (see the device tool's README) and this script installs them into /tmp/site first.
-# Writes OUT/gpu-tests.log (pytest -m gpu), OUT/gpu.json and OUT/gpu.log (bench/gpu.py: train stage vs a bare timm
-# loop at 224 px bf16 channels_last, loader img/s per worker, benchmark stage vs a plain inference loop).
+# On the GPU machine the image has torch, timm, scipy, pytest ... but not deepspeed, pydantic, hjson, mlflow or dvc
+# (bench/gpu_image.py lists it): the carried wheels go into /tmp/site with `pip install --no-index --no-deps
+# --target`, which installs no console script, so the launcher runs DeepSpeed's runner as a module, and every child
+# process extends PYTHONPATH. Steps, each logged under OUT: pytest -m gpu (gpu-tests.log), the pipeline's commands
+# through the real launcher (stage.log, stage.json: bench/gpu_stage.py), the measurements (gpu.log, gpu.json:
+# bench/gpu.py). The rehearsal runs all three with CPU sizes: the gpu tests skip without CUDA after every import.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-dry=""
-if [ "${1:-}" = "--dry-run" ]; then dry="--dry-run"; shift; fi
+mode=gpu
+case "${1:-}" in --dry-run) mode=dry; shift ;; --rehearse) mode=rehearse; shift ;; esac
 out="${1:-bench-gpu}"
 mkdir -p "$out"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" || exit 1
+py=python3 site=/tmp/site whl=.whl devices=1
+if [ "$mode" = rehearse ]; then
+  [ -f .whl/.rsb-output ] || { echo "error: .whl: not built; run bash bench/gpu_wheels.sh first" >&2; exit 1; }
+  env=$(mktemp -d /tmp/rsb-rehearse-XXXXXX)
+  python3 -m venv "$env/venv" || exit 1
+  python3 -m bench.gpu_image farm "$env/image" || exit 1
+  echo "$env/image" > "$("$env/venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
+  # the same wheels for this machine's CPython (the GPU image's is 3.12; torch here is for 3.11)
+  ver=$("$env/venv/bin/python3" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  if [ "$ver" = 3.12 ]; then whl=.whl; else RSB_WHEELS_PY="$ver" bash bench/gpu_wheels.sh "$env/whl" >/dev/null || exit 1; whl="$env/whl"; fi
+  diff <(ls .whl | sed 's/-cp3[0-9]*-cp3[0-9]*-.*//') <(ls "$whl" | sed 's/-cp3[0-9]*-cp3[0-9]*-.*//') \
+    || { echo "error: the rehearsal's wheels are not .whl's" >&2; exit 1; }
+  py="$env/venv/bin/python3" site="$env/site" devices=2
+  export PATH="$env/venv/bin:/usr/local/bin:/usr/bin:/bin" DS_ACCELERATOR=cpu  # no console script of this machine
+fi
+if [ "$mode" != dry ] && ls "$whl"/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$whl"/*.whl \
+    || exit 1
+  export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RSB_TRACKING=off
 status=0
-if [ -z "$dry" ]; then
-  timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" \
-    || status=1
-else
+if [ "$mode" = dry ]; then
   echo "dry run: gpu tests not run" > "$out/gpu-tests.log"
+else
+  timeout 300 "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 | tee "$out/gpu-tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout 300 "$py" -m bench.gpu_stage --out "$out" --devices "$devices" 2>&1 | tee "$out/stage.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-timeout 420 python3 -m bench.gpu --out "$out" $dry 2>&1 | tee "$out/gpu.log" || status=1
+dry=""; [ "$mode" = gpu ] || dry="--dry-run"
+timeout 420 "$py" -m bench.gpu --out "$out" $dry 2>&1 | tee "$out/gpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -48,3 +48,30 @@ def test_gpu_script_dry_run(tmp_path):
     result = json.loads((tmp_path / "out/gpu.json").read_text())
     assert result["dry_run"] and result["train"]["bare_img_s"] > 0 and result["train"]["ours_img_s"] > 0
     assert result["loader"]["img_s_per_worker"] > 0 and result["benchmark"]["peak_mem_mb"] > 0
+
+
+@pytest.mark.slow  # ~5 min: two wheel sets (one built from DeepSpeed's source archive), a fresh venv, 3 steps
+def test_gpu_rehearsal_on_a_clean_clone(tmp_path):
+    """`bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse` on a clean clone: the GPU script in a fresh
+    virtual environment holding only the GPU image's packages, the carried wheels installed as there (--target,
+    PYTHONPATH only, no console script): the gpu tests import and skip, the pipeline's commands run through the real
+    launcher on 2 processes (DeepSpeed's runner as a module), and bench/gpu.py measures."""
+    import json
+    import subprocess
+
+    from conftest import ROOT, clean_env
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    out = subprocess.run(["bash", "-c", "bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse out"], cwd=clone,
+                         env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    wheels = sorted(p.name.split("-")[0] for p in (clone / ".whl").glob("*.whl"))
+    assert wheels == ["annotated_types", "deepspeed", "hjson", "pydantic", "pydantic_core", "timm",
+                      "typing_inspection"]
+    assert "3 skipped" in (clone / "out/gpu-tests.log").read_text()
+    stage = json.loads((clone / "out/stage.json").read_text())
+    assert stage["devices"] == 2 and [s["rc"] for s in stage["steps"]] == [0, 0, 0, 0]
+    assert stage["eval"]["val/count"] == 16, "evaluate scored the whole mini val (4 classes x 4)"
+    assert json.loads((clone / "out/gpu.json").read_text())["train"]["ours_img_s"] > 0
