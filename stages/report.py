@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rsb import errors, report, tracking
 from rsb.config import ConfigError, load_params, scaled_size
-from rsb.io import read_json, write_csv, write_text
+from rsb.io import read_json, refuse_overlap, write_csv, write_text
 
 
 def scale_text(params, info: dict) -> str:
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("reports"))
     args = p.parse_args(argv)
     params = load_params(args.params)
+    refuse_overlap({"--out": args.out}, {"--metrics": args.metrics, "data.prepared": Path(params.data.prepared),
+                                         "data.raw": Path(params.data.raw)})
     sizes = {name: (scaled_size(params.recipe(name).img_size, params.scale),
                     scaled_size(params.recipe(name).test_img_size, params.scale)) for name in params.run}
     table = report.rows(args.metrics, list(params.models), list(params.run), sizes)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rsb import errors, studies, tracking
 from rsb.config import ConfigError, load_params
-from rsb.io import read_json, write_csv, write_text
+from rsb.io import read_json, refuse_overlap, write_csv, write_text
 from rsb.outputs import Outputs
 from stages.report import scale_text
 
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("reports"))
     args = p.parse_args(argv)
     params = load_params(args.params)
+    refuse_overlap({"--out": args.out}, {"metrics": Path("metrics"), "studies": Path("studies"),
+                                         "data.prepared": Path(params.data.prepared), "data.raw": Path(params.data.raw)})
     args.out.mkdir(parents=True, exist_ok=True)
     metrics, children = STUDIES[args.study](params, args.out)
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}

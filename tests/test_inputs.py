@@ -165,6 +165,20 @@ def test_training_and_evaluation_refuse_outputs_inside_their_inputs(tmp_path, pr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("stage", ["report", "studies"])
+def test_reports_are_never_written_into_what_they_read(tmp_path, prepared, monkeypatch, stage):
+    from stages.report import main as report
+    from stages.studies import main as studies
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics" / "eval").mkdir(parents=True)
+    p = write_params(tmp_path / "params.yaml", prepared)
+    with pytest.raises(InputError, match=r"--out = metrics: is the input"):
+        report(["--params", str(p), "--out", "metrics"]) if stage == "report" else \
+            studies(["seeds", "--params", str(p), "--out", "metrics"])
+    assert [x.name for x in (tmp_path / "metrics").rglob("*")] == ["eval"]
+
+
 def test_overlap_is_decided_on_resolved_paths(tmp_path):
     from rsb.io import refuse_overlap
 
@@ -294,6 +308,15 @@ def test_an_occupied_port_is_refused_before_any_process_starts(tmp_path):
         out = cli(tmp_path, "rsb.launch", "--devices", "2", "--master-port", str(port), "stages.train", "--arch", "x")
         one_line(out, f"train.master_port={port}: in use on this node")
     assert "deepspeed" not in out.stdout.lower()
+
+
+def test_an_occupied_ui_port_is_refused_before_mlflow_starts(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        one_line(cli(tmp_path, "rsb.tracking", "ui", "--port", str(port)), f"--port={port}: in use on this node")
 
 
 @pytest.mark.parametrize("args, says", [

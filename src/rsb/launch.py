@@ -38,14 +38,15 @@ class LaunchError(RsbError, ValueError):
     """A launch that cannot work: says which setting or file, and what to do."""
 
 
-def check_port(port: int, host: str = "") -> None:
-    """The rendezvous port rank 0 will listen on is free here (checked before any process starts)."""
+def check_port(port: int, host: str = "", key: str = "train.master_port") -> None:
+    """A port this node will listen on (rank 0's rendezvous, the MLflow UI) is free: checked before any process
+    starts."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise LaunchError(f"train.master_port={port}: in use on this node ({e.strerror}); stop what holds it, "
+            raise LaunchError(f"{key}={port}: in use on this node ({e.strerror}); stop what holds it, "
                               "or choose another port (0 picks a free one)") from None
 
 

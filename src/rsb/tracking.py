@@ -29,6 +29,10 @@ for _k, _v in NETWORK.items():
     os.environ.setdefault(_k, _v)
 
 
+class TrackingError(RsbError):
+    """The MLflow store a command needs cannot be reached or refuses the request."""
+
+
 def project_root(cwd: Path | None = None) -> Path:
     cwd = str((cwd or Path.cwd()).resolve())
     return Path(cwd.split(EXPS_MARKER)[0]) if EXPS_MARKER in cwd else Path(cwd)
@@ -327,11 +331,13 @@ class UI:
         import time
         import urllib.request
 
-        from rsb.launch import free_port
+        from rsb.launch import check_port, free_port
 
         self.proc, uri = None, tracking_uri()
         if uri.startswith("http"):
             return uri.rstrip("/")
+        if self.port:
+            check_port(self.port, "127.0.0.1", "--port")
         port = self.port or free_port()
         out = subprocess.DEVNULL if self.quiet else None
         # its own process group: MLflow 3 starts uvicorn workers and a job runner (huey consumers) that outlive a
@@ -341,13 +347,14 @@ class UI:
         base = f"http://127.0.0.1:{port}"
         for _ in range(240):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited ({self.proc.returncode}); is port {port} in use? (--port)")
+                raise TrackingError(f"mlflow ui on port {port} exited ({self.proc.returncode}) before answering; is the "
+                                    "port in use? (--port)")
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
                 return base
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"mlflow ui did not answer on {base} within 2 minutes")
+        raise TrackingError(f"mlflow ui did not answer on {base} within 2 minutes; see its output above")
 
     def wait(self) -> None:
         """Serve until Ctrl-C or SIGTERM (a tracking server serves itself: nothing to wait for)."""
@@ -511,10 +518,6 @@ def _snapshot(client, run_id: str) -> tuple:
     run = client.get_run(run_id)
     steps = {k: len(client.get_metric_history(run_id, k)) for k in run.data.metrics}
     return run.info.status, len(run.data.params), tuple(sorted(steps.items()))
-
-
-class TrackingError(RsbError):
-    """The MLflow store a command needs cannot be reached or refuses the request."""
 
 
 def main(argv: list[str] | None = None) -> None:
