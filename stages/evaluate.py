@@ -29,7 +29,7 @@ from rsb.data.datasets import Split
 from rsb.engine import predict, real_correct, topk_correct
 from rsb.errors import InputError
 from rsb.io import load_weights, read_json, refuse_overlap, write_json
-from rsb.outputs import Outputs
+from rsb.outputs import STUDY_RUNS, Outputs
 
 
 def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = None,
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--study", default=None, help="a study's run (e.g. seeds): files under studies/<study>/")
+    p.add_argument("--study", default=None, choices=STUDY_RUNS, help="a study's run (e.g. seeds): files under studies/<study>/")
     p.add_argument("--seed", type=int, default=None, help="the seed study's run <arch>-<recipe>-seed<N>")
     args = p.parse_args(argv)
     check_option(Train, "seed", args.seed, "--seed")

@@ -29,7 +29,7 @@ from rsb import checkpoint, distributed, errors, tracking
 from rsb.config import Train, check_option, flatten, load_params, resolve
 from rsb.data.datasets import load_classes
 from rsb.io import refuse_overlap, save_weights, write_csv, write_json
-from rsb.outputs import Outputs
+from rsb.outputs import STUDY_RUNS, Outputs
 from rsb.profiling import device_name
 from rsb.training import Run, train
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--study", default=None, help="a study's run (e.g. seeds): outputs under studies/<study>/")
+    p.add_argument("--study", default=None, choices=STUDY_RUNS, help="a study's run (e.g. seeds): outputs under studies/<study>/")
     p.add_argument("--seed", type=int, default=None, help="replaces train.seed; the run is <arch>-<recipe>-seed<N>")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by older launchers
     args = p.parse_args(argv)

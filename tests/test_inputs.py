@@ -261,6 +261,24 @@ def test_a_json_file_the_project_wrote_and_something_broke_is_named(prepared, tm
         Split(copy, "val")
 
 
+@pytest.mark.parametrize("part", ["val.npz", "val.names.json.gz"])
+def test_a_damaged_index_is_named(prepared, tmp_path, part):
+    from rsb.data.datasets import PreparedError, Split
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    (copy / part).write_bytes((copy / part).read_bytes()[:40])
+    with pytest.raises(PreparedError, match=r"(the val index is damaged|val.names.json.gz: unreadable).*dvc repro"):
+        Split(copy, "val").samples_names()
+
+
+def test_a_study_name_is_a_name_not_a_path(tmp_path, prepared):
+    p = write_params(tmp_path / "params.yaml", prepared)
+    out = cli(tmp_path, "stages.train", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p), "--study",
+              "../..")
+    assert out.returncode == 2 and "invalid choice: '../..'" in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("damage", ["nan", "inf", "truncated", "pickle", "missing"])
 def test_weights_are_checked_wherever_they_enter(tmp_path, damage):
     """Evaluate, the registry and backfill read weights through rsb.io.load_weights; starts through

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -93,9 +94,13 @@ class Split(Dataset):
         self.root, self.split, self.transform = Path(root), split, transform
         self.num_classes = len(load_classes(self.root))
         info = read_json(self.root / "info.json")
-        index = np.load(self.root / f"{split}.npz")
-        self.file, self.offset, self.size, self.labels = (index[k] for k in ("source", "offset", "size", "label"))
-        sources = info["sources"][split]
+        try:
+            index = np.load(self.root / f"{split}.npz")
+            self.file, self.offset, self.size, self.labels = (index[k] for k in ("source", "offset", "size", "label"))
+            sources = info["sources"][split]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise PreparedError(f"{self.root}: the {split} index is damaged ({type(e).__name__}: {str(e)[:100]}); "
+                                "rebuild it with `dvc repro prepare` (or `dvc checkout data/prepared`)") from None
         self.reader = Reader([source_path(self.root, s) for s in sources])
         self._names: list[str] | None = None
         self._check_unchanged(sources)
@@ -135,8 +140,13 @@ class Split(Dataset):
 
     def samples_names(self) -> list[str]:
         if self._names is None:
-            with gzip.open(self.root / f"{self.split}.names.json.gz", "rt") as f:
-                self._names = json.load(f)
+            path = self.root / f"{self.split}.names.json.gz"
+            try:
+                with gzip.open(path, "rt") as f:
+                    self._names = json.load(f)
+            except (OSError, ValueError, EOFError) as e:
+                raise PreparedError(f"{path}: unreadable ({type(e).__name__}); rebuild the index with `dvc repro "
+                                    "prepare` (or `dvc checkout data/prepared`)") from None
         return self._names
 
     def __getitem__(self, i: int):
