@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -219,6 +220,7 @@ def test_a_worker_side_failure_is_unwrapped_to_the_file(extracted, tmp_path):
     assert errors.message(e.value).startswith(f"{victim}: cannot be read (No such file or directory)")
 
 
+@pytest.mark.slow  # 8-20 s (a training process); the unwrapping itself is the fast test above
 def test_a_training_whose_image_vanished_is_one_line(extracted, tmp_path):
     """The same through the stage's command line, with a loader worker: one line naming the file, exit 1."""
     from rsb.data.datasets import Split
@@ -272,11 +274,15 @@ def test_a_damaged_index_is_named(prepared, tmp_path, part):
         Split(copy, "val").samples_names()
 
 
-def test_a_study_name_is_a_name_not_a_path(tmp_path, prepared):
+def test_a_study_name_is_a_name_not_a_path(tmp_path, prepared, capsys):
+    from stages.evaluate import main as evaluate
+    from stages.train import main as train
+
     p = write_params(tmp_path / "params.yaml", prepared)
-    out = cli(tmp_path, "stages.train", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p), "--study",
-              "../..")
-    assert out.returncode == 2 and "invalid choice: '../..'" in out.stderr and "Traceback" not in out.stderr
+    for main in (train, evaluate):
+        with pytest.raises(SystemExit) as e:
+            main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p), "--study", "../.."])
+        assert e.value.code == 2 and "invalid choice: '../..'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["nan", "inf", "truncated", "pickle", "missing"])
@@ -305,16 +311,19 @@ def test_weights_are_checked_wherever_they_enter(tmp_path, damage):
         read_weights(w)
 
 
-def test_evaluate_refuses_weights_that_are_not_finite(tmp_path, prepared):
-    """Through the stage's command line: one line naming the file and the tensor, before any image is scored."""
+def test_evaluate_refuses_weights_that_are_not_finite(tmp_path, prepared, monkeypatch):
+    """The stage names the file and the tensor before any image is scored."""
     import timm
 
+    from stages.evaluate import main
+
+    monkeypatch.chdir(tmp_path)
     p = write_params(tmp_path / "params.yaml", prepared)
     state = timm.create_model("test_resnet", num_classes=20).state_dict()
     state["fc.bias"][0] = float("nan")
     save_weights(tmp_path / "models" / "test_resnet-a1.safetensors", state)
-    one_line(cli(tmp_path, "stages.evaluate", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)),
-             "models/test_resnet-a1.safetensors: tensor fc.bias holds NaN or infinite values")
+    with pytest.raises(InputError, match="models/test_resnet-a1.safetensors: tensor fc.bias holds NaN or infinite"):
+        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
     assert not (tmp_path / "metrics").exists()
 
 
@@ -348,9 +357,14 @@ def test_launcher_options_go_through_their_keys_domains(tmp_path, args, says):
 
 
 def test_a_seed_outside_its_domain_is_refused_on_the_command_line(tmp_path, prepared):
+    from rsb.config import ConfigError
+    from stages.evaluate import main as evaluate
+    from stages.train import main as train
+
     p = write_params(tmp_path / "params.yaml", prepared)
-    one_line(cli(tmp_path, "stages.train", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p), "--seed",
-                 "-3"), "--seed -3: must be an integer in [0, 2147483647]")
+    for main in (train, evaluate):
+        with pytest.raises(ConfigError, match=re.escape("--seed -3: must be an integer in [0, 2147483647]")):
+            main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p), "--seed", "-3"])
 
 
 def test_an_unreachable_mlflow_server_fails_in_seconds_naming_the_url(tmp_path):

@@ -406,6 +406,7 @@ def test_a_run_resumed_in_a_fresh_process_equals_train_pys_uninterrupted_run(tmp
     assert_same_run(read_outputs(tmp_path, first + second, NAME), reference_run(p, extracted, 1, 2, cfg))
 
 
+@pytest.mark.slow  # 8 s; T2's components stay fast (test_mixup_loss_transform_equal_train_py[t2], ...)
 def test_t2_updates_equal_train_py_with_deits_flags(tmp_path, prepared, extracted, monkeypatch, world):
     """T2 (DeiT's procedure: AdamW, SoftTargetCrossEntropy on Mixup 0.8 / CutMix 1.0 with smoothing 0.1, random
     erasing 0.25, bicubic training interpolation, drop path 0.1, 3 repeats) through stages.train, one process
