@@ -28,7 +28,7 @@ if [ "$mode" = rehearse ]; then
   echo "$env/image" > "$("$env/venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
   # the same wheels for this machine's CPython (the GPU image's is 3.12; torch here is for 3.11)
   ver=$("$env/venv/bin/python3" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-  if [ "$ver" = 3.12 ]; then whl=.whl; else RSB_WHEELS_PY="$ver" bash bench/gpu_wheels.sh "$env/whl" >/dev/null || exit 1; whl="$env/whl"; fi
+  if [ "$ver" = 3.12 ]; then whl=.whl; else RSB_WHEELS_PY="$ver" RSB_WHEELS_REUSE=.whl bash bench/gpu_wheels.sh "$env/whl" >/dev/null || exit 1; whl="$env/whl"; fi
   diff <(ls .whl | sed 's/-cp3[0-9]*-cp3[0-9]*-.*//') <(ls "$whl" | sed 's/-cp3[0-9]*-cp3[0-9]*-.*//') \
     || { echo "error: the rehearsal's wheels are not .whl's" >&2; exit 1; }
   py="$env/venv/bin/python3" site="$env/site" devices=2

@@ -18,6 +18,21 @@ TINY = MiniSpec(seed=1, classes=20, train_per_class=8, val_per_class=4, v2_per_c
 # CUDA machine. tests/test_gpu.py runs its stages in subprocesses with DS_ACCELERATOR=cuda.
 os.environ["DS_ACCELERATOR"] = "cpu"
 
+# Under pytest-xdist every worker is one process of the suite: its torch threads share the cores with the others'
+# (N workers x all cores thrash). Subprocesses the tests start set their own threads (train.threads).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+# The files that take longest, first: under --dist loadfile each file runs on one worker, and a long file started
+# last would leave the other cores idle at the end (pipeline: ~10 min of the suite's ~25 on 2 cores).
+LONGEST_FIRST = ("test_pipeline.py", "test_benchmark.py", "test_tracking.py", "test_train.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 def run_if(min_gpus: int = 0):
     """Missing hardware becomes a readable skip."""
