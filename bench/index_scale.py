@@ -45,7 +45,7 @@ def dvc_times(folder: Path, work: Path) -> dict:
 def loader_epoch(code: Path, prepared: Path) -> float:
     """img/s of one epoch of the project's train loader over a prepared folder, with the code at `code`."""
     script = f"""
-import sys, time, dataclasses
+import sys, time, dataclasses, inspect
 sys.path[:0] = [{str(code / 'src')!r}, {str(code)!r}]
 import torch, timm
 from rsb.config import load_params, resolve
@@ -58,7 +58,8 @@ model = timm.create_model('resnet18', num_classes=20)
 tf = loaders.train_transform(r, model) if loaders.train_transform.__code__.co_argcount == 2 else loaders.train_transform(r)
 ds = Split({str(prepared)!r}, 'train', tf)
 t0, seen = time.perf_counter(), 0
-for x, _ in loaders.train_loader(ds, r, 0, 0, False):
+where = torch.device('cpu') if 'device' in inspect.signature(loaders.train_loader).parameters else False
+for x, _ in loaders.train_loader(ds, r, 0, 0, where, *([loaders.normalization(model)] if where is not False else [])):
     seen += x.shape[0]
 print(seen / (time.perf_counter() - t0))
 """

@@ -32,7 +32,8 @@ def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
     model, optimizer, loss_fn, mixup_fn, scheduler, dtype = (b.model, b.optimizer, b.loss_fn, b.mixup_fn, b.scheduler,
                                                              b.dtype)
     t = dict.fromkeys(("data", "mixup", "forward", "backward", "optimizer", "logging"), 0.0)
-    it, seen, n = iter(loaders.train_loader(b.train_set, r, 0, 0, False)), 0, 0
+    it, seen, n = iter(loaders.train_loader(b.train_set, r, 0, 0, torch.device("cpu"),
+                                            loaders.normalization(model))), 0, 0
     next(it)  # worker start-up is not a per-step cost
     model.train()
     for i in range(updates * r.grad_accum):
@@ -63,9 +64,9 @@ def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
 
 
 def loader_rate(r, prepared: Path, workers: int) -> float:
-    train_set = bare_parts(r, prepared).train_set
+    b = bare_parts(r, prepared)
     r = dataclasses.replace(r, train=dataclasses.replace(r.train, workers=workers))
-    loader = loaders.train_loader(train_set, r, 0, 0, False)
+    loader = loaders.train_loader(b.train_set, r, 0, 0, torch.device("cpu"), loaders.normalization(b.model))
     t0, seen = time.perf_counter(), 0
     for x, _ in loader:
         seen += x.shape[0]

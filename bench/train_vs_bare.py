@@ -68,11 +68,13 @@ def bare_epochs(r, prepared: Path, device: torch.device = torch.device("cpu")) -
         loaders.seed_all(loaders.stream_seed(r.train.seed, epoch, 0))
         b.model.train()
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, device.type == "cuda")):
+        for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, device,
+                                                        loaders.normalization(b.model))):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if r.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            x, y = b.mixup_fn(x, y)
+            if b.mixup_fn is not None:  # (with the prefetcher the collate mixed the batch)
+                x, y = b.mixup_fn(x, y)
             with torch.autocast(device.type, dtype=b.dtype or torch.float32, enabled=b.dtype is not None):
                 loss = b.loss_fn(b.model(x), y)
             (loss / r.grad_accum).backward()

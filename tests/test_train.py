@@ -208,8 +208,8 @@ def test_micro_batches_are_timms_sampler_per_virtual_rank(tmp_path, prepared, re
                 sampler.set_epoch(epoch)
                 for i, batch in enumerate(sampler):
                     u, v = i // accum, rank * accum + i % accum
-                    assert [idx for idx, _ in batch] == streams[v][u * micro:(u + 1) * micro], (world, accum, u, v)
-                    updates.setdefault(u, []).extend(idx for idx, _ in batch)
+                    assert [idx for idx, *_ in batch] == streams[v][u * micro:(u + 1) * micro], (world, accum, u, v)
+                    updates.setdefault(u, []).extend(idx for idx, *_ in batch)
             per_shape[(world, accum)] = {u: sorted(x) for u, x in updates.items()}
         assert per_shape[(1, 4)] == per_shape[(2, 2)] == per_shape[(4, 1)]
     if repeats:
@@ -232,11 +232,14 @@ def test_streams_and_augmentation_seeds(prepared):
         s.set_epoch(e)
         return list(s)
     assert epoch(0) != epoch(1) and epoch(1) == epoch(1)
-    seeds = [s for batch in epoch(0) for _, s in batch]
+    seeds = [s for batch in epoch(0) for _, s, _ in batch]
     assert len(set(seeds)) == len(seeds)
-    assert {s for b in epoch(0) for _, s in b}.isdisjoint({s for b in epoch(1) for _, s in b})
-    assert [i for b in epoch(0, seed=1) for i, _ in b] == [i for b in epoch(0) for i, _ in b]  # order is timm's
+    assert {s for b in epoch(0) for _, s, _ in b}.isdisjoint({s for b in epoch(1) for _, s, _ in b})
+    assert [i for b in epoch(0, seed=1) for i, *_ in b] == [i for b in epoch(0) for i, *_ in b]  # order is timm's
     assert epoch(0, seed=1) != epoch(0)  # the run's seed changes augmentation
+    # with the prefetcher, each micro-batch's collate has a seed of its own, the same for all its samples
+    mix = [{m for *_, m in b} for b in epoch(0)]
+    assert all(len(m) == 1 for m in mix) and len(set.union(*mix)) == len(mix)
 
 
 # --- 3. the stage's loop equals train.py's: per update, per gradient, final weights --------------------------------
@@ -356,6 +359,15 @@ def test_updates_equal_train_py_on_one_process_accumulating(tmp_path, prepared, 
     lr, loss and every tensor of the averaged gradient at each of 20 updates (warmup into cosine, across the epoch
     boundary), the val top-1 after each epoch, and every final weight and BatchNorm statistic, fp32."""
     cfg = {**PARITY, "train.micro_batch": 8}
+    p = params_file(tmp_path, prepared, cfg)
+    assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, extracted, 1, 2, cfg))
+
+
+def test_updates_equal_train_py_with_its_prefetcher(tmp_path, prepared, extracted, monkeypatch, world):
+    """train.py's default data path on a GPU, here on the CPU (timm's PrefetchLoader takes any device): uint8
+    batches mixed by FastCollateMixup, normalized and erased (A1 with T2's 0.25 erasing, so that it runs) by
+    PrefetchLoader; 1 x 2 against train.py on 2 processes over two epochs, as the test above."""
+    cfg = {**PARITY, "train.micro_batch": 8, "train.prefetcher": True, "recipes.a1.reprob": 0.25}
     p = params_file(tmp_path, prepared, cfg)
     assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, extracted, 1, 2, cfg))
 
@@ -692,7 +704,7 @@ def test_train_py_grad_accum_steps_is_another_run_than_our_accumulation(tmp_path
     ours, theirs = [], []  # per rank: micro-batches (lists of image indices) in order
     for rank in range(world):
         sampler = loaders.MicroBatchSampler(ds, micro, accum, world, rank, r.recipe.aug_repeats, seed=r.train.seed)
-        ours.append([[i for i, _ in batch] for batch in sampler])
+        ours.append([[i for i, *_ in batch] for batch in sampler])
         timm_sampler = ref.create_sampler(ds, theirs_args, world, rank)
         timm_sampler.set_epoch(0)
         theirs.append([[i for i, _ in batch] for batch in ref.micro_batches(timm_sampler, micro)])

@@ -15,7 +15,9 @@ Nothing here comes from rsb or stages (no import of either, anywhere in this fil
   from its specification, independently of rsb.data.loader.
 
 It mirrors train.py at huggingface/pytorch-image-models commit 2aabaef (timm 1.x; this project pins timm==1.0.31) on
-its `--no-prefetcher` path (Mixup on the float batch). `scale` (how the mini run shrinks a recipe) is this
+both data paths: `--no-prefetcher` (Mixup on the float batch) and, where the params say `train.prefetcher`, its
+default prefetcher (`create_loader(use_prefetcher=True)` with `FastCollateMixup` as collate_fn; uint8 batches,
+normalized and randomly erased by timm's PrefetchLoader). `scale` (how the mini run shrinks a recipe) is this
 project's, not train.py's: the reference reads it, and train.seed / train.channels_last, from the test's params file
 and computes the scaled epochs, warmup and image size itself; the lr goes through train.py's own `lr_base` rule.
 
@@ -28,6 +30,7 @@ import copy
 import csv
 import hashlib
 import inspect
+import itertools
 import multiprocessing
 import random
 import tempfile
@@ -42,7 +45,7 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader, create_transform, resolve_data_config
 from timm.data.distributed_sampler import OrderedDistributedSampler, RepeatAugSampler
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -177,6 +180,7 @@ def args_for(params: dict, recipe_name: str, arch: str, num_classes: int, micro_
     if args.img_size != 224 and "img_size" in inspect.signature(cls.__init__).parameters:
         args.model_kwargs = {"img_size": args.img_size}
     args.channels_last = params["train"]["channels_last"]  # train.py --channels-last (memory layout only)
+    args.prefetcher = params["train"].get("prefetcher", "auto")  # train.py's default prefetcher, or --no-prefetcher
     args.batch_size, args.grad_accum_steps, args.world_size = micro_batch, accum, world
     assert micro_batch * accum * world == scale["batch_size"], "the reference runs the params' global batch"
     args.sched_on_updates = True  # the schedule is stepped per update (timm's --sched-on-updates)
@@ -229,13 +233,44 @@ def mixup_active(args: Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
 
 
-def create_mixup(args: Namespace) -> Mixup | None:
-    if not mixup_active(args):
+def mixup_args(args: Namespace) -> dict:
+    return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                label_smoothing=args.smoothing, num_classes=args.num_classes)
+
+
+def create_mixup(args: Namespace, prefetcher: bool = False) -> Mixup | None:
+    """train.py without the prefetcher: `mixup_fn = Mixup(**mixup_args)` (with it, the collate_fn mixes)."""
+    if not mixup_active(args) or prefetcher:
         return None
-    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=args.num_classes)
-    return Mixup(**mixup_args)
+    return Mixup(**mixup_args(args))
+
+
+def uses_prefetcher(args: Namespace, device: torch.device) -> bool:
+    """The params' train.prefetcher: true, false, or auto (train.py's default, the prefetcher, where CUDA is)."""
+    return args.prefetcher is True or (args.prefetcher == "auto" and device.type == "cuda")
+
+
+def create_prefetch_loader(args: Namespace, dataset, model: torch.nn.Module, device: torch.device):
+    """train.py with its prefetcher: `collate_fn = FastCollateMixup(**mixup_args)` when Mixup is active, then
+    create_loader(..., use_prefetcher=True) with train.py's arguments: the dataset's transform becomes timm's
+    uint8 one, the loader a PrefetchLoader on `device` that normalizes and erases there. (create_loader's sampler is
+    replaced per epoch by `prefetch_epoch`; without a process group it takes no repeats, which only its own sampler
+    would use.)"""
+    data_config = resolve_data_config(vars(args), model=model)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config["interpolation"]
+    distributed = dist.is_available() and dist.is_initialized()
+    return create_loader(dataset, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=True,
+                         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                         re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+                         num_aug_repeats=args.aug_repeats if distributed else 0, num_aug_splits=0,
+                         interpolation=train_interpolation, mean=data_config["mean"], std=data_config["std"],
+                         num_workers=1, distributed=distributed,
+                         collate_fn=FastCollateMixup(**mixup_args(args)) if mixup_active(args) else None,
+                         pin_memory=False, img_dtype=torch.float32, device=device, use_prefetcher=True)
 
 
 def create_loss(args: Namespace) -> torch.nn.Module:
@@ -305,10 +340,11 @@ def seed_all(seed: int) -> None:
 
 
 class SeededPositions(torch.utils.data.Dataset):
-    """Yields dataset[index] for (index, position), the generators seeded from the sample's own seed first."""
+    """Yields dataset[index] for (index, position), the generators seeded from the sample's own seed first; with
+    `carry`, the position rides along (for the collate's seed)."""
 
-    def __init__(self, dataset, stream: int):
-        self.dataset, self.stream = dataset, stream
+    def __init__(self, dataset, stream: int, carry: bool = False):
+        self.dataset, self.stream, self.carry = dataset, stream, carry
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -316,7 +352,54 @@ class SeededPositions(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, position = item
         seed_all(sample_seed(self.stream, position))
-        return self.dataset[index]
+        return (*self.dataset[index], position) if self.carry else self.dataset[index]
+
+
+class MixSeededCollate:
+    """docs/seeds.md, rule 5: micro-batch u (positions [u·m, (u+1)·m)) collated with the generators seeded with
+    sample(stream, "mix<u>")."""
+
+    def __init__(self, fn, stream: int, micro_batch: int):
+        self.fn, self.stream, self.micro_batch = fn, stream, micro_batch
+
+    def __call__(self, samples):
+        seed_all(sample_seed(self.stream, f"mix{samples[0][2] // self.micro_batch}"))
+        return self.fn([s[:2] for s in samples])
+
+
+class EraseSeeded:
+    """docs/seeds.md, rule 5: the u-th erasing of the epoch with the generators seeded with sample(stream,
+    "erase<u>"), this process's generators restored afterwards."""
+
+    def __init__(self, erase, stream: int):
+        self.erase, self.stream, self.u = erase, stream, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+        seed_all(sample_seed(self.stream, f"erase{self.u}"))
+        self.u += 1
+        x = self.erase(x)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, x.device)
+        return x
+
+
+def prefetch_epoch(prefetcher, original, sampler, micro_batch: int, stream: int):
+    """One epoch of the prefetcher's loader under the seed contract: create_loader's DataLoader (`original`: its
+    dataset with timm's uint8 transform, its collate_fn) over the contract's micro-batches of timm's sampler, one
+    worker, and its erasing seeded per micro-batch."""
+    prefetcher.loader = torch.utils.data.DataLoader(
+        SeededPositions(original.dataset, stream, carry=True), batch_sampler=micro_batches(sampler, micro_batch),
+        collate_fn=MixSeededCollate(original.collate_fn, stream, micro_batch), num_workers=1,
+        multiprocessing_context="fork")
+    if prefetcher.random_erasing is not None:
+        erase = getattr(prefetcher.random_erasing, "erase", prefetcher.random_erasing)
+        prefetcher.random_erasing = EraseSeeded(erase, stream)
+    return prefetcher
 
 
 def micro_batches(sampler, micro_batch: int) -> list[list[tuple[int, int]]]:
@@ -369,7 +452,10 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, args)
-    train_set = ImageFolder(cfg["train_dir"], transform=train_transform(args, model))
+    prefetcher = uses_prefetcher(args, device)
+    train_set = ImageFolder(cfg["train_dir"], transform=None if prefetcher else train_transform(args, model))
+    loader_train = create_prefetch_loader(args, train_set, model, device) if prefetcher else None
+    original = loader_train.loader if prefetcher else None
     val_set = ImageFolder(cfg["val_dir"], transform=eval_transform(args, model)) if cfg["val_dir"] else None
     if args.distributed:
         model = DistributedDataParallel(model, broadcast_buffers=False)  # train.py --no-ddp-bb
@@ -377,7 +463,7 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     batches = len(sampler) // args.batch_size
     updates_per_epoch = (batches + args.grad_accum_steps - 1) // args.grad_accum_steps
     scheduler = create_scheduler(optimizer, args, updates_per_epoch)
-    loss_fn, mixup_fn = create_loss(args), create_mixup(args)
+    loss_fn, mixup_fn = create_loss(args), create_mixup(args, prefetcher)
     if "loss_scale" in cfg["plant"]:
         inner, factor = loss_fn, cfg["plant"]["loss_scale"]
         loss_fn = lambda out, y: inner(out, y) * factor  # noqa: E731
@@ -386,9 +472,12 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     for epoch in range(cfg["epochs"]):
         sampler.set_epoch(epoch)  # train.py: loader_train.sampler.set_epoch(epoch)
         stream = stream_seed(args.seed, epoch, rank)
-        loader = torch.utils.data.DataLoader(SeededPositions(train_set, stream),
-                                             batch_sampler=micro_batches(sampler, args.batch_size), num_workers=1,
-                                             multiprocessing_context="fork")  # a worker, as train.py decodes
+        if prefetcher:
+            loader = prefetch_epoch(loader_train, original, sampler, args.batch_size, stream)
+        else:
+            loader = torch.utils.data.DataLoader(SeededPositions(train_set, stream),
+                                                 batch_sampler=micro_batches(sampler, args.batch_size), num_workers=1,
+                                                 multiprocessing_context="fork")  # a worker, as train.py decodes
         log += ctx.train_one_epoch(epoch, loader, stream)
         if args.distributed:
             distribute_bn(model, world, reduce=True)  # train.py --dist-bn reduce
@@ -406,7 +495,8 @@ def _process(rank: int, world: int, cfg: dict) -> None:
 
 @dataclass
 class Epoch:
-    """train.py's train_one_epoch (no prefetcher), recording what each update hands the optimizer."""
+    """train.py's train_one_epoch, recording what each update hands the optimizer. With the prefetcher the batch
+    arrives on the device, normalized, erased and mixed (`mixup_fn` is None), as train.py then skips both steps."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -426,6 +516,8 @@ class Epoch:
         num_updates = epoch * updates_per_epoch
         last_batch_idx, last_batch_idx_to_accum = len(loader) - 1, len(loader) - last_accum_steps
         batches = iter(loader)  # (the workers' base seed is drawn here, before this process's stream is seeded)
+        if not isinstance(loader, torch.utils.data.DataLoader):  # a PrefetchLoader starts its DataLoader (and the
+            batches = itertools.chain([next(batches)], batches)  # draw) at the first batch: take it before seeding
         seed_all(stream)  # docs/seeds.md rule 2: this process's Mixup/CutMix and drop-path draws for the epoch
         optimizer.zero_grad()
         log, losses = [], []

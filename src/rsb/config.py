@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -152,7 +153,11 @@ class Train:
     precision: str = D.param("auto", domain=PRECISIONS, source="autocast dtype; weights stay fp32")
     channels_last: bool = D.param(True, domain=D.flag(), source=f"{TRAIN_PY} --channels-last")
     compile: bool = D.param(False, domain=D.flag(), source="torch.compile through DeepSpeed")
-    workers: int = D.param(1, domain=D.number(0, integer=True), source="DataLoader workers per process")
+    workers: int | str = D.param("auto", domain=D.auto_or(D.number(0, integer=True)),
+                                 source="DataLoader workers per process; auto = the node's cores per GPU on GPUs, 1 on the CPU")
+    prefetcher: bool | str = D.param("auto", domain=D.auto_or(D.flag()), source=(
+        f"{TRAIN_PY}'s prefetcher (uint8 batches, normalization, erasing and FastCollateMixup as create_loader builds "
+        "them); auto = on with CUDA"))
     threads: int = D.param(0, domain=D.number(0, integer=True), source="torch threads per process; 0 = cores / processes")
     eval_every: int = D.param(1, domain=D.number(0, integer=True), source="val top-1 every N epochs; 0 = at the end")
     zero_stage: int = D.param(0, domain=D.one_of(0, 1, 2), source=(
@@ -344,9 +349,17 @@ def _key(where: str, k) -> str:
 def _convert(tp, value, where: str):
     """Convert a YAML value to the annotated type, naming the dotted key on a mismatch."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # `float | None`: YAML null is None
+    if origin in (typing.Union, types.UnionType):  # `float | None`: YAML null is None; `int | str`: either
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None and len(inner) < len(typing.get_args(tp)) else _convert(inner[0], value, where)
+        if value is None and len(inner) < len(typing.get_args(tp)):
+            return None
+        for a in inner:
+            try:
+                return _convert(a, value, where)
+            except ConfigError:
+                if len(inner) == 1:
+                    raise
+        raise ConfigError(f"{where} = {value!r}: must be {' or '.join(a.__name__ for a in inner)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r}: must be a mapping")
@@ -461,8 +474,6 @@ def cpu_flags() -> set[str]:
 def use_cuda() -> bool:
     """Train and evaluate on CUDA where it is, unless DeepSpeed's accelerator is forced to the CPU
     (DS_ACCELERATOR=cpu), so that DeepSpeed, the model and the data agree on one device."""
-    import os
-
     import torch
 
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
@@ -518,6 +529,11 @@ def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None 
             f"{t.micro_batch} x {world} processes does not divide it; change train.micro_batch or train.devices")
     if t.micro_batch % 2 and (r.mixup or r.cutmix):
         raise ConfigError(f"train.micro_batch={t.micro_batch}: Mixup/CutMix need an even batch per device")
+    cuda = use_cuda()
+    if t.prefetcher == "auto":
+        t = dataclasses.replace(t, prefetcher=cuda)
+    if t.workers == "auto":  # one GPU's loader needs the cores that feed it; on the CPU the cores train
+        t = dataclasses.replace(t, workers=max(1, (os.cpu_count() or 1) // t.devices) if cuda else 1)
     if not r.amp:  # the recipe trains in fp32 whatever the machine offers
         t = dataclasses.replace(t, precision="fp32")
     elif t.precision == "auto":

@@ -92,6 +92,12 @@ def flag() -> Domain:
     return Domain("true or false", lambda v, h: isinstance(v, bool), lambda h: [True, False], lambda h: [])
 
 
+def auto_or(d: Domain) -> Domain:
+    """`auto` (decided for the machine when the run is resolved) or a value of `d`."""
+    return Domain(f"auto or {d.text}", lambda v, h: v == "auto" or d.ok(v, h), lambda h: ["auto", *d.inside(h)],
+                  lambda h: ["automatic", *d.outside(h)])
+
+
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
 
 

@@ -123,8 +123,8 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
         slots = engine.Slots(ds_engine.module, [loaders.stream_seed(r.train.seed, epoch, v) for v in
                                                 range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)],
                              run.device)
-        stats = engine.train_one_epoch(step, loaders.train_loader(train_set, r, run.rank, epoch,
-                                                                  run.device.type == "cuda"),
+        stats = engine.train_one_epoch(step, loaders.train_loader(train_set, r, run.rank, epoch, run.device,
+                                                                  loaders.normalization(model)),
                                        epoch, slots, r.grad_accum, show_progress=run.rank == 0)
         if r.world_size > 1:
             distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce

@@ -6,6 +6,11 @@ num_replicas = world x accumulation and rank v, and its randomness (augmentation
 `rsb.engine.Slots`) from a stream of its own. One process accumulating k micro-batches therefore computes exactly
 what k processes compute, and repeated augmentation's copies of an image land in different micro-batches (different
 BatchNorm batches), as they land on different GPUs in the paper's run.
+
+Two data paths, as train.py has them (`train.prefetcher`): without the prefetcher, workers yield normalized float
+images (random erasing per image) and Mixup/CutMix mixes the float batch in the training step; with it (train.py's
+default on a GPU), workers yield uint8 images, `FastCollateMixup` mixes them while collating, and timm's
+`PrefetchLoader` moves the batch to the device, normalizes it and erases there. Its draws follow docs/seeds.md.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import random
 
 import numpy as np
 import torch
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_transform, resolve_data_config
+from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -33,14 +39,13 @@ def normalization(model: torch.nn.Module) -> dict:
 
 
 def train_transform(r: Resolved, model: torch.nn.Module):
-    """timm train.py's create_loader arguments (no prefetcher): RandomResizedCrop with train.py's default scale and
-    ratio and the recipe's interpolation (train.py's default: random), flip, RandAugment (which turns colour jitter
-    off), random erasing."""
+    """timm train.py's create_loader arguments: RandomResizedCrop with train.py's default scale and ratio and the
+    recipe's interpolation (train.py's default: random), flip, RandAugment (which turns colour jitter off); without
+    the prefetcher also ToTensor, normalization and random erasing, with it a uint8 array (the rest on the device)."""
     return create_transform(input_size=r.img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                             hflip=r.recipe.hflip, vflip=0.0, color_jitter=0.4, auto_augment=r.recipe.aa,
                             interpolation=r.recipe.train_interpolation, re_prob=r.recipe.reprob, re_mode="pixel",
-                            re_count=1,
-                            **normalization(model))
+                            re_count=1, use_prefetcher=r.train.prefetcher, **normalization(model))
 
 
 def eval_transform(test_img_size: int, crop_pct: float, model: torch.nn.Module):
@@ -49,13 +54,28 @@ def eval_transform(test_img_size: int, crop_pct: float, model: torch.nn.Module):
                             **normalization(model))
 
 
-def mixup(r: Resolved, num_classes: int) -> Mixup | None:
-    """timm train.py's mixup_args; label smoothing happens here, before the loss. None when the recipe mixes nothing
-    (train.py then hands the loss class indices)."""
+def mixup_args(r: Resolved, num_classes: int) -> dict | None:
+    """timm train.py's mixup_args; label smoothing happens in Mixup, before the loss. None when the recipe mixes
+    nothing (train.py then hands the loss class indices)."""
     if not (r.recipe.mixup > 0 or r.recipe.cutmix > 0):
         return None
-    return Mixup(mixup_alpha=r.recipe.mixup, cutmix_alpha=r.recipe.cutmix, cutmix_minmax=None, prob=1.0,
-                 switch_prob=0.5, mode="batch", label_smoothing=r.recipe.smoothing, num_classes=num_classes)
+    return dict(mixup_alpha=r.recipe.mixup, cutmix_alpha=r.recipe.cutmix, cutmix_minmax=None, prob=1.0,
+                switch_prob=0.5, mode="batch", label_smoothing=r.recipe.smoothing, num_classes=num_classes)
+
+
+def mixup(r: Resolved, num_classes: int) -> Mixup | None:
+    """The training step's Mixup/CutMix on the float batch: without the prefetcher only (train.py's `mixup_fn`)."""
+    args = mixup_args(r, num_classes)
+    return Mixup(**args) if args and not r.train.prefetcher else None
+
+
+def collate(r: Resolved, num_classes: int):
+    """The loader's collate: train.py's `FastCollateMixup(**mixup_args)` with the prefetcher and a recipe that
+    mixes, create_loader's `fast_collate` with the prefetcher alone, else torch's default."""
+    if not r.train.prefetcher:
+        return torch.utils.data.default_collate
+    args = mixup_args(r, num_classes)
+    return FastCollateMixup(**args) if args else fast_collate
 
 
 def stream_seed(seed: int, epoch: int, virtual_rank: int) -> int:
@@ -64,9 +84,11 @@ def stream_seed(seed: int, epoch: int, virtual_rank: int) -> int:
     return (seed * 1_000_003 + virtual_rank * 10_007 + epoch) % 2**31
 
 
-def sample_seed(stream: int, position: int) -> int:
+def sample_seed(stream: int, position: int | str) -> int:
     """The augmentation seed of the sample at `position` of a virtual rank's stream: independent of which worker
-    process decodes it, so augmentation is a function of (seed, epoch, virtual rank, position) alone."""
+    process decodes it, so augmentation is a function of (seed, epoch, virtual rank, position) alone. With the
+    prefetcher, micro-batch u's collate (FastCollateMixup) draws from sample_seed(stream, f"mix{u}") and its random
+    erasing on the device from sample_seed(stream, f"erase{u}") (docs/seeds.md, rule 5)."""
     return int.from_bytes(hashlib.blake2b(f"{stream}:{position}".encode(), digest_size=4).digest(), "little")
 
 
@@ -100,20 +122,28 @@ class MicroBatchSampler(Sampler[list[tuple[int, int]]]):
         for s in self.samplers:
             s.set_epoch(epoch)
 
+    def streams(self) -> list[int]:
+        """This epoch's stream seed of each slot (docs/seeds.md, rule 2)."""
+        return [stream_seed(self.seed, self.epoch, v) for v in self.ranks]
+
     def __iter__(self):
-        streams = [list(s) for s in self.samplers]
-        seeds = [stream_seed(self.seed, self.epoch, v) for v in self.ranks]
+        orders = [list(s) for s in self.samplers]
         for u in range(self.updates):
             positions = range(u * self.micro_batch, (u + 1) * self.micro_batch)
-            for stream, s in zip(streams, seeds):
-                yield [(stream[p], sample_seed(s, p)) for p in positions]
+            for order, s in zip(orders, self.streams()):
+                yield [(order[p], sample_seed(s, p), sample_seed(s, f"mix{u}")) for p in positions]
+
+    def erase_seeds(self) -> list[int]:
+        """The seed of each micro-batch's random erasing on the device, in the order the loader yields them."""
+        return [sample_seed(s, f"erase{u}") for u in range(self.updates) for s in self.streams()]
 
     def __len__(self) -> int:
         return self.updates * len(self.samplers)
 
 
 class Seeded(Dataset):
-    """Yields dataset[i] with the generators seeded from the sample's own seed (see `sample_seed`)."""
+    """Yields (image, label, collate seed) for (index, sample seed, collate seed), the generators seeded from the
+    sample's own seed first (see `sample_seed`)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -121,19 +151,61 @@ class Seeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
+    def __getitem__(self, item: tuple[int, int, int]):
+        index, seed, collate_seed = item
         seed_all(seed)
-        return self.dataset[index]
+        return (*self.dataset[index], collate_seed)
 
 
-def train_loader(dataset: Dataset, r: Resolved, rank: int, epoch: int, pin_memory: bool) -> DataLoader:
-    """A fresh loader per epoch over this rank's micro-batches; augmentation does not depend on the worker count."""
+class SeededCollate:
+    """The collate function with the generators seeded from the micro-batch's collate seed (the one its samples
+    carry): FastCollateMixup's draws, in whichever worker collates."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, samples: list[tuple]):
+        seed_all(samples[0][2])
+        return self.fn([s[:2] for s in samples])
+
+
+class SeededCalls:
+    """`fn` (PrefetchLoader's random erasing) with the generators seeded from seeds[i] at its i-th call, and the
+    process's own streams (the training step's: drop path) left as they were."""
+
+    def __init__(self, fn, seeds: list[int], device: torch.device):
+        self.fn, self.seeds, self.device, self.calls = fn, seeds, device, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        devices = [self.device] if self.device.type == "cuda" else []
+        state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            seed_all(self.seeds[self.calls])
+            self.calls += 1
+            x = self.fn(x)
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        return x
+
+
+def train_loader(dataset: Dataset, r: Resolved, rank: int, epoch: int, device: torch.device,
+                 mean_std: dict | None = None):
+    """A fresh loader per epoch over this rank's micro-batches; augmentation does not depend on the worker count.
+    With the prefetcher (`mean_std`: the model's normalization), timm's PrefetchLoader on `device` around it, as
+    create_loader(use_prefetcher=True) builds it, its erasing seeded per micro-batch."""
     sampler = MicroBatchSampler(dataset, r.micro_batch, r.grad_accum, r.world_size, rank, r.recipe.aug_repeats,
                                 seed=r.train.seed)
     sampler.set_epoch(epoch)
-    return DataLoader(Seeded(dataset), batch_sampler=sampler, num_workers=r.train.workers, pin_memory=pin_memory,
-                      persistent_workers=False)
+    loader = DataLoader(Seeded(dataset), batch_sampler=sampler, num_workers=r.train.workers,
+                        collate_fn=SeededCollate(collate(r, dataset.num_classes)),
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    if not r.train.prefetcher:
+        return loader
+    prefetch = PrefetchLoader(loader, **mean_std, channels=3, device=device, img_dtype=torch.float32,
+                              re_prob=r.recipe.reprob, re_mode="pixel", re_count=1, re_num_splits=0)
+    if prefetch.random_erasing is not None:
+        prefetch.random_erasing = SeededCalls(prefetch.random_erasing, sampler.erase_seeds(), device)
+    return prefetch
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
