@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one script, <= 8 minutes on one H100/H200-class GPU, everything it measured under one folder.
+# The GPU check: one script, <= 8 minutes on one H100/H200-class GPU (its three steps' timeouts add up to 470 s),
+# everything it measured under one folder: gpu-tests.log, stage.log/.json, gpu.log/.json/.md.
 #
 #   bash bench/gpu_wheels.sh                   # here: .whl/, what the GPU machine's image lacks (7 wheels, ~7 MiB)
 #   bash bench/gpu.sh [OUT]                    # there, with .whl carried (OUT defaults to bench-gpu/)
@@ -41,15 +42,19 @@ if [ "$mode" != dry ] && ls "$whl"/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD:$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RSB_TRACKING=off
 status=0
+t_tests=180 t_stage=90 t_bench=200  # on the GPU machine; the CPU (rehearsal, dry run) has no such budget
+[ "$mode" = gpu ] || t_tests=900 t_stage=900 t_bench=900
 if [ "$mode" = dry ]; then
   echo "dry run: gpu tests not run" > "$out/gpu-tests.log"
 else
-  timeout 300 "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 | tee "$out/gpu-tests.log"
+  # the image has pytest but not pytest-xdist: the project's addopts (-n auto) are replaced
+  timeout $t_tests "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="--strict-markers -ra" \
+    --durations=10 2>&1 | tee "$out/gpu-tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 300 "$py" -m bench.gpu_stage --out "$out" --devices "$devices" 2>&1 | tee "$out/stage.log"
+  timeout $t_stage "$py" -m bench.gpu_stage --out "$out" --devices "$devices" 2>&1 | tee "$out/stage.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 dry=""; [ "$mode" = gpu ] || dry="--dry-run"
-timeout 420 "$py" -m bench.gpu --out "$out" $dry 2>&1 | tee "$out/gpu.log"
+timeout $t_bench "$py" -m bench.gpu --out "$out" $dry 2>&1 | tee "$out/gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

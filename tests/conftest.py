@@ -25,9 +25,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 
 # The files that take longest, first: under --dist loadfile each file runs on one worker, and a long file started
-# last would leave the other cores idle at the end (the two pipeline files: ~10 min of the suite's ~25 on 2 cores).
-LONGEST_FIRST = ("test_pipeline_studies.py", "test_pipeline.py", "test_benchmark.py", "test_tracking.py",
-                 "test_train.py", "test_reliability.py")
+# last would leave the other cores idle at the end (the pipeline file: ~9 min of the suite's ~24 on 2 cores).
+LONGEST_FIRST = ("test_pipeline.py", "test_benchmark.py", "test_tracking.py", "test_train.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(items):

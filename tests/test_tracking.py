@@ -363,13 +363,6 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     tops = {recipe: _train_and_evaluate(tmp_path, prepared, recipe)["val/top1"] for recipe in ("a1", "a2", "a3")}
     client = MlflowClient(store)
-    with tracking.UI() as base:
-        url, runs = tracking.compare_url(base, client, "rsb", "test_resnet")
-        assert [r.data.tags["rsb.recipe"] for r in runs] == ["a1", "a2", "a3"]
-        compare = _compare_view_text(url)
-        assert "Comparing 3 Runs" in compare and "val/top1" in compare
-        for recipe, top1 in tops.items():
-            assert f"test_resnet-{recipe}" in compare and f"{top1:g}" in compare, (recipe, top1)
     # the command a user runs: a fresh browser on the link it prints opens the runs table (not GenAI's overview)
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "rsb.tracking", "ui", "--port", str(port)], stdout=subprocess.PIPE,
@@ -381,11 +374,21 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
         assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/"), line
         text = _page_text(url, "text=test_resnet-a1")
         assert all(f"test_resnet-{recipe}" in text for recipe in tops), text[:2000]
+        # the Compare view and the screenshot script, through that UI (a tracking URI that is a server is used as
+        # it is: no second `mlflow ui` starts, each costs ~20 s here)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        with tracking.UI() as base:
+            url, runs = tracking.compare_url(base, client, "rsb", "test_resnet")
+            assert [r.data.tags["rsb.recipe"] for r in runs] == ["a1", "a2", "a3"]
+            compare = _compare_view_text(url)
+            assert "Comparing 3 Runs" in compare and "val/top1" in compare
+            for recipe, top1 in tops.items():
+                assert f"test_resnet-{recipe}" in compare and f"{top1:g}" in compare, (recipe, top1)
+        png = tmp_path / "compare.png"
+        tracking.screenshot("rsb", "test_resnet", png)
     finally:
         ui.terminate()
         ui.wait(timeout=60)
     left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
     assert not left, f"mlflow ui processes outlived the command: {left}"
-    png = tmp_path / "compare.png"
-    tracking.screenshot("rsb", "test_resnet", png)
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -252,18 +252,20 @@ PARITY = {"models": ["test_resnet"], "scale.epochs": 0.001, "scale.min_epochs": 
 
 def reference_run(path: Path, extracted: Path, world: int, accum: int, cfg: dict | None = None,
                   precision: str = "fp32", loss_scale: float = 1.0, recipe: str = "a1", arch: str = "test_resnet",
-                  epochs: int | None = None) -> ref.Result:
+                  epochs: int | None = None, device: str = "cpu", init_scale: float | None = None) -> ref.Result:
     """train.py on `world x accum` real processes for the params file's run; `cfg` is the override dict the test
     gave params_file (the recipe keys in it go to train.py too: the recipe itself is the paper's). Cached per
     test session: the resume test reuses the uninterrupted run's."""
     raw = yaml.safe_load(path.read_text())
     key = (path.read_text(), world, accum, repr(sorted((cfg or {}).items())), precision, loss_scale, recipe, arch,
-           epochs)
+           epochs, device, init_scale)
     if key not in _REFERENCE_RUNS:
         micro = raw["scale"]["batch_size"] // (world * accum)
         args = ref.args_for(raw, recipe, arch, 20, micro, world * accum, 1, precision, overrides=cfg)
-        plant = {"loss_scale": loss_scale} if loss_scale != 1.0 else None
-        _REFERENCE_RUNS[key] = ref.run(args, extracted / "train", world * accum, epochs, extracted / "val", plant)
+        plant = {**({"loss_scale": loss_scale} if loss_scale != 1.0 else {}),
+                 **({"init_scale": init_scale} if init_scale else {})}
+        _REFERENCE_RUNS[key] = ref.run(args, extracted / "train", world * accum, epochs, extracted / "val",
+                                       plant or None, device=device)
     return _REFERENCE_RUNS[key]
 
 
@@ -445,10 +447,10 @@ def test_t2_on_a_vit_equals_train_py(tmp_path, prepared, extracted, monkeypatch)
 
 
 def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu", recipe: str = "a1",
-           same_grads: bool = True) -> dict:
+           same_grads: bool = True, **env_extra: str) -> dict:
     """The stage through the real launcher (rsb.launch -> deepspeed for more than one process)."""
     env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR=accelerator,
-                    PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}")
+                    PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}", **env_extra)
     out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "parity_worker", "--arch",
                           "test_resnet", "--recipe", recipe, "--params", str(path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)

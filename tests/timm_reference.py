@@ -50,8 +50,9 @@ from timm.data.distributed_sampler import OrderedDistributedSampler, RepeatAugSa
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import distribute_bn, random_seed, reduce_tensor
+from timm.utils import NativeScaler, distribute_bn, random_seed, reduce_tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision.datasets import ImageFolder
 
 
@@ -313,6 +314,17 @@ def create_sampler(dataset, args: Namespace, num_replicas: int, rank: int):
     return torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank)
 
 
+def with_init_scale(init_scale: float) -> None:
+    """Every torch GradScaler created from now on in this process starts at `init_scale` (timm's NativeScaler and
+    DeepSpeed's torch_autocast both create theirs with torch's defaults): a test's forced fp16 overflow."""
+    original = torch.amp.GradScaler.__init__
+
+    def init(self, *a, **k):
+        k.setdefault("init_scale", init_scale)
+        original(self, *a, **k)
+    torch.amp.GradScaler.__init__ = init
+
+
 def amp_autocast(args: Namespace, device: torch.device):
     if not args.amp:
         return suppress
@@ -414,20 +426,25 @@ def micro_batches(sampler, micro_batch: int) -> list[list[tuple[int, int]]]:
 class Result:
     args: Namespace
     log: list[dict]            # per update: loss (mean over the global batch), lr used, gradients handed to step()
+                               # (None where fp16's scaler skipped the step)
     state: dict                # rank 0's final state_dict (BatchNorm statistics after distribute_bn)
     val: list[float] = field(default_factory=list)  # top-1 (%) after each epoch, when a val folder was given
     info: dict = field(default_factory=dict)        # loss and optimizer classes, updates per epoch
+    steps: int = 0                                  # optimizer steps that ran (fp16: updates minus skipped ones)
 
 
 def run(args: Namespace, train_dir: Path, world: int, epochs: int | None = None, val_dir: Path | None = None,
-        plant: dict | None = None, timeout: float = 600) -> Result:
-    """train.py on `world` processes for `epochs` (default: all of them). `plant` is for tests that show a bug would
-    be seen: {"loss_scale": f} multiplies the loss."""
+        plant: dict | None = None, timeout: float = 600, device: str = "cpu") -> Result:
+    """train.py on `world` processes for `epochs` (default: all of them), on the CPU or (one process) on `device`
+    "cuda". `plant` is for tests that show a bug would be seen: {"loss_scale": f} multiplies the loss;
+    {"init_scale": s} starts fp16's loss scaler at s (both sides of a test get it: a forced overflow)."""
+    assert device == "cpu" or world == 1, "the reference runs one process per CUDA test"
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     with tempfile.TemporaryDirectory(prefix="timm-ref-") as tmp:
         cfg = dict(args=args, train_dir=str(train_dir), val_dir=str(val_dir) if val_dir else None,
-                   epochs=epochs or args.epochs, store=f"{tmp}/store", out=f"{tmp}/result.pt", plant=plant or {})
+                   epochs=epochs or args.epochs, store=f"{tmp}/store", out=f"{tmp}/result.pt", plant=plant or {},
+                   device=device)
         procs = [ctx.Process(target=_process, args=(rank, world, cfg)) for rank in range(world)]
         for p in procs:
             p.start()
@@ -443,8 +460,17 @@ def run(args: Namespace, train_dir: Path, world: int, epochs: int | None = None,
 
 def _process(rank: int, world: int, cfg: dict) -> None:
     torch.set_num_threads(1)
-    args, device = copy.deepcopy(cfg["args"]), torch.device("cpu")
+    args, device = copy.deepcopy(cfg["args"]), torch.device(cfg["device"])
     args.rank, args.distributed = rank, world > 1
+    if device.type == "cuda":  # train.py's main() on a GPU
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if "init_scale" in cfg["plant"]:
+        with_init_scale(cfg["plant"]["init_scale"])
+    steps: list = []  # the gradients handed to each optimizer step that ran (a loss scaler skips overflows)
+    register_optimizer_step_pre_hook(lambda opt, a, k: steps.append(
+        [p.grad.detach().float().cpu().clone() for g in opt.param_groups for p in g["params"]]))
     if args.distributed:
         dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=300))
@@ -467,7 +493,11 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     if "loss_scale" in cfg["plant"]:
         inner, factor = loss_fn, cfg["plant"]["loss_scale"]
         loss_fn = lambda out, y: inner(out, y) * factor  # noqa: E731
-    ctx = Epoch(model, optimizer, scheduler, loss_fn, mixup_fn, amp_autocast(args, device), args, world, device)
+    # train.py: `loss_scaler = NativeScaler()` for float16 autocast on CUDA only (bfloat16 needs none)
+    scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == "float16" and device.type == "cuda" \
+        else None
+    ctx = Epoch(model, optimizer, scheduler, loss_fn, mixup_fn, amp_autocast(args, device), args, world, device,
+                scaler, steps)
     log, val = [], []
     for epoch in range(cfg["epochs"]):
         sampler.set_epoch(epoch)  # train.py: loader_train.sampler.set_epoch(epoch)
@@ -485,7 +515,8 @@ def _process(rank: int, world: int, cfg: dict) -> None:
             val.append(validate(model, val_set, args, ctx.autocast, world, rank))
     if rank == 0:
         unwrapped = model.module if args.distributed else model
-        torch.save({"log": log, "state": {k: v.clone() for k, v in unwrapped.state_dict().items()}, "val": val,
+        torch.save({"log": log, "state": {k: v.cpu().clone() for k, v in unwrapped.state_dict().items()},
+                    "val": val, "steps": len(steps),
                     "info": {"loss": type(ctx.loss_fn).__name__ if not cfg["plant"] else "planted",
                              "optimizer": type(optimizer).__name__, "updates_per_epoch": updates_per_epoch}},
                    cfg["out"])
@@ -506,6 +537,8 @@ class Epoch:
     args: Namespace
     world: int
     device: torch.device
+    scaler: NativeScaler | None = None
+    steps: list = field(default_factory=list)  # filled by the optimizer's pre-hook (`_process`)
 
     def train_one_epoch(self, epoch: int, loader, stream: int) -> list[dict]:
         model, optimizer, args = self.model, self.optimizer, self.args
@@ -536,13 +569,20 @@ class Epoch:
                     loss = self.loss_fn(model(input), target)
                 if accum_steps > 1:
                     loss /= accum_steps
-                loss.backward()
+                if self.scaler is not None:  # train.py's _backward: the scaler steps (or skips) the optimizer
+                    ran = len(self.steps)
+                    self.scaler(loss, optimizer, need_update=need_update)
+                else:
+                    loss.backward()
             losses.append(loss.detach().float() * accum_steps)
             if not need_update:
                 continue
             lr = optimizer.param_groups[0]["lr"]
-            grads = [p.grad.detach().float().clone() for g in optimizer.param_groups for p in g["params"]]
-            optimizer.step()
+            if self.scaler is None:
+                optimizer.step()
+                grads = self.steps[-1]
+            else:
+                grads = self.steps[-1] if len(self.steps) > ran else None  # None: the scaler skipped an overflow
             num_updates += 1
             optimizer.zero_grad()
             mean = torch.stack(losses).mean()
@@ -562,11 +602,12 @@ def validate(model, dataset, args: Namespace, autocast, world: int, rank: int) -
     loader = torch.utils.data.DataLoader(dataset, batch_size=100, sampler=shard, num_workers=0)
     counts = torch.zeros(2, dtype=torch.float64)
     for input, target in loader:
+        input = input.to(next(model.parameters()).device)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with autocast():
             output = model(input)
-        counts += torch.tensor([(output.argmax(1) == target).sum().item(), len(target)], dtype=torch.float64)
+        counts += torch.tensor([(output.argmax(1).cpu() == target).sum().item(), len(target)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(counts)
     return float(100 * counts[0] / counts[1])
