@@ -5,7 +5,8 @@
 
 1. the train stage (`stages.train.main`: DeepSpeed, MLflow into a throwaway store, checkpoints) against a bare timm
    loop on the same batches (bench.train_vs_bare), at the largest micro-batch of [512, 384, 256, 192, 128] whose
-   forward + backward fits, prefetcher as `train.prefetcher: auto` decides (on with CUDA); img/s of both and the
+   forward + backward fits, timm's prefetcher on (as `auto` decides on a GPU; the dry run takes that path on the CPU
+   too); img/s of both and the
    ratio; again with `train.compile: true` (second epoch, after compilation; not in the dry run: inductor's CPU
    compile alone takes minutes on 2 cores); MFU against the card's dense bf16 peak (6 x forward MACs per image);
 2. the loader alone with one worker, A1's transforms on full-size JPEGs (~500 x 375, as ImageNet's): img/s per
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "models": [cfg["arch"]], "run": ["a1"], "data.mini": {**cfg["mini"], "seed": 0},
         "scale.epochs": 1e-9, "scale.min_epochs": 1, "scale.img_size": cfg["img"], "scale.batch_size": micro,
         "scale.lr_rule": "none", "train.micro_batch": micro, "train.precision": cfg["precision"],
-        "train.workers": workers, "train.eval_every": 0, "train.threads": 0, "train.prefetcher": "auto"})
+        "train.workers": workers, "train.eval_every": 0, "train.threads": 0, "train.prefetcher": True})
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     raw["data"]["prepared"] = str(prepared_mini(work, params_file))

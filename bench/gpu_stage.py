@@ -4,8 +4,9 @@ train (through `rsb.launch`, the real launcher) -> evaluate, each a fresh proces
     python -m bench.gpu_stage --out DIR [--devices N]    # N = 1 on one GPU; the CPU rehearsal uses 2, so
                                                          # DeepSpeed's launcher (as a module) starts the workers
 
-At tiny sizes (test_resnet, 32 px, 2 epochs): it shows that every import, subprocess and launcher path works where
-the wheels were carried, not how fast anything is (bench/gpu.py measures). Writes DIR/stage.json.
+At tiny sizes (test_resnet, 32 px, 2 epochs, timm's prefetcher on as on a GPU): it shows that every import,
+subprocess and launcher path works where the wheels were carried, not how fast anything is (bench/gpu.py measures).
+Writes DIR/stage.json.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"models": ["test_resnet"], "run": ["a1"], "scale": {"epochs": 0.005, "min_epochs": 2, "img_size": 32,
                                                             "batch_size": 16},
-        "train": {"micro_batch": 8, "workers": 1, "threads": 1, "master_port": 0},
+        "train": {"micro_batch": 8, "workers": 1, "threads": 1, "master_port": 0, "prefetcher": True},
         "data": {"mini": {"classes": 4, "train_per_class": 16, "val_per_class": 4, "v2_per_class": 2,
                           "image_size": 48}},
         "evaluate": {"workers": 0}}
