@@ -107,6 +107,12 @@ def test_every_value_inside_its_domain_is_accepted(profile, key, value, needs_ti
     ("recipes.t2.sched", "step", "p.yaml: recipes.t2.sched = 'step': this pipeline runs timm's cosine schedule"),
     ("recipes.t2.bce_target_thresh", 1.0, "p.yaml: recipes.t2.bce_target_thresh = 1.0: must be null (no "
                                           "threshold) or a finite number in (0, 1)"),
+    # keys that take `auto` or a value: a value of neither type is named with the key's domain
+    ("train.prefetcher", "yes", "p.yaml: train.prefetcher = 'yes': must be auto or true or false (timm train.py"),
+    ("train.prefetcher", 3, "p.yaml: train.prefetcher = 3: must be auto or true or false"),
+    ("train.workers", 2.5, "p.yaml: train.workers = 2.5: must be auto or an integer >= 0 (DataLoader workers"),
+    ("train.workers", True, "p.yaml: train.workers = True: must be auto or an integer >= 0"),
+    ("train.workers", [2], "p.yaml: train.workers = [2]: must be int or str"),
 ])
 def test_messages_say_file_key_value_and_domain_once(key, value, message):
     with pytest.raises(ConfigError) as e:

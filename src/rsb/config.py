@@ -359,6 +359,8 @@ def _convert(tp, value, where: str):
             except ConfigError:
                 if len(inner) == 1:
                     raise
+        if isinstance(value, (bool, int, float, str)):
+            return value  # of none of the types: the key's domain says what it takes ("auto or true or false")
         raise ConfigError(f"{where} = {value!r}: must be {' or '.join(a.__name__ for a in inner)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

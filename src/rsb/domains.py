@@ -47,8 +47,8 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
     def ok(v, h):
         t = top(h)
-        return _real(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
-            (t is None or (v < t if hi_open else v <= t))
+        return _real(v) and (not integer or isinstance(v, int)) and \
+            (lo is None or (v > lo if lo_open else v >= lo)) and (t is None or (v < t if hi_open else v <= t))
 
     upper = hi_field or (None if hi is None else _fmt(hi))
     if lo is not None and upper is not None:
