@@ -177,9 +177,8 @@ class SeededCalls:
         self.fn, self.seeds, self.device, self.calls = fn, seeds, device, 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        devices = [self.device] if self.device.type == "cuda" else []
         state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             seed_all(self.seeds[self.calls])
             self.calls += 1
             x = self.fn(x)
