@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from bench.train_vs_bare import ROOT, bare_epochs, ours, prepared_mini
-from rsb import distributed, profiling
+from rsb import distributed, hardware, profiling
 from rsb.config import load_params, override, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rsb-gpu-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    device = distributed.device_for(0)
-    dtype = distributed.AUTOCAST[cfg["precision"]]
+    device = hardware.device_for(0)
+    dtype = hardware.AUTOCAST[cfg["precision"]]
     micro = largest_micro_batch(cfg["arch"], cfg["img"], cfg["candidates"], device, dtype)
     workers = 1 if a.dry_run else max(1, min(14, (os.cpu_count() or 2) - 2))
     raw = override(yaml.safe_load((ROOT / "params.yaml").read_text()), {
@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = timm_model(cfg["arch"])
     per_worker = loader_per_worker(r, Path(raw["data"]["prepared"]), model)
     gmacs = profiling.count(timm_model(cfg["arch"]), cfg["img"])["gmacs"]
-    peak = next((v for k, v in PEAK_BF16.items() if k in profiling.device_name(device)), None)
+    peak = next((v for k, v in PEAK_BF16.items() if k in hardware.device_name(device)), None)
 
     def mfu(rate):  # training: forward + backward ~ 3 x forward; a MAC is 2 FLOPs
         return rate * 6 * gmacs * 1e9 / peak if peak and isinstance(rate, float) else None
     stage = profiling.throughput(model, cfg["bench_batch"], cfg["img"], device, dtype, True, 2, cfg["repeats"])
     plain = plain_inference(timm_model(cfg["arch"]), cfg["bench_batch"], cfg["img"], device, dtype, cfg["repeats"])
-    result = {"device": profiling.device_name(device), "dry_run": a.dry_run, "date": time.strftime("%Y-%m-%d"),
+    result = {"device": hardware.device_name(device), "dry_run": a.dry_run, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "python": platform.python_version(), "arch": cfg["arch"], "img": cfg["img"],
               "precision": cfg["precision"], "micro_batch": micro, "loader_workers": workers,
               "prefetcher": r.train.prefetcher, "gmacs": gmacs, "peak_bf16_flops": peak,

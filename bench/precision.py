@@ -13,7 +13,7 @@ import time
 import timm
 import torch
 
-from rsb.config import NATIVE_BF16_FLAGS, auto_precision, cpu_flags
+from rsb.hardware import NATIVE_BF16_FLAGS, auto_precision, cpu_flags
 
 
 def rate(arch: str, size: int, train: bool, dtype: torch.dtype | None, steps: int = 4) -> float:

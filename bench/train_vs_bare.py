@@ -24,11 +24,12 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-from rsb import distributed
+from rsb import distributed, hardware
 from rsb.config import load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
-from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
+from rsb.models import create_model
+from rsb.training import create_loss, create_optimizer, create_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def bare_parts(r, prepared: Path) -> SimpleNamespace:
     return SimpleNamespace(train_set=train_set, model=model, optimizer=optimizer, loss_fn=create_loss(r),
                            mixup_fn=loaders.mixup(r, train_set.num_classes),
                            scheduler=create_scheduler(optimizer, r, updates),
-                           dtype=distributed.AUTOCAST[r.train.precision])
+                           dtype=hardware.AUTOCAST[r.train.precision])
 
 
 def bare_epochs(r, prepared: Path, device: torch.device = torch.device("cpu")) -> float:

@@ -20,8 +20,8 @@ from pathlib import Path
 import timm
 import torch
 
-from rsb import distributed, errors, profiling, tracking
-from rsb.config import auto_precision, check_arch, load_params
+from rsb import errors, hardware, profiling, tracking
+from rsb.config import check_arch, load_params
 from rsb.io import write_json
 
 
@@ -34,17 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     check_arch(params, args.arch)
     b = params.benchmark
     t0 = time.perf_counter()
-    device = distributed.device_for(0)
-    precision = auto_precision() if b.precision == "auto" else b.precision
-    distributed.check_precision(precision, device)
+    device = hardware.device_for(0)
+    precision = hardware.checked_precision(b.precision, device)
     torch.manual_seed(0)
     model = timm.create_model(args.arch, num_classes=1000)
     metrics = {"arch": args.arch, **profiling.count(model, 224)}
-    metrics.update(profiling.throughput(model, b.batch_size, b.img_size, device, distributed.AUTOCAST[precision],
+    metrics.update(profiling.throughput(model, b.batch_size, b.img_size, device, hardware.AUTOCAST[precision],
                                         b.channels_last, b.warmup, b.repeats))
     metrics.update({"batch": b.batch_size, "resolution": b.img_size, "precision": precision,
                     "channels_last": b.channels_last, "warmup": b.warmup, "repeats": b.repeats,
-                    "device": profiling.device_name(device),
+                    "device": hardware.device_name(device),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "timm": timm.__version__, "deepspeed": _version("deepspeed")},
                     "bench_s": time.perf_counter() - t0})

@@ -10,13 +10,10 @@ fine-tuning (rsb.transfer). The .json beside it records the source file, its sha
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rsb import errors, transfer
-from rsb.io import refuse_overlap
-from rsb.config import SCRATCH, ConfigError, check_timm, load_params
-
-STARTS = Path("studies/transfer/starts")
+from rsb.config import SCRATCH, load_params
+from rsb.outputs import STARTS
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,19 +21,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", required=True, help=f"'{SCRATCH}' or a name under transfer.weights")
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
-    params = load_params(args.params)
-    check_timm(params)
-    tr, dst = params.transfer, STARTS / f"{args.name}.safetensors"
-    if args.name in tr.weights:
-        refuse_overlap({"the start": dst}, {f"transfer.weights.{args.name}": Path(tr.weights[args.name])})
-    if args.name == SCRATCH:
-        meta = transfer.scratch_start(tr.arch, params.train.seed, dst)
-    elif args.name in tr.weights:
-        meta = transfer.import_start(Path(tr.weights[args.name]), tr.arch, dst)
-    else:
-        raise ConfigError(f"transfer.weights has no {args.name!r} ({', '.join(tr.weights) or 'empty'}); add "
-                          f"`{args.name}: <weights file>` there")
-    print(f"start {args.name}: {meta['tensors']} tensors of {tr.arch} from {meta['source']} -> {dst}")
+    meta = transfer.make_start(load_params(args.params), args.name)
+    print(f"start {args.name}: {meta['tensors']} tensors of {meta['arch']} from {meta['source']} -> "
+          f"{STARTS / args.name}.safetensors")
     return meta
 
 

@@ -14,7 +14,7 @@ from rsb.data.datasets import Split
 from rsb.engine import real_correct, topk_correct
 from rsb.errors import InputError
 from rsb.io import save_weights
-from stages.evaluate import evaluate_model
+from rsb.evaluation import evaluate_model
 
 
 def test_real_scoring_on_crafted_cases():

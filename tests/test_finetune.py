@@ -20,7 +20,7 @@ from rsb.config import ConfigError, load_params, resolve
 from rsb.data import folder, mini
 from rsb.data.downstream import DATASETS, classes, write_downstream
 from rsb.io import load_weights
-from rsb.training import create_model
+from rsb.models import create_model
 
 from conftest import ROOT, clean_env, write_params
 from test_train import assert_same_run, read_outputs, recorded_grads

@@ -130,7 +130,7 @@ def test_two_nodes_without_ssh_equal_one_process_accumulating(tmp_path, prepared
     """Two `--no_ssh` launchers on 127.0.0.1 (node rank 0 and 1, one CPU process each) train two epochs as a world
     of 2 across "2 nodes": the same lr, gradients and weights as train.py on 2 processes, and the same weights as
     one process accumulating 2 micro-batches."""
-    from rsb.launch import free_port
+    from rsb.net import free_port
     from test_train import PARITY, assert_same_run, off, our_run_in_process, params_file, read_outputs, reference_run
 
     nodes = tmp_path / "nodes"

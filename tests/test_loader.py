@@ -14,7 +14,7 @@ from conftest import write_params
 from rsb.config import load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
-from rsb.training import create_model
+from rsb.models import create_model
 
 VIRTUAL = 4  # one process accumulating 4 micro-batches of 4: the slots of 4 of train.py's processes
 

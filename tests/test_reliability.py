@@ -159,7 +159,8 @@ def test_a_real_divergence_stops_with_the_last_good_checkpoint(tmp_path, prepare
 def tiny_engine(tmp_path: Path):
     from rsb import distributed
     from rsb.config import resolve
-    from rsb.training import create_model, create_optimizer
+    from rsb.models import create_model
+    from rsb.training import create_optimizer
 
     r = resolve(load_params(write_params(tmp_path / "tiny.yaml", tmp_path, {"train.precision": "fp32"})),
                 "test_resnet", "a1", world_size=1)
@@ -225,7 +226,7 @@ def test_a_checkpoint_of_another_run_is_refused(saved):
 
 def test_weights_are_safetensors_and_never_unpickled(tmp_path):
     """models/*.safetensors hold tensors only; a pickle put in their place is refused, its payload never run."""
-    from stages.evaluate import load_model
+    from rsb.models import load_model
 
     class Payload:
         def __reduce__(self):

@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from rsb import studies, tracking
+from rsb import tracking
+from rsb.studies import common, procedures, seeds
 from rsb.config import ConfigError, load_params
 from rsb.data.datasets import Split
 from rsb.outputs import Outputs
@@ -25,7 +26,7 @@ def rows(*values) -> list[dict]:
 
 def test_statistics_match_the_standard_library_on_hand_made_values():
     data = rows((1, 79.8, 85.0, 68.1), (2, 80.0, 85.3, 67.9), (3, 79.7, 85.1, 68.4), (4, 79.9, 85.2, 68.0))
-    s = studies.summarize(data)
+    s = seeds.summarize(data)
     for split in ("val", "real", "v2"):
         vals = [r[split] for r in data]
         got = s["splits"][split]
@@ -36,41 +37,41 @@ def test_statistics_match_the_standard_library_on_hand_made_values():
     assert s["pearson_val_v2"] == pytest.approx(statistics.correlation([r["val"] for r in data],
                                                                        [r["v2"] for r in data]))
     assert s["missing"] == []
-    assert studies.binomial_se(80.0, 50_000) == pytest.approx(100 * (0.8 * 0.2 / 50_000) ** 0.5)
-    assert studies.binomial_se(80.0, None) is None
+    assert common.binomial_se(80.0, 50_000) == pytest.approx(100 * (0.8 * 0.2 / 50_000) ** 0.5)
+    assert common.binomial_se(80.0, None) is None
 
 
 def test_one_seed_has_a_mean_but_no_std_or_correlation():
-    s = studies.summarize(rows((7, 80.1, 85.0, 68.0)))
+    s = seeds.summarize(rows((7, 80.1, 85.0, 68.0)))
     assert s["splits"]["val"]["mean"] == 80.1 and s["splits"]["val"]["std"] is None
     assert s["pearson_val_v2"] is None
-    md = studies.seeds_markdown("resnet50", "a2", rows((7, 80.1, 85.0, 68.0)), s, "caption")
+    md = seeds.seeds_markdown("resnet50", "a2", rows((7, 80.1, 85.0, 68.0)), s, "caption")
     assert "| ImageNet-val | 1 | 80.10 |  |" in md, "an undefined std is an empty cell, never 0"
     assert "undefined (fewer than 3 seeds)" in md
 
 
 def test_a_missing_evaluation_is_left_out_and_named():
     data = rows((1, 79.8, 85.0, 68.1), (2, None, None, None), (3, 79.6, 84.9, 68.5), (4, 80.2, 85.4, 68.2))
-    s = studies.summarize(data)
+    s = seeds.summarize(data)
     assert s["missing"] == [2] and s["splits"]["val"]["n"] == 3
     assert s["splits"]["val"]["std"] == pytest.approx(statistics.stdev([79.8, 79.6, 80.2]))
     assert s["splits"]["val"]["seed_of_max"] == 4
-    md = studies.seeds_markdown("resnet50", "a2", data, s, "caption")
+    md = seeds.seeds_markdown("resnet50", "a2", data, s, "caption")
     assert "**not evaluated: 2**" in md
 
 
 def test_ties_give_the_first_seed_and_a_constant_side_has_no_correlation():
-    s = studies.summarize(rows((5, 80.0, 85.0, 68.0), (6, 80.0, 85.0, 69.0), (7, 79.0, 85.0, 67.0)))
+    s = seeds.summarize(rows((5, 80.0, 85.0, 68.0), (6, 80.0, 85.0, 69.0), (7, 79.0, 85.0, 67.0)))
     assert s["splits"]["val"]["seed_of_max"] == 5
-    assert studies.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
-    assert studies.pearson([1.0, 2.0], [3.0, 1.0]) is None, "two pairs always give -1 or 1: not a measurement"
+    assert common.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+    assert common.pearson([1.0, 2.0], [3.0, 1.0]) is None, "two pairs always give -1 or 1: not a measurement"
     with pytest.raises(ValueError):
-        studies.pearson([1.0, 2.0], [1.0])
+        common.pearson([1.0, 2.0], [1.0])
 
 
 def test_the_seed_table_carries_the_papers_published_statistics_and_nothing_invented():
-    s = studies.summarize(rows((1, 79.8, 85.0, 68.1), (2, 80.0, 85.3, 67.9), (3, 79.7, 85.1, 68.4)))
-    table = {r["split"]: r for r in studies.seeds_table(s)}
+    s = seeds.summarize(rows((1, 79.8, 85.0, 68.1), (2, 80.0, 85.3, 67.9), (3, 79.7, 85.1, 68.4)))
+    table = {r["split"]: r for r in seeds.seeds_table(s)}
     assert table["val"]["paper_std"] == 0.1 and table["v2"]["paper_std"] == 0.23
     assert table["real"]["paper_std"] is None and table["val"]["paper_mean"] is None
     assert "seeds 1-100" in table["val"]["paper_source"]
@@ -103,7 +104,7 @@ def test_every_study_report_states_its_scale(tmp_path, prepared, monkeypatch):
 
 
 def test_scale_text_names_the_paper_scale_only_at_paper_scale(tmp_path, prepared):
-    from stages.report import scale_text
+    from rsb.report import scale_text
 
     paper = load_params(write_params(tmp_path / "p.yaml", prepared, {"scale.epochs": 1.0, "scale.img_size": 224,
                                                                       "scale.batch_size": 2048}))
@@ -131,7 +132,7 @@ def test_a_studys_trainings_are_children_of_its_parent_run_in_a_real_store(tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.delenv("RSB_TRACKING", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.setattr(tracking, "project_root", lambda cwd=None: tmp_path)
+    monkeypatch.setattr(tracking.store, "project_root", lambda cwd=None: tmp_path)
     client = MlflowClient(store)
     exp = tracking.experiment_id(client, "rsb")
     seeds = [client.create_run(exp, run_name=f"r18-a3-seed{s}").info.run_id for s in (1, 2, 3)]
@@ -258,8 +259,8 @@ def test_the_procedures_report_says_whether_the_ordering_flips(tmp_path, prepare
     # with a split's size known, a lead under two binomial standard errors of the difference is a tie, not a flip
     rows = [{"arch": a, "recipe": rc, "val_top1": v, "val_count": 500} for a, rc, v in
             (("r", "a2", 23.8), ("d", "a2", 5.0), ("r", "t2", 5.0), ("d", "t2", 5.4))]
-    assert studies.winners(rows, "val_top1") == {"a2": "r", "t2": studies.TIE}
-    md = studies.procedures_markdown([{**r, "v2_top1": None, "paper_val_top1": None, "paper_source": None}
+    assert procedures.winners(rows, "val_top1") == {"a2": "r", "t2": procedures.TIE}
+    md = procedures.procedures_markdown([{**r, "v2_top1": None, "paper_val_top1": None, "paper_source": None}
                                       for r in rows], "c")
     assert "under t2 a tie within noise: no ordering to compare" in md and "flips" not in md
 
@@ -267,7 +268,7 @@ def test_the_procedures_report_says_whether_the_ordering_flips(tmp_path, prepare
 def test_a_vit_is_built_for_its_training_size_and_a_resnet_is_not():
     """train.py's --model-kwargs img_size=<size>, as DeiT's main.py builds its models: a ViT fixes its patch grid at
     creation; a ResNet takes any size and gets no kwarg; at the paper's 224 neither gets one."""
-    from rsb.training import model_kwargs
+    from rsb.models import model_kwargs
 
     assert model_kwargs("deit_small_patch16_224", 32) == {"img_size": 32}
     assert model_kwargs("deit_small_patch16_224", 224) == {}

@@ -18,7 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 from rsb import tracking
-from rsb.launch import free_port
+from rsb.tracking import ui
+from rsb.tracking.backfill import backfill
+from rsb.net import free_port
 
 from conftest import ROOT, clean_env
 
@@ -82,8 +84,8 @@ def test_training_finishes_without_a_server_and_backfill_logs_it(tmp_path, prepa
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    assert tracking.backfill("rsb", Path(".")) == ["test_resnet-a3"]
-    assert tracking.backfill("rsb", Path(".")) == [], "idempotent"
+    assert backfill("rsb", Path(".")) == ["test_resnet-a3"]
+    assert backfill("rsb", Path(".")) == [], "idempotent"
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("rsb").experiment_id])
     assert run.data.params["recipe.aa"] == "rand-m6-mstd0.5-inc1" and run.data.tags["rsb.stage"] == \
@@ -229,7 +231,7 @@ def _predictions_equal_evaluates(model, cwd: Path, prepared: Path) -> None:
     from rsb.data import loader as loaders
     from rsb.data.datasets import Split
     from rsb.engine import predict
-    from stages.evaluate import load_model
+    from rsb.models import load_model
 
     r = resolve(load_params(cwd / "params.yaml"), "test_resnet", "a3", world_size=1)
     ours = load_model("test_resnet", cwd / "models/test_resnet-a3.safetensors", 20)
@@ -294,9 +296,9 @@ def test_backfill_registers_a_model_the_store_missed(tmp_path, prepared, monkeyp
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.delenv("RSB_TRACKING")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    assert tracking.backfill("rsb", Path("."), prepared) == ["test_resnet-a3"]
+    assert backfill("rsb", Path("."), prepared) == ["test_resnet-a3"]
     assert MlflowClient(store).get_model_version_by_alias("rsb-test_resnet", "a3").version in (1, "1")
-    tracking.backfill("rsb", Path("."), prepared)
+    backfill("rsb", Path("."), prepared)
     assert len(MlflowClient(store).search_model_versions("name = 'rsb-test_resnet'")) == 1
 
 
@@ -318,7 +320,7 @@ def _page_text(url: str, wait_for: str) -> str:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=tracking.CHROMIUM[2:9])
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ui.CHROMIUM[2:9])
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         page.goto(url)
         try:
@@ -335,7 +337,7 @@ def _compare_view_text(url: str) -> str:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=tracking.CHROMIUM[2:9])
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ui.CHROMIUM[2:9])
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         page.goto(url)
         page.wait_for_selector("text=Comparing 3 Runs", timeout=60_000)
@@ -377,15 +379,15 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
         # the Compare view and the screenshot script, through that UI (a tracking URI that is a server is used as
         # it is: no second `mlflow ui` starts, each costs ~20 s here)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-        with tracking.UI() as base:
-            url, runs = tracking.compare_url(base, client, "rsb", "test_resnet")
+        with ui.UI() as base:
+            url, runs = ui.compare_url(base, client, "rsb", "test_resnet")
             assert [r.data.tags["rsb.recipe"] for r in runs] == ["a1", "a2", "a3"]
             compare = _compare_view_text(url)
             assert "Comparing 3 Runs" in compare and "val/top1" in compare
             for recipe, top1 in tops.items():
                 assert f"test_resnet-{recipe}" in compare and f"{top1:g}" in compare, (recipe, top1)
         png = tmp_path / "compare.png"
-        tracking.screenshot("rsb", "test_resnet", png)
+        ui.screenshot("rsb", "test_resnet", png)
     finally:
         ui.terminate()
         ui.wait(timeout=60)

@@ -27,7 +27,8 @@ from rsb.config import ConfigError, load_params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
 from rsb.io import load_weights
-from rsb.training import create_loss, create_model, create_optimizer, create_scheduler
+from rsb.models import create_model
+from rsb.training import create_loss, create_optimizer, create_scheduler
 
 from conftest import ROOT, clean_env, write_params
 
@@ -560,7 +561,7 @@ def test_the_stage_trains_in_the_precision_the_params_say(tmp_path, prepared, mo
     (False, None, set(), "fp32"),
 ])
 def test_auto_precision_is_what_is_fast(cuda, cuda_bf16, flags, expect):
-    from rsb.config import auto_precision
+    from rsb.hardware import auto_precision
     assert auto_precision(cuda=cuda, cuda_bf16=cuda_bf16, flags=flags) == expect
 
 

@@ -461,40 +461,6 @@ def check_arch(params: Params, arch: str) -> None:
     check_timm(params)
 
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-
-
-def use_cuda() -> bool:
-    """Train and evaluate on CUDA where it is, unless DeepSpeed's accelerator is forced to the CPU
-    (DS_ACCELERATOR=cpu), so that DeepSpeed, the model and the data agree on one device."""
-    import torch
-
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-
-
-def auto_precision(cuda: bool | None = None, cuda_bf16: bool | None = None, flags: set[str] | None = None) -> str:
-    """The paper's mixed precision where the hardware has it: bf16 on GPUs that support it, fp16 before Ampere; on a
-    CPU bf16 only with native bf16 instructions (AVX512-BF16 or AMX). `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
-    is True on any AVX-512 CPU, also where bf16 is emulated and 1.3-3.3x slower than fp32 (measured, DESIGN.md).
-    The arguments are for tests; by default they are read from this machine."""
-    import torch
-
-    cuda = use_cuda() if cuda is None else cuda
-    if cuda:
-        return "bf16" if (torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16) else "fp16"
-    flags = cpu_flags() if flags is None else flags
-    return "bf16" if any(f in flags for f in NATIVE_BF16_FLAGS) else "fp32"
-
-
 def scaled_size(size: int, scale: Scale) -> int:
     return max(8, round(size * scale.img_size / 224))
 
@@ -531,6 +497,8 @@ def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None 
             f"{t.micro_batch} x {world} processes does not divide it; change train.micro_batch or train.devices")
     if t.micro_batch % 2 and (r.mixup or r.cutmix):
         raise ConfigError(f"train.micro_batch={t.micro_batch}: Mixup/CutMix need an even batch per device")
+    from rsb.hardware import auto_precision, use_cuda
+
     cuda = use_cuda()
     if t.prefetcher == "auto":
         t = dataclasses.replace(t, prefetcher=cuda)

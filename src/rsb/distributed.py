@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import torch
 
-from rsb.config import Resolved, use_cuda
-from rsb.launch import free_port
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
+from rsb.config import Resolved
+from rsb.hardware import deepspeed_precision
+from rsb.net import free_port
 
 def init(timeout_s: int = 1800) -> tuple[int, int, int]:
     """Join (or, outside a launcher, create) the process group; returns (rank, local_rank, world_size)."""
@@ -31,17 +29,6 @@ def init(timeout_s: int = 1800) -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), torch.distributed.get_world_size()
 
 
-def device_for(local_rank: int) -> torch.device:
-    if use_cuda():
-        torch.cuda.set_device(local_rank)
-        # as timm's train.py and validate.py run on a GPU: cuDNN picks its fastest kernels, matmuls in TF32
-        # (NVIDIA_TF32_OVERRIDE=0 turns TF32 off for a process, as the fp32 parity test does on both sides)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def set_threads(threads: int) -> int:
     """Torch threads per process: the launcher does not set OMP_NUM_THREADS, and N processes x all cores thrash."""
     if threads == 0:
@@ -53,27 +40,16 @@ def set_threads(threads: int) -> int:
 
 def ds_config(r: Resolved) -> dict:
     """The DeepSpeed config for a resolved recipe (logged with the run)."""
-    dtype = AUTOCAST[r.train.precision]
     return {
         "train_batch_size": r.batch_size,  # DeepSpeed checks batch = micro x accumulation x world
         "train_micro_batch_size_per_gpu": r.micro_batch,
         "gradient_accumulation_steps": r.grad_accum,
         "zero_optimization": {"stage": r.train.zero_stage},  # > 0 only with an element-wise optimizer (config)
         "gradient_clipping": 0.0,  # timm's LAMB clips the global grad norm itself (max_grad_norm=1.0)
-        "torch_autocast": {"enabled": dtype is not None,
-                           "dtype": str(dtype).removeprefix("torch.") if dtype else "bfloat16"},
+        **deepspeed_precision(r.train.precision),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision=fp16 is not supported on the CPU (no fp16 autocast kernels for "
-                         "convolutions there); use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"train.precision=bf16 is not supported on {torch.cuda.get_device_name(device)}; "
-                         "use fp16 (V100 and older) or fp32")
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Resolved):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rsb.errors import RsbError
+from rsb.hardware import autocast
 
 
 class NonFiniteLoss(RsbError, FloatingPointError):
@@ -35,9 +35,7 @@ class Step:
     on_log: Callable[[list[dict]], None] = field(default=lambda rows: None)
 
     def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -160,13 +158,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
             channels_last: bool, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k class indices and labels for every sample of `loader`, in order."""
     model.eval()
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
     tops, labels = [], []
     for images, y in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with ctx():
+        with autocast(device, dtype):
             logits = model(images)
         tops.append(logits.float().topk(k, dim=1).indices.cpu())
         labels.append(y)

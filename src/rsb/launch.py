@@ -24,36 +24,18 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from rsb.errors import RsbError
+from rsb.net import check_port, free_port
 
 LAUNCHERS = ("pdsh", "no_ssh", "slurm")
 
 
 class LaunchError(RsbError, ValueError):
     """A launch that cannot work: says which setting or file, and what to do."""
-
-
-def check_port(port: int, host: str = "", key: str = "train.master_port") -> None:
-    """A port this node will listen on (rank 0's rendezvous, the MLflow UI) is free: checked before any process
-    starts."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise LaunchError(f"{key}={port}: in use on this node ({e.strerror}); stop what holds it, "
-                              "or choose another port (0 picks a free one)") from None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_hostfile(path: Path) -> dict[str, int]:

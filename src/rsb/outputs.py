@@ -15,6 +15,7 @@ from pathlib import Path
 
 GRID = "grid"  # the `rsb.study` tag of the main (models x run) trainings
 TRANSFER = "transfer"  # the transfer study's fine-tunes
+STARTS = Path("studies/transfer/starts")  # the transfer study's checked starts (<name>.safetensors + .json)
 STUDY_RUNS = ("seeds", "procedures")  # the studies that train with stages.train (--study): a name, never a path
 
 

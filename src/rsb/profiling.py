@@ -10,9 +10,9 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from contextlib import nullcontext
-
 import torch
+
+from rsb.hardware import autocast
 
 
 def count(model: torch.nn.Module, img_size: int) -> dict:
@@ -29,7 +29,6 @@ def throughput(model: torch.nn.Module, batch: int, img_size: int, device: torch.
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -38,7 +37,7 @@ def throughput(model: torch.nn.Module, batch: int, img_size: int, device: torch.
         for i in range(warmup + repeats):
             sync()
             t0 = time.perf_counter()
-            with ctx():
+            with autocast(device, dtype):
                 model(x)
             sync()
             if i >= warmup:
@@ -50,15 +49,3 @@ def throughput(model: torch.nn.Module, batch: int, img_size: int, device: torch.
     med = statistics.median(times)
     return {"img_per_s": batch / med, "batch_ms_median": 1000 * med, "batch_ms": [1000 * t for t in times],
             "peak_mem_mb": peak, "peak_mem_kind": kind}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"cpu x{torch.get_num_threads()} threads"

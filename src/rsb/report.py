@@ -6,7 +6,9 @@ import io
 from importlib.resources import files
 from pathlib import Path
 
-from rsb.io import atomic, read_json
+from rsb import tracking
+from rsb.config import ConfigError, Params, scaled_size
+from rsb.io import atomic, read_json, refuse_overlap, write_csv, write_text
 
 SPLITS = (("val", "val_top1"), ("real", "real_top1"), ("v2", "v2_top1"))
 
@@ -95,3 +97,49 @@ def plot(table: list[dict], path: Path, caption: str) -> None:
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def scale_text(params, info: dict) -> str:
+    """What scale these numbers are at, so a mini run is never mistaken for the paper's."""
+    s = params.scale
+    paper = s.epochs == 1 and s.img_size == 224 and s.batch_size == 2048 and info.get("source") == "imagenet"
+    if paper:
+        return "Paper scale: ImageNet-1k, the recipes' epochs, 224 px, global batch 2048."
+    n = info.get("images", {})
+    return (f"Scale: {info.get('source', '?')} data ({info.get('classes', '?')} classes, {n.get('train', '?')} "
+            f"train / {n.get('val', '?')} val / {n.get('v2', '?')} V2 images), epochs x{s.epochs:g} of the "
+            f"paper's, 224 px -> {s.img_size} px, global batch {s.batch_size}. NOT comparable to the paper's "
+            "ImageNet numbers, which stand beside ours for reference.")
+
+
+def caption(params, info: dict, device: str) -> str:
+    return (f"{scale_text(params, info)} Params and GMACs: the ImageNet model at 224 px. Throughput and peak memory: "
+            f"batch {params.benchmark.batch_size} at {params.benchmark.img_size} px on {device}.")
+
+
+def figure4(params: Params, metrics: Path, out: Path) -> list[dict]:
+    """reports/figure4.{md,csv,png} from the stages' metrics (`metrics`/{train,eval,benchmark}), and a `report` run in
+    MLflow holding them; returns the table's rows."""
+    refuse_overlap({"--out": out}, {"--metrics": metrics, "data.prepared": Path(params.data.prepared),
+                                    "data.raw": Path(params.data.raw)})
+    sizes = {name: (scaled_size(params.recipe(name).img_size, params.scale),
+                    scaled_size(params.recipe(name).test_img_size, params.scale)) for name in params.run}
+    table = rows(metrics, list(params.models), list(params.run), sizes)
+    if not table:
+        raise ConfigError(f"{metrics}/eval: no evaluation of any (models x run) pair; run the evaluate stages")
+    info_file = Path(params.data.prepared) / "info.json"
+    info = read_json(info_file) if info_file.is_file() else {}
+    devices = sorted({read_json(f).get("device", "?") for f in (metrics / "benchmark").glob("*.json")
+                      if f.stem in params.models})
+    text = caption(params, info, ", ".join(devices) or "(no benchmark)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "figure4.md", markdown(table, text))
+    write_csv(out / "figure4.csv", table)
+    plot(table, out / "figure4.png", text)
+    t = tracking.start(True, params.experiment, "report", None,
+                       {**tracking.provenance("report", tracking.digest(params), Path(params.data.prepared)),
+                        "rsb.kind": "report"})
+    for name in ("figure4.md", "figure4.csv", "figure4.png"):
+        t.log_artifact(out / name, "report")
+    t.end()
+    return table

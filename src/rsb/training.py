@@ -4,45 +4,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn
 
-from rsb import checkpoint, distributed, engine
+from rsb import checkpoint, distributed, engine, hardware
+from rsb.models import create_model
 from rsb.config import Resolved
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split, load_classes
 from rsb.data.folder import Folder, check as folder_check
-from rsb.tracking import Tracker
 
-
-def model_kwargs(arch: str, img_size: int) -> dict:
-    """train.py's --model-kwargs for this size: models that fix their patch grid at creation (ViT, DeiT) are built
-    for the training size (`img_size`), as DeiT's main.py builds them; models that take any size (ResNets) get
-    nothing. At the paper's 224 px this is empty for both."""
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is not None and tuple(cfg.input_size[-2:]) == (img_size, img_size):
-        return {}
-    with torch.device("meta"):  # does the constructor take img_size? (no weights allocated)
-        try:
-            timm.create_model(arch, img_size=img_size)
-        except TypeError:
-            return {}
-    return {"img_size": img_size}
-
-
-def create_model(r: Resolved, num_classes: int, start: Path | None = None) -> torch.nn.Module:
-    """`start` (fine-tuning): timm train.py's `--pretrained --pretrained-path <start>`, i.e. timm's own loader with
-    `num_classes=-1` in the overlay, which forces the head adaptation: every tensor but the classifier comes from the
-    file, the classifier keeps its fresh initialization for `num_classes` (rsb.transfer checked the file first)."""
-    pretrained = {} if start is None else {"pretrained": True,
-                                           "pretrained_cfg_overlay": dict(file=str(start), num_classes=-1)}
-    return timm.create_model(r.arch, num_classes=num_classes, drop_path_rate=r.recipe.drop_path,
-                             **model_kwargs(r.arch, r.img_size), **pretrained)
+if TYPE_CHECKING:  # the logging is not the math: rsb.tracking stays out of the training's code (rsb.code)
+    from rsb.tracking import Tracker
 
 
 def create_optimizer(model: torch.nn.Module, r: Resolved) -> torch.optim.Optimizer:
@@ -80,7 +58,7 @@ class Run:
     ckpt_dir: Path
     rank: int
     device: torch.device
-    tracker: Tracker
+    tracker: "Tracker"
     tags: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     updates: list[dict] = field(default_factory=list)
@@ -96,7 +74,7 @@ class Run:
 
 def train(run: Run) -> tuple[torch.nn.Module, dict]:
     r = run.r
-    dtype = distributed.AUTOCAST[r.train.precision]
+    dtype = hardware.AUTOCAST[r.train.precision]
     torch.manual_seed(r.train.seed)  # identical initial weights on every rank
     model = create_model(r, run.num_classes(), run.start).to(run.device)
     train_set = run.split("train", loaders.train_transform(r, model))

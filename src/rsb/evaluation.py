@@ -1,0 +1,77 @@
+"""Evaluation with the paper's eval transform: top-1/top-5 on ImageNet-val, ReaL and ImageNetV2 (evaluate@<name>).
+
+Transform: shorter side to int(test_img_size / crop_pct), bicubic, centre crop test_img_size, the model's own
+mean/std (timm's pretrained_cfg). ReaL: images with an empty label list are not scored; a top-k prediction is correct
+if any of its k classes is in the list.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rsb import hardware, tracking
+from rsb.config import Params, resolve
+from rsb.data import loader as loaders
+from rsb.data.datasets import Split
+from rsb.engine import predict, real_correct, topk_correct
+from rsb.io import read_json, refuse_overlap, write_json
+from rsb.models import load_model
+from rsb.outputs import Outputs
+from rsb.tracking.registry import log_model
+
+
+def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: float, batch_size: int,
+                   workers: int, precision: str) -> dict:
+    device = hardware.device_for(0)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    dtype = hardware.AUTOCAST[hardware.checked_precision(precision, device)]
+    tf = loaders.eval_transform(size, crop_pct, model)
+    out = {}
+    for split in ("val", "v2"):
+        ds = Split(prepared, split, tf)
+        top, labels = predict(model, loaders.eval_loader(ds, batch_size, workers, device.type == "cuda"), device,
+                              dtype, channels_last=True, k=min(5, ds.num_classes))
+        scores = {split: topk_correct(top, labels)}
+        if split == "val":
+            scores["real"] = real_correct(top, ds.real_labels())
+        for name, c in scores.items():
+            out.update({f"{name}/top1": 100 * c["top1"] / c["count"], f"{name}/top5": 100 * c["top5"] / c["count"],
+                        f"{name}/count": c["count"]})
+    out["transform"] = {"resize_shorter": int(size / crop_pct), "crop": size, "crop_pct": crop_pct,
+                        "interpolation": "bicubic", "mean": list(tf.transforms[-1].mean.tolist()),
+                        "std": list(tf.transforms[-1].std.tolist())}
+    out["precision"] = precision
+    return out
+
+
+def evaluate_run(params: Params, arch: str, recipe: str, study: str | None = None, seed: int | None = None) -> dict:
+    """evaluate@<name>: the trained model of (arch, recipe[, study, seed]) on val, ReaL and V2; metrics/eval/<name>.json,
+    the same numbers in its MLflow run, and (grid models) the model registered as rsb-<arch>@<recipe>."""
+    r = resolve(params, arch, recipe, seed=seed)
+    out = Outputs.of(arch, recipe, study, seed)
+    name = out.name
+    prepared = Path(params.data.prepared)
+    refuse_overlap({"eval metrics": out.eval_metrics}, {"data.prepared": prepared, "data.raw": Path(params.data.raw),
+                                                        "weights": out.weights})
+    t0 = time.perf_counter()
+    num_classes = Split(prepared, "val").num_classes
+    model = load_model(arch, out.weights, num_classes, None if out.in_grid else out.stage, r.img_size)
+    metrics = evaluate_model(model, prepared, r.test_img_size, r.recipe.crop_pct, params.evaluate.batch_size,
+                             params.evaluate.workers, r.train.precision)
+    metrics["eval_s"] = time.perf_counter() - t0
+    write_json(out.eval_metrics, metrics)
+
+    run_id = read_json(out.run_file).get("run_id") if out.run_file.is_file() else None
+    t = tracking.start(True, params.experiment, name, run_id, {"rsb.evaluated": "true",
+                                                           "rsb.eval_stage": f"evaluate@{name}"})
+    t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
+    t.log_artifact(out.eval_metrics, "eval")
+    t.log_datasets(tracking.datasets(prepared, params.data.raw, ("val", "real", "v2")), "evaluation")
+    if out.in_grid:  # a study's replicas are measurements, not models to register (seeds would flood rsb-<arch>)
+        example = Split(prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))[0][0][None]
+        log_model(t, model, name, arch, recipe, example,
+                  {k: metrics[k] for k in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5")})
+    t.end()
+    return metrics
