@@ -69,7 +69,7 @@ print(seen / (time.perf_counter() - t0))
 
 def prepare(code: Path, raw: Path, out: Path) -> float:
     script = (f"import sys; sys.path[:0] = [{str(code / 'src')!r}, {str(code)!r}]\n"
-              f"from stages.prepare import build\nfrom pathlib import Path\n"
+              f"from rsb.data.prepare import build\nfrom pathlib import Path\n"
               f"build(Path({str(raw)!r}), Path({str(out)!r}), 'mini', False)")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
@@ -88,7 +88,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-    from rsb.data.mini import MiniSpec, write_release
+    from rsb.data.mini import write_release
+    from rsb.data.spec import MiniSpec
 
     work = Path(tempfile.mkdtemp(prefix="rsb-index-"))
     old_code = work / "old-code"

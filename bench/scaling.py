@@ -21,8 +21,9 @@ from rsb import distributed
 
 
 def prepared(work: Path, per_class: int) -> Path:
-    from rsb.data.mini import MiniSpec, write_release
-    from stages.prepare import build
+    from rsb.data.mini import write_release
+    from rsb.data.spec import MiniSpec
+    from rsb.data.prepare import build
 
     spec = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["mini"]
     out = work / f"prepared-{per_class}"

@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepared_mini(work: Path, params_file: Path) -> Path:
-    from rsb.data.mini import MiniSpec, write_release
-    from stages.prepare import build
+    from rsb.data.mini import write_release
+    from rsb.data.spec import MiniSpec
+    from rsb.data.prepare import build
 
     spec = MiniSpec(**yaml.safe_load(params_file.read_text())["data"]["mini"])
     write_release(work / "raw", spec)

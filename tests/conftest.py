@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rsb.config import override
-from rsb.data.mini import MiniSpec, write_release
+from rsb.data.mini import write_release
+from rsb.data.spec import MiniSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = MiniSpec(seed=1, classes=20, train_per_class=8, val_per_class=4, v2_per_class=2, image_size=48)
@@ -71,7 +72,7 @@ def extracted(release, tmp_path_factory) -> Path:
     import io
     import tarfile
 
-    from rsb.data.mini import ARCHIVES
+    from rsb.data.index import ARCHIVES
 
     out = tmp_path_factory.mktemp("extracted")
     raw, summary = release
@@ -98,7 +99,7 @@ def extracted(release, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(release, tmp_path_factory) -> Path:
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     build(release[0], out, "mini", verify_md5=False)

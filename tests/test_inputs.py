@@ -24,7 +24,7 @@ from conftest import ROOT, clean_env, write_params
 from rsb import errors
 from rsb.data import folder
 from rsb.data.archives import ArchiveError
-from rsb.data.mini import ARCHIVES
+from rsb.data.index import ARCHIVES
 from rsb.errors import InputError, RsbError
 from rsb.io import load_weights, read_json, save_weights
 
@@ -67,7 +67,7 @@ def _slips(raw: Path, tmp: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("source", ["mini", "folder"])
 def test_prepare_refuses_an_output_overlapping_the_archives_and_leaves_them_intact(release, extracted, tmp_path,
                                                                                    slip, source):
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     raw = tmp_path / "datasets" / "imagenet"
     shutil.copytree(release[0] if source == "mini" else extracted, raw)
@@ -92,7 +92,7 @@ def test_the_data_loss_slip_on_the_command_line(release, tmp_path):
 def test_prepare_replaces_only_an_index_it_wrote(release, tmp_path):
     """An existing data.prepared that is not prepare's (no marker, not an index) is the user's: refused before any
     work, untouched. Its own earlier index, and an empty folder, are replaced."""
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     theirs = tmp_path / "weights"
     theirs.mkdir()
@@ -114,7 +114,7 @@ def test_prepare_replaces_only_an_index_it_wrote(release, tmp_path):
 
 
 def test_an_abandoned_partial_folder_is_removed_only_with_prepares_marker(release, tmp_path):
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     out = tmp_path / "prepared"
     mine, theirs = tmp_path / ".prepared.partial-999999999-x", tmp_path / ".prepared.partial-999999998-y"
@@ -199,7 +199,7 @@ def test_a_worker_side_failure_is_unwrapped_to_the_file(extracted, tmp_path):
     from torch.utils.data import DataLoader
 
     from rsb.data.datasets import Split
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     raw = tmp_path / "raw"
     shutil.copytree(extracted, raw)
@@ -224,7 +224,7 @@ def test_a_worker_side_failure_is_unwrapped_to_the_file(extracted, tmp_path):
 def test_a_training_whose_image_vanished_is_one_line(extracted, tmp_path):
     """The same through the stage's command line, with a loader worker: one line naming the file, exit 1."""
     from rsb.data.datasets import Split
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     raw = tmp_path / "raw"
     shutil.copytree(extracted, raw)
@@ -429,7 +429,7 @@ def _val_tar_with(raw: Path, edit: str) -> None:
     ("extra", "member ILSVRC2012_val_00000081.JPEG has no ground truth in the devkit"),
 ])
 def test_val_members_are_the_devkits_ids_exactly(release_copy, tmp_path, edit, says):
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     _val_tar_with(release_copy, edit)
     with pytest.raises(ArchiveError, match=rf"{ARCHIVES['val']}: .*{__import__('re').escape(says)}"):
@@ -443,7 +443,7 @@ def test_val_members_are_the_devkits_ids_exactly(release_copy, tmp_path, edit, s
     ("renamed", "is not ILSVRC2012_val_<8 digits>.JPEG"),
 ])
 def test_an_extracted_val_folder_is_checked_against_the_devkit(extracted, tmp_path, edit, says):
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     raw = tmp_path / "raw"
     shutil.copytree(extracted, raw)
@@ -474,7 +474,7 @@ FOLDER_CASES = {
 
 @pytest.mark.parametrize("case", list(FOLDER_CASES))
 def test_every_imagefolder_source_refuses_and_skips_the_same_things(case, extracted, downstream, tmp_path):
-    from stages.prepare import build
+    from rsb.data.prepare import build
 
     damage, says = FOLDER_CASES[case]
     raw, ds = tmp_path / "raw", tmp_path / "patterns"

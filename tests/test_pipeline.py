@@ -126,6 +126,18 @@ def test_changing_a3_lr_reruns_only_a3(repo):
     assert changed_stages(repo) == set()
 
 
+def test_an_edit_to_code_training_imports_reruns_training_and_a_tracking_edit_does_not(repo):
+    """compat.py (timm's posterize patched at import) is training code: DVC sees the edit in every train stage. The
+    MLflow logging is records only (rsb.code): editing it reruns nothing."""
+    compat = repo / "src/rsb/compat.py"
+    compat.write_text(compat.read_text() + "\n# an edit\n")
+    assert changed_stages(repo) == {"train@test_resnet-a1", "train@test_resnet-a3"}
+    sh(repo, "git", "checkout", "--", "src/rsb/compat.py")
+    runs = repo / "src/rsb/tracking/runs.py"
+    runs.write_text(runs.read_text() + "\n# an edit\n")
+    assert changed_stages(repo) == set()
+
+
 def test_adding_an_architecture_runs_only_its_rows(repo):
     set_params(repo, {"models": ["test_resnet", "resnet10t"]})
     out = sh(repo, "dvc", "repro").stdout

@@ -15,8 +15,9 @@ import scipy.io as sio
 from rsb.data import archives
 from rsb.data.archives import ArchiveError
 from rsb.data.datasets import Split
-from rsb.data.mini import ARCHIVES, DEVKIT, V2_TOP, WNIDS
-from stages.prepare import build
+from rsb.data.index import ARCHIVES, DEVKIT, V2_TOP
+from rsb.data.spec import WNIDS
+from rsb.data.prepare import build
 
 from conftest import TINY
 

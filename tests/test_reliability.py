@@ -303,8 +303,8 @@ def test_training_before_prepare_names_the_stage(tmp_path, prepared):
 def test_an_archive_changed_after_preparation_is_refused(release_copy, tmp_path, edit):
     """The datasets read the archives in place: one that changed after prepare indexed it is refused at start
     (size and both ends' hash: one stat and 128 KiB per archive), naming it and the stage to rerun."""
-    from rsb.data.mini import ARCHIVES
-    from stages.prepare import build
+    from rsb.data.index import ARCHIVES
+    from rsb.data.prepare import build
 
     out = tmp_path / "prepared"
     build(release_copy, out, "mini", False)

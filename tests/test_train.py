@@ -639,20 +639,30 @@ def test_resume_digest_follows_recipe_code_and_versions(tmp_path, monkeypatch):
 
     from rsb import checkpoint
 
-    code = tmp_path / "rsb"
-    shutil.copytree(Path(checkpoint.__file__).parent, code)
-    base = checkpoint.resume_digest("recipe", code)
-    assert base == checkpoint.resume_digest("recipe", code) == checkpoint.resume_digest("recipe")
-    assert checkpoint.resume_digest("other recipe", code) != base
-    for module in checkpoint.TRAINING_CODE:
-        original = (code / module).read_bytes()
-        (code / module).write_bytes(original + b"\n# a fix\n")
-        assert checkpoint.resume_digest("recipe", code) != base, module
-        (code / module).write_bytes(original)
-    real = md.version
+    from rsb import code as rsb_code
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(checkpoint.__file__).parent, src / "rsb")
+    for job in rsb_code.JOBS.values():
+        base = checkpoint.resume_digest("recipe", job, src)
+        assert base == checkpoint.resume_digest("recipe", job, src) == checkpoint.resume_digest("recipe", job)
+        assert checkpoint.resume_digest("other recipe", job, src) != base
+        files = rsb_code.files(job, src)
+        assert src / "rsb/compat.py" in files and src / "rsb/tracking/runs.py" not in files
+        for f in files:  # every module the job imports, compat.py (timm's posterize, patched at import) included
+            original = f.read_bytes()
+            f.write_bytes(original + b"\n# a fix\n")
+            assert checkpoint.resume_digest("recipe", job, src) != base, f
+            f.write_bytes(original)
+        tracking = src / "rsb/tracking/runs.py"  # records only (rsb.code): an MLflow fix resumes
+        original = tracking.read_bytes()
+        tracking.write_bytes(original + b"\n# a fix\n")
+        assert checkpoint.resume_digest("recipe", job, src) == base
+        tracking.write_bytes(original)
+    real, base = md.version, checkpoint.resume_digest("recipe", "rsb.trainer", src)
     for pkg in ("torch", "timm", "deepspeed"):
         monkeypatch.setattr(md, "version", lambda name, pkg=pkg: "0.0.1" if name == pkg else real(name))
-        assert checkpoint.resume_digest("recipe", code) != base, pkg
+        assert checkpoint.resume_digest("recipe", "rsb.trainer", src) != base, pkg
     monkeypatch.setattr(md, "version", real)
 
 

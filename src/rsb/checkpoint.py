@@ -11,6 +11,7 @@ before DeepSpeed loads a checkpoint (with a full unpickler) each file must match
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from rsb import code
 from rsb.distributed import barrier, is_main
 from rsb.errors import RsbError
 from rsb.io import read_json, sha256
@@ -27,19 +29,13 @@ class CheckpointMismatch(RsbError, RuntimeError):
     """A checkpoint from another recipe or architecture."""
 
 
-TRAINING_CODE = ("training.py", "engine.py", "distributed.py", "checkpoint.py", "config.py", "data/loader.py",
-                 "data/datasets.py")
-
-
-def resume_digest(recipe_digest: str, code: Path = Path(__file__).parent) -> str:
-    """What a checkpoint must match to be resumed: the resolved recipe, the training code (the modules under `code`)
-    and the library versions. A code fix (or a timm/torch upgrade) therefore trains afresh instead of resuming a
-    finished run of the old code."""
-    import importlib.metadata as md
-
+def resume_digest(recipe_digest: str, job: str = "rsb.trainer", src: Path = code.SRC) -> str:
+    """What a checkpoint must match to be resumed: the resolved recipe, the training code (every module the job
+    imports, rsb.code: `src` holds the package) and the library versions. A code fix (or a timm/torch upgrade)
+    therefore trains afresh instead of resuming a finished run of the old code."""
     h = hashlib.sha256(recipe_digest.encode())
-    for f in TRAINING_CODE:
-        h.update((code / f).read_bytes())
+    for f in code.files(job, src):
+        h.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes())
     for pkg in ("torch", "timm", "deepspeed"):
         h.update(md.version(pkg).encode())
     return h.hexdigest()[:16]

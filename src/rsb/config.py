@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from rsb import domains as D
-from rsb.data.mini import MiniSpec
+from rsb.data.spec import MiniSpec
 from rsb.errors import RsbError
 
 

@@ -1,8 +1,8 @@
 """One training job on this process's rank, end to end: the process group, the device, the MLflow run, the
 epoch loop (rsb.training), and the declared outputs that rank 0 writes last.
 
-`train_recipe` is the grid's and the studies' training (stages.train); rsb.transfer.finetune runs a fine-tune through
-the same `train_job`.
+`train_recipe` is the grid's and the studies' training (stages.train); rsb.finetune runs a fine-tune through the
+same `train_job`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rsb import checkpoint, distributed, hardware, tracking
-from rsb.config import Params, flatten, resolve
+from rsb.config import Params, Resolved, flatten, resolve
 from rsb.data.datasets import load_classes
 from rsb.io import refuse_overlap, save_weights, write_csv, write_json
 from rsb.outputs import Outputs
@@ -39,15 +39,16 @@ def train_recipe(params: Params, arch: str, recipe: str, study: str | None = Non
                      tracking.datasets(prepared, params.data.raw, ("train",)))
 
 
-def train_job(params, r, out: Outputs, stage: str, tags: dict, prepared: Path, datasets: list[dict],
-           folder: Path | None = None, start: Path | None = None, identity: str = "") -> dict:
+def train_job(params: Params, r: Resolved, out: Outputs, stage: str, tags: dict, prepared: Path, datasets: list[dict],
+              folder: Path | None = None, start: Path | None = None, identity: str = "", job: str = __name__) -> dict:
     """One training on this process's rank, from the process group to the declared outputs: a grid or study
-    training (images from `prepared`), or a fine-tune (`folder`, `start`; `identity` names both for resuming)."""
+    training (images from `prepared`), or a fine-tune (`folder`, `start`; `identity` names both for resuming). `job`:
+    the module that runs it, whose code (rsb.code) a checkpoint must match to be resumed."""
     rank, local_rank, world = distributed.init()
     threads = distributed.set_threads(r.train.threads)
     device = hardware.device_for(local_rank)
     hardware.checked_precision(r.train.precision, device)  # fp16 on a CPU fails before any work
-    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), out.name, checkpoint.resume_digest(r.digest() + identity))
+    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), out.name, checkpoint.resume_digest(r.digest() + identity, job))
     tags = {**tracking.provenance(stage, r.digest(), prepared), **tags,
             "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
             "rsb.device": hardware.device_name(device)}

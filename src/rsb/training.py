@@ -63,7 +63,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     updates: list[dict] = field(default_factory=list)
     folder: Path | None = None       # fine-tuning: a downstream ImageFolder dataset instead of `prepared`
-    start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer)
+    start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer checked them)
 
     def split(self, name: str, transform) -> torch.utils.data.Dataset:
         return Split(self.prepared, name, transform) if self.folder is None else Folder(self.folder, name, transform)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from rsb.data.mini import ARCHIVES, DEVKIT
+from rsb.data.index import ARCHIVES, DEVKIT
 from rsb.errors import RsbError
 
 # torchvision.datasets.imagenet.ARCHIVE_META (the official release's md5 sums).
@@ -27,7 +27,6 @@ OFFICIAL_MD5 = {
     "ILSVRC2012_img_val.tar": "29b22e2961454d5413ddabcf34fc5622",
     "ILSVRC2012_devkit_t12.tar.gz": "fa75699e90414af021442c21a62c3abf",
 }
-OFFICIAL_COUNTS = {"classes": 1000, "val": 50000, "v2": 10000}
 WNID = re.compile(r"n\d{8}")
 
 

@@ -1,0 +1,50 @@
+"""rsb.code: the one list of what training depends on, derived from the imports; the DVC deps of every training stage
+and the resume digest both follow it (the digest's side: test_checkpoint.py)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, clean_env
+from rsb import code
+
+
+def test_the_derived_list_is_what_python_imports():
+    """The AST walk against Python itself: every rsb module a training job's import loads (tracking aside) is in the
+    list, compat.py included (it patches timm's posterize at import, so it changes what training does)."""
+    for job in code.JOBS.values():
+        probe = f"import sys, {job}; print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith('rsb'))))"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env=clean_env(PYTHONPATH=str(ROOT / "src")), cwd=ROOT)
+        loaded = {m for m in json.loads(out.stdout) if not m.startswith("rsb.tracking")}
+        assert loaded <= set(code.modules(job)), loaded - set(code.modules(job))
+        assert {"rsb.compat", "rsb.training", "rsb.engine", "rsb.data.loader", "rsb.hardware"} <= set(code.modules(job))
+        assert not [m for m in code.modules(job) if m.startswith("rsb.tracking")], "records only: left out by rule"
+
+
+@pytest.mark.parametrize("dvc_file", code.DVC_FILES)
+def test_every_training_stage_lists_the_code_it_runs(dvc_file):
+    """dvc.yaml and studies/dvc.yaml are what `python -m rsb.code --write` writes: a training stage that misses a
+    module its command imports (or lists one it no longer does) fails here, naming the fix."""
+    path = ROOT / dvc_file
+    assert code.synced(path) == path.read_text(), f"{dvc_file}: run `python -m rsb.code --write`"
+    stages = [s.get("do", s) for s in yaml.safe_load(path.read_text())["stages"].values()]
+    training = [s for s in stages if "stages.train " in s["cmd"] or "stages.finetune " in s["cmd"]]
+    assert training, dvc_file
+    for s in training:
+        job = code.JOBS["finetune" if "stages.finetune " in s["cmd"] else "train"]
+        assert set(code.repo_paths(job)) | {"src/rsb/launch.py"} <= set(s["deps"])
+
+
+def test_a_stage_missing_a_module_is_caught(tmp_path):
+    """The check above can fail: dvc.yaml with compat.py dropped from the train stage is rewritten with it."""
+    text = (ROOT / "dvc.yaml").read_text()
+    assert "      - src/rsb/compat.py\n" in text
+    broken = tmp_path / "dvc.yaml"
+    broken.write_text(text.replace("      - src/rsb/compat.py\n", "", 1))
+    assert code.synced(broken) != broken.read_text()
+    assert code.synced(broken) == text
