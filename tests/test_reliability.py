@@ -118,124 +118,7 @@ def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
     assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
 
 
-def test_a_real_divergence_stops_with_the_last_good_checkpoint(tmp_path, prepared, monkeypatch, world):
-    """From update 11 (epoch 2) the lr is 1e30: LAMB's update (lr x trust ratio x ||w||) makes the weights
-    non-finite for real, the loss of update 12 is NaN, and the stage stops before writing epoch 2's checkpoint;
-    epoch 1's is intact, verifies, and resumes into finite weights through checkpoint.load."""
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-    from rsb.engine import NonFiniteLoss
-    from stages.train import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RSB_TRACKING", "off")
-    p = write_params(tmp_path / "params.yaml", prepared, {"scale.min_epochs": 2, "train.precision": "fp32"})
-    seen = {"steps": 0}
-
-    def huge_lr_from_update_11(optimizer, args, kwargs):
-        seen["steps"] += 1
-        seen["weights"] = [q for g in optimizer.param_groups for q in g["params"]]
-        if seen["steps"] >= 11:
-            for g in optimizer.param_groups:
-                g["lr"] = 1e30
-    handle = register_optimizer_step_pre_hook(huge_lr_from_update_11)
-    try:
-        with pytest.raises(NonFiniteLoss, match=r"non-finite loss nan at update 12 \(epoch 1\)"):
-            main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
-    finally:
-        handle.remove()
-    assert not all(torch.isfinite(q).all() for q in seen["weights"]), "the weights really diverged"
-    (ckpt,) = (tmp_path / "checkpoints" / NAME).iterdir()
-    assert checkpoint.latest_tag(ckpt) == "epoch1"
-    checkpoint.verify(ckpt / "epoch1")
-    eng = tiny_engine(tmp_path)
-    client = checkpoint.load(eng, ckpt, ckpt.name)
-    assert client["epoch"] == 1 and all(torch.isfinite(q).all() for q in eng.module.parameters())
-    assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
-
-
 # --- security: checkpoints are verified before DeepSpeed's full unpickler runs, on the resume path -----------------
-
-def tiny_engine(tmp_path: Path):
-    from rsb import distributed
-    from rsb.config import resolve
-    from rsb.models import create_model
-    from rsb.training import create_optimizer
-
-    r = resolve(load_params(write_params(tmp_path / "tiny.yaml", tmp_path, {"train.precision": "fp32"})),
-                "test_resnet", "a1", world_size=1)
-    model = create_model(r, 20)
-    return distributed.initialize(model, create_optimizer(model, r), r)
-
-
-@pytest.fixture
-def saved(tmp_path, world) -> tuple[object, Path]:
-    """A real DeepSpeed checkpoint of a real engine, and that engine to resume into."""
-    eng = tiny_engine(tmp_path)
-    ckpt = tmp_path / "ck"
-    checkpoint.save(eng, ckpt, 1, {"digest": "d", "epoch": 1, "mlflow_run_id": None})
-    assert checkpoint.load(eng, ckpt, "d")["epoch"] == 1  # the untouched checkpoint resumes
-    return eng, ckpt
-
-
-def test_a_tampered_checkpoint_is_refused_on_resume(saved):
-    eng, ckpt = saved
-    model = next((ckpt / "epoch1").glob("*model_states.pt"))
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
-    with pytest.raises(checkpoint.CheckpointMismatch, match="content differs from what was written"):
-        checkpoint.load(eng, ckpt, "d")
-
-
-def test_a_crafted_checkpoint_is_never_unpickled_on_resume(saved, tmp_path):
-    """Even with its hash updated in rsb.json, a pickle that runs code is refused before DeepSpeed loads it."""
-    import hashlib
-
-    eng, ckpt = saved
-    model = next((ckpt / "epoch1").glob("*model_states.pt"))
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (tmp_path / "pwned",))
-    torch.save({"module": Payload()}, model)
-    meta = json.loads((ckpt / "epoch1" / "rsb.json").read_text())
-    meta["files"][model.name] = hashlib.sha256(model.read_bytes()).hexdigest()
-    (ckpt / "epoch1" / "rsb.json").write_text(json.dumps(meta))
-    with pytest.raises(checkpoint.CheckpointMismatch, match="does not load with weights_only=True"):
-        checkpoint.load(eng, ckpt, "d")
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_a_truncated_or_incomplete_checkpoint_is_refused_on_resume(saved):
-    eng, ckpt = saved
-    model = next((ckpt / "epoch1").glob("*model_states.pt"))  # ZeRO-0, client optimizer: model + optimizer
-    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
-    with pytest.raises(checkpoint.CheckpointMismatch, match="content differs"):
-        checkpoint.load(eng, ckpt, "d")
-    model.unlink()
-    with pytest.raises(checkpoint.CheckpointMismatch, match="incomplete or was edited"):
-        checkpoint.load(eng, ckpt, "d")
-
-
-def test_a_checkpoint_of_another_run_is_refused(saved):
-    eng, ckpt = saved
-    with pytest.raises(checkpoint.CheckpointMismatch, match="written for recipe digest d,"):
-        checkpoint.load(eng, ckpt, "e")
-
-
-def test_weights_are_safetensors_and_never_unpickled(tmp_path):
-    """models/*.safetensors hold tensors only; a pickle put in their place is refused, its payload never run."""
-    from rsb.models import load_model
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (tmp_path / "pwned",))
-    torch.save({"x": Payload()}, tmp_path / "evil.safetensors")
-    with pytest.raises(Exception) as e:
-        load_model("test_resnet", tmp_path / "evil.safetensors", 20)
-    assert "SafetensorError" in type(e.value).__name__ or "header" in str(e.value).lower(), e.value
-    assert not (tmp_path / "pwned").exists()
 
 
 # --- bad input: one clear error naming the key or file, before expensive work ----------------------------------------
@@ -270,16 +153,6 @@ def test_bad_training_setups_fail_before_any_work(tmp_path, prepared, override, 
     p = write_params(tmp_path / "params.yaml", prepared, override)
     with pytest.raises(ConfigError, match=message):
         main(["--arch", arch, "--recipe", "a1", "--params", str(p)])
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_precision_the_device_lacks_is_refused(tmp_path, prepared, monkeypatch):
-    from stages.train import main
-
-    monkeypatch.chdir(tmp_path)
-    p = write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp16"})
-    with pytest.raises(ValueError, match="train.precision=fp16 is not supported on the CPU"):
-        main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
     assert not (tmp_path / "checkpoints").exists()
 
 

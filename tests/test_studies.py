@@ -265,16 +265,6 @@ def test_the_procedures_report_says_whether_the_ordering_flips(tmp_path, prepare
     assert "under t2 a tie within noise: no ordering to compare" in md and "flips" not in md
 
 
-def test_a_vit_is_built_for_its_training_size_and_a_resnet_is_not():
-    """train.py's --model-kwargs img_size=<size>, as DeiT's main.py builds its models: a ViT fixes its patch grid at
-    creation; a ResNet takes any size and gets no kwarg; at the paper's 224 neither gets one."""
-    from rsb.models import model_kwargs
-
-    assert model_kwargs("deit_small_patch16_224", 32) == {"img_size": 32}
-    assert model_kwargs("deit_small_patch16_224", 224) == {}
-    assert model_kwargs("resnet50", 32) == {} and model_kwargs("test_resnet", 32) == {}
-
-
 def test_a_vit_trains_and_evaluates_at_the_scaled_size(tmp_path, prepared, monkeypatch):
     """test_vit (timm's small ViT) through the train and evaluate stages at 32 px under T2, in the procedures
     study's folders: built for 32 px on both sides, so its weights load and it scores every val image."""

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from rsb import tracking
-from rsb.tracking import ui
+from rsb.tracking import ui as tracking_ui
 from rsb.tracking.backfill import backfill
 from rsb.net import free_port
 
@@ -320,7 +320,7 @@ def _page_text(url: str, wait_for: str) -> str:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ui.CHROMIUM[2:9])
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=tracking_ui.CHROMIUM[2:9])
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         page.goto(url)
         try:
@@ -337,7 +337,7 @@ def _compare_view_text(url: str) -> str:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ui.CHROMIUM[2:9])
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=tracking_ui.CHROMIUM[2:9])
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         page.goto(url)
         page.wait_for_selector("text=Comparing 3 Runs", timeout=60_000)
@@ -379,15 +379,15 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
         # the Compare view and the screenshot script, through that UI (a tracking URI that is a server is used as
         # it is: no second `mlflow ui` starts, each costs ~20 s here)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-        with ui.UI() as base:
-            url, runs = ui.compare_url(base, client, "rsb", "test_resnet")
+        with tracking_ui.UI() as base:
+            url, runs = tracking_ui.compare_url(base, client, "rsb", "test_resnet")
             assert [r.data.tags["rsb.recipe"] for r in runs] == ["a1", "a2", "a3"]
             compare = _compare_view_text(url)
             assert "Comparing 3 Runs" in compare and "val/top1" in compare
             for recipe, top1 in tops.items():
                 assert f"test_resnet-{recipe}" in compare and f"{top1:g}" in compare, (recipe, top1)
         png = tmp_path / "compare.png"
-        ui.screenshot("rsb", "test_resnet", png)
+        tracking_ui.screenshot("rsb", "test_resnet", png)
     finally:
         ui.terminate()
         ui.wait(timeout=60)

@@ -19,7 +19,6 @@ from rsb.engine import predict, real_correct, topk_correct
 from rsb.io import read_json, refuse_overlap, write_json
 from rsb.models import load_model
 from rsb.outputs import Outputs
-from rsb.tracking.registry import log_model
 
 
 def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: float, batch_size: int,
@@ -69,7 +68,11 @@ def evaluate_run(params: Params, arch: str, recipe: str, study: str | None = Non
     t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
     t.log_artifact(out.eval_metrics, "eval")
     t.log_datasets(tracking.datasets(prepared, params.data.raw, ("val", "real", "v2")), "evaluation")
-    if out.in_grid:  # a study's replicas are measurements, not models to register (seeds would flood rsb-<arch>)
+    # a study's replicas are measurements, not models to register (seeds would flood rsb-<arch>); the registry imports
+    # MLflow's model flavours, which a machine tracking nothing may not have (the GPU check's image)
+    if out.in_grid and isinstance(t, tracking.MlflowTracker):
+        from rsb.tracking.registry import log_model
+
         example = Split(prepared, "val", loaders.eval_transform(r.test_img_size, r.recipe.crop_pct, model))[0][0][None]
         log_model(t, model, name, arch, recipe, example,
                   {k: metrics[k] for k in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5")})

@@ -5,6 +5,9 @@ synsets are those with num_children == 0, ground truth in 1-based ILSVRC2012_IDs
 locked to the official md5 sums and extract without path checks, so the same structures are read here, and the
 published sums are kept as an optional integrity check. Tar metadata (links, modes, owners, devices) never reaches
 the disk, and any member that is not a plain file or directory with a safe relative name is refused.
+
+Just over ~300 lines: one reader per official format (train tar of tars, flat val tar, devkit .mat, V2 .tar.gz,
+ReaL json, an extracted folder), each with its member checks against the devkit.
 """
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Tracking never stops training: if the server is down or dies mid-run, the first failed call disables the tracker
 with one warning, every number still lands in the DVC outputs, and `python -m rsb.tracking backfill` logs them later.
+
+MLflow itself is imported where a tracker starts (`_mlflow`), not at the top: ranks that do not log, and a machine
+that runs with RSB_TRACKING=off and has no MLflow installed (the GPU check's image), never import it.
 """
 from __future__ import annotations
 
@@ -10,10 +13,6 @@ import os
 import time
 import warnings
 from pathlib import Path
-
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-from mlflow.tracking import MlflowClient
 
 from rsb.io import read_json
 from rsb.tracking.store import experiment_id, provenance, redact, tracking_uri
@@ -33,6 +32,15 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None: ...
 
 
+def _mlflow():
+    """MLflow's entities, client and system-metrics monitor (imported on first use, see above)."""
+    from mlflow import entities
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import MlflowClient
+
+    return entities, MlflowClient, SystemMetricsMonitor
+
+
 class MlflowTracker(Tracker):
     def __init__(self, experiment: str, run_name: str, run_id: str | None = None, tags: dict | None = None,
                  system_metrics: bool = True):
@@ -40,7 +48,8 @@ class MlflowTracker(Tracker):
         self.safe(self._start, experiment, run_name, run_id, tags or {}, system_metrics)
 
     def _start(self, experiment, run_name, run_id, tags, system_metrics):
-        self.client = MlflowClient(self.uri)
+        self.entities, client, monitor = _mlflow()
+        self.client = client(self.uri)
         self.experiment_id = experiment_id(self.client, experiment)
         if run_id is None:
             tags = {k: str(v) for k, v in tags.items()}
@@ -50,7 +59,7 @@ class MlflowTracker(Tracker):
             self.client.update_run(run_id, status="RUNNING")
             self.set_tags(tags)
         if system_metrics:
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+            self._monitor = monitor(self.run_id, sampling_interval=10)
             self._monitor.start()
 
     def safe(self, fn, *args) -> None:
@@ -66,7 +75,7 @@ class MlflowTracker(Tracker):
                           "later with `python -m rsb.tracking backfill`", RuntimeWarning, stacklevel=3)
 
     def log_params(self, params: dict) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [self.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.safe(self.client.log_batch, self.run_id, [], items[i:i + 100])
 
@@ -76,12 +85,12 @@ class MlflowTracker(Tracker):
     def log_rows(self, rows: list[dict], keys: dict[str, str]) -> None:
         """Many metrics in few calls (sqlite costs ~4 ms a call): rows of {step, key: value}, keys {row key: name}."""
         ts = int(time.time() * 1000)
-        ms = [Metric(name, float(r[k]), ts, int(r["step"])) for r in rows for k, name in keys.items() if k in r]
+        ms = [self.entities.Metric(name, float(r[k]), ts, int(r["step"])) for r in rows for k, name in keys.items() if k in r]
         for i in range(0, len(ms), 1000):
             self.safe(self.client.log_batch, self.run_id, ms[i:i + 1000])
 
     def set_tags(self, tags: dict) -> None:
-        self.safe(self.client.log_batch, self.run_id, [], [], [RunTag(k, str(v)) for k, v in tags.items()])
+        self.safe(self.client.log_batch, self.run_id, [], [], [self.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.safe(self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -136,7 +145,8 @@ def datasets(prepared: Path, source: str, splits: tuple[str, ...]) -> list[dict]
 
 def log_datasets(client, run_id: str, items: list[dict], context: str) -> None:
     """Each item as a dataset input of the run (the UI's Datasets column; `datasets.digest` in searches)."""
-    inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
-                                   source=json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"])),
-                           [InputTag("mlflow.data.context", context)]) for d in items]
+    e, _, _ = _mlflow()
+    inputs = [e.DatasetInput(e.Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                       source=json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"])),
+                             [e.InputTag("mlflow.data.context", context)]) for d in items]
     client.log_inputs(run_id, datasets=inputs)
