@@ -3,12 +3,12 @@
     python -m bench.gpu --out DIR             # on a CUDA machine: resnet50, 224 px, bf16, channels_last
     python -m bench.gpu --out DIR --dry-run   # anywhere: test_resnet, 32 px, fp32, CPU (CI runs this)
 
-1. the train stage (`stages.train.main`: DeepSpeed, MLflow into a throwaway store, checkpoints) against a bare timm
-   loop on the same batches (bench.train_vs_bare), at the largest micro-batch of [512, 384, 256, 192, 128] whose
-   forward + backward fits, timm's prefetcher on (as `auto` decides on a GPU; the dry run takes that path on the CPU
-   too); img/s of both and the
-   ratio; again with `train.compile: true` (second epoch, after compilation; not in the dry run: inductor's CPU
-   compile alone takes minutes on 2 cores); MFU against the card's dense bf16 peak (6 x forward MACs per image);
+1. the train stage's job (`rsb.trainer.train_recipe`: DeepSpeed, MLflow into a throwaway store, checkpoints) against
+   a bare timm loop on the same batches (bench.train_vs_bare), at the largest micro-batch of [512, 384, 256, 192,
+   128] whose forward + backward fits, timm's prefetcher on (as `auto` decides on a GPU; the dry run takes that path
+   on the CPU too); img/s of both and the ratio; again with `train.compile: true` (second epoch, after compilation;
+   not in the dry run: inductor's CPU compile alone takes minutes on 2 cores); MFU against the card's dense bf16 peak
+   (6 x forward MACs per image);
 2. the loader alone with one worker, A1's transforms on full-size JPEGs (~500 x 375, as ImageNet's): img/s per
    worker, and the workers the GPU's training rate needs;
 3. the benchmark stage's batch-128 throughput and peak memory (`rsb.profiling.throughput`) against a plain

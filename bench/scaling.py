@@ -2,8 +2,8 @@
 
     python -m bench.scaling [--recipe a1]
 
-Runs `stages.train.main` in-process (DeepSpeed, MLflow into a throwaway sqlite store, checkpoints) on generated mini
-releases at the default scale, varying one thing at a time from resnet18 / 1 epoch / 80 images per class. Prints the
+Runs `rsb.trainer.train_recipe` in-process (DeepSpeed, MLflow into a throwaway sqlite store, checkpoints) on
+generated mini releases at the default scale, varying one thing at a time from resnet18 / 1 epoch / 80 images per class. Prints the
 training-loop seconds, img/s and the stage's wall seconds (loop + init + checkpoints + final validation).
 """
 from __future__ import annotations

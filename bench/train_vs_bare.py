@@ -2,14 +2,13 @@
 
     python -m bench.train_vs_bare [--archs resnet50 resnet18] [--recipe a1] [--epochs 1] [--repeats 2]
 
-The bare loop is what timm's train.py does for one process: the same model, transforms, sampler, Mixup/CutMix,
-BCE, LAMB and per-update cosine schedule over the same batches, with plain `loss.backward()` / `optimizer.step()`:
-no DeepSpeed, no MLflow, no DVC, no checkpoints. "Ours" is `stages.train.main` itself (DeepSpeed engine, MLflow
-logging into a throwaway sqlite store, per-epoch checkpoints). Both time the epoch loop the same way (loader start
-to last update, img/s = images seen / seconds); runs alternate bare/ours to cancel drift on a shared machine, and
-the ratio is given of the medians and of the best runs (the best is least disturbed by other tenants).
-Data: the mini release of params.yaml (generated into a temp folder). Prints one table; --json writes it.
-"""
+The bare loop is what timm's train.py does for one process: the same model, transforms, sampler, Mixup/CutMix, BCE,
+LAMB and per-update cosine schedule over the same batches, with plain `loss.backward()` / `optimizer.step()`: no
+DeepSpeed, no MLflow, no DVC, no checkpoints. "Ours" is the train stage's job itself (`rsb.trainer.train_recipe`:
+DeepSpeed engine, MLflow logging into a throwaway sqlite store, per-epoch checkpoints). Both time the epoch loop the
+same way (loader start to last update, img/s = images seen / seconds); runs alternate bare/ours to cancel drift on a
+shared machine, and the ratio is given of the medians and of the best runs (the best is least disturbed by other
+tenants). Data: the mini release of params.yaml (generated into a temp folder). Prints one table; --json writes it."""
 from __future__ import annotations
 
 import argparse
@@ -93,14 +92,15 @@ def bare_epochs(r, prepared: Path, device: torch.device = torch.device("cpu")) -
 
 
 def ours(arch: str, recipe: str, params_file: Path, work: Path) -> dict:
-    from stages.train import main
+    from rsb.config import load_params
+    from rsb.trainer import train_recipe
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
     cwd = os.getcwd()
     os.chdir(run_dir)
     try:
         t0 = time.perf_counter()
-        m = main(["--arch", arch, "--recipe", recipe, "--params", str(params_file)])
+        m = train_recipe(load_params(params_file), arch, recipe)
         m["wall_s"] = time.perf_counter() - t0
         return m
     finally:

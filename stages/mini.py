@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from rsb import errors
 from rsb.config import load_params
-from rsb.io import check_replaceable, mark, replace_folder
+from rsb.io import build_folder
 from rsb.data.downstream import write_downstream
 from rsb.data.mini import write_release
 
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     data = load_params(args.params).data
     if args.downstream:
-        summary = generate(args.downstream, "--downstream", ("downstream.json",),
+        summary = build_folder(args.downstream, STAGE, "--downstream", ("downstream.json",),
                            lambda tmp: write_downstream(tmp, data.mini.seed, data.mini.image_size))
         print(f"downstream datasets -> {args.downstream}: {summary}")
         return summary
@@ -41,24 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
         (tmp / "release.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_labels"},
                                                      indent=2))
         return summary
-    summary = generate(out, "--out" if args.out else "data.raw", ("release.json",), release)
+    summary = build_folder(out, STAGE, "--out" if args.out else "data.raw", ("release.json",), release)
     print(f"mini release -> {out}: {summary['images']}, {sum(summary['bytes'].values()) / 1e6:.1f} MB")
-    return summary
-
-
-def generate(out: Path, key: str, legacy: tuple[str, ...], write) -> dict:
-    """`write` into a fresh sibling folder, then onto `out`: an existing `out` is replaced only if this stage wrote
-    it (its marker, or the summary file of an older version) or it is empty; a folder of the user's (real archives
-    at data.raw, say) is refused before anything is generated, untouched."""
-    check_replaceable(out, STAGE, key, legacy)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        mark(tmp, STAGE)
-        summary = write(tmp)
-        replace_folder(tmp, out, STAGE, key, legacy)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,3 +153,19 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def build_folder(out: Path, owner: str, key: str, legacy: tuple[str, ...], write) -> dict:
+    """`write(tmp)` into a fresh sibling folder, then onto `out`: an existing `out` is replaced only if `owner` (a
+    stage) wrote it (its marker, or the summary file of an older version) or it is empty; a folder of the user's
+    (real archives at data.raw, say) is refused before anything is generated, untouched."""
+    check_replaceable(out, owner, key, legacy)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        mark(tmp, owner)
+        summary = write(tmp)
+        replace_folder(tmp, out, owner, key, legacy)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
