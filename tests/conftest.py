@@ -30,12 +30,6 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 LONGEST_FIRST = ("test_pipeline.py", "test_benchmark.py", "test_tracking.py", "test_train.py", "test_reliability.py")
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than the cores. Most tests wait on processes they start (DVC stages, servers,
-    launchers), each mostly one busy thread; a third worker on 2 cores fills those waits."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

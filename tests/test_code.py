@@ -48,3 +48,17 @@ def test_a_stage_missing_a_module_is_caught(tmp_path):
     broken.write_text(text.replace("      - src/rsb/compat.py\n", "", 1))
     assert code.synced(broken) != broken.read_text()
     assert code.synced(broken) == text
+
+
+def test_imports_inside_functions_count_and_type_only_ones_do_not(tmp_path):
+    """A module a function imports runs when training calls it (config imports rsb.hardware so); one imported only
+    for type annotations (`if TYPE_CHECKING:`) never runs."""
+    pkg = tmp_path / "rsb"
+    (pkg / "data").mkdir(parents=True)
+    for f in ("__init__.py", "data/__init__.py", "late.py", "typed.py", "data/leaf.py", "tracking.py"):
+        (pkg / f).write_text("")
+    (pkg / "job.py").write_text("from typing import TYPE_CHECKING\nfrom rsb.data import leaf\nimport rsb.tracking\n"
+                                "if TYPE_CHECKING:\n    from rsb import typed\n\n"
+                                "def f():\n    from rsb import late\n")
+    code.modules.cache_clear()
+    assert code.modules("rsb.job", tmp_path) == ("rsb", "rsb.data", "rsb.data.leaf", "rsb.job", "rsb.late")
