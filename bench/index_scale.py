@@ -69,7 +69,9 @@ print(seen / (time.perf_counter() - t0))
 
 def prepare(code: Path, raw: Path, out: Path) -> float:
     script = (f"import sys; sys.path[:0] = [{str(code / 'src')!r}, {str(code)!r}]\n"
-              f"from rsb.data.prepare import build\nfrom pathlib import Path\n"
+              "try:\n    from rsb.data.prepare import build\n"
+              "except ImportError:  # a revision before rsb.data.prepare (--old-rev)\n    from stages.prepare import build\n"
+              "from pathlib import Path\n"
               f"build(Path({str(raw)!r}), Path({str(out)!r}), 'mini', False)")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
