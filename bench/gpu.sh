@@ -24,6 +24,7 @@ py=python3 site=/tmp/site whl=.whl devices=1
 if [ "$mode" = rehearse ]; then
   [ -f .whl/.rsb-output ] || { echo "error: .whl: not built; run bash bench/gpu_wheels.sh first" >&2; exit 1; }
   env=$(mktemp -d /tmp/rsb-rehearse-XXXXXX)
+  trap 'rm -rf "$env"' EXIT  # the rehearsal's own environment (links, wheels, builds: ~60 MiB), nothing else
   python3 -m venv "$env/venv" || exit 1
   python3 -m bench.gpu_image farm "$env/image" || exit 1
   echo "$env/image" > "$("$env/venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image.pth"
@@ -34,6 +35,9 @@ if [ "$mode" = rehearse ]; then
     || { echo "error: the rehearsal's wheels are not .whl's" >&2; exit 1; }
   py="$env/venv/bin/python3" site="$env/site" devices=2
   export PATH="$env/venv/bin:/usr/local/bin:/usr/bin:/bin" DS_ACCELERATOR=cpu  # no console script of this machine
+  # DeepSpeed builds its CPU shared-memory op on first use (torch's JIT, ~40 s) into torch's extensions folder: a
+  # build from this environment's sources there would replace this machine's own, and its next run builds it again
+  export TORCH_EXTENSIONS_DIR="$env/torch_extensions"
 fi
 if [ "$mode" != dry ] && ls "$whl"/*.whl >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$whl"/*.whl \
