@@ -23,6 +23,9 @@ def metrics(tmp_path):
     _write(m / "eval/resnet50-a1.json", {"val/top1": 81.382, "real/top1": 85.212, "v2/top1": 68.47})
     _write(m / "eval/resnet50-a3.json", {"val/top1": 70.0, "real/top1": 75.0, "v2/top1": 60.0})
     _write(m / "train/resnet50-a1.json", {"train/time_s": 12.5})
+    _write(m / "benchmark/resnet18.json", {"params_m": 11.69, "gmacs": 1.82, "img_per_s": 90.0, "peak_mem_mb": 900.0,
+                                          "device": "cpu: test"})
+    _write(m / "eval/resnet18-a1.json", {"val/top1": 71.0, "real/top1": 79.0, "v2/top1": 59.0})
     _write(m / "eval/resnet152-a1.json", {"val/top1": 1.0, "real/top1": 1.0, "v2/top1": 1.0})  # not in models
     return m
 
@@ -34,10 +37,11 @@ def test_report_cells_and_deltas(tmp_path, metrics, prepared, monkeypatch):
     monkeypatch.setenv("RSB_TRACKING", "off")
     p = write_params(tmp_path / "params.yaml", prepared, {"models": ["resnet50", "resnet18"], "run": ["a1", "a2", "a3"],
                                                           "scale.img_size": 64})
-    assert main(["--params", str(p)]) == {"rows": 2}
+    assert main(["--params", str(p)]) == {"rows": 3}
     rows = list(csv.DictReader(open(tmp_path / "reports/figure4.csv")))
-    assert [(r["arch"], r["recipe"]) for r in rows] == [("resnet50", "a1"), ("resnet50", "a3")]
-    a1, a3 = rows
+    # `models` order, then `run` order; an architecture added to `models` adds its rows after the others'
+    assert [(r["arch"], r["recipe"]) for r in rows] == [("resnet50", "a1"), ("resnet50", "a3"), ("resnet18", "a1")]
+    a1, a3, _ = rows
     assert float(a1["val_top1_paper"]) == 80.382 and float(a1["val_top1_delta"]) == pytest.approx(1.0)
     assert float(a1["real_top1_delta"]) == pytest.approx(-0.5) and float(a1["v2_top1_delta"]) == pytest.approx(0.0)
     assert float(a1["params_m"]) == 25.557 and a1["train_res"] == "64" and a3["train_res"] == "46"
