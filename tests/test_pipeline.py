@@ -282,7 +282,7 @@ def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     deadline = time.time() + 600
     while time.time() < deadline and re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status").stdout):
-        time.sleep(3)
+        time.sleep(8)  # each `dvc queue status` is ~1.5 s of a core the two trainings need
     sh(repo, "dvc", "queue", "stop")  # no idle worker outlives the test
     status = sh(repo, "dvc", "queue", "status").stdout
     assert re.search(r"seed1\s.*Success", status) and re.search(r"seed2\s.*Success", status), status
