@@ -27,8 +27,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 # The files that take longest, first (pyproject's --no-loadscope-reorder keeps this order): under --dist loadfile each
 # file runs on one worker, and a long file started last would leave the other cores idle at the end. Measured
-# 2026-12-03 on 2 cores (`pytest --durations=0`, seconds of each file's tests): pipeline 910, benchmark 302, tracking
-# 296, train 233, reliability 213, launch 87, inputs 66, finetune 60, studies 59; the rest under 20 each.
+# 2026-12-03 on 2 cores (`pytest --durations=0`, seconds of each file's tests, before two pipeline tests became
+# plan checks): pipeline 910, benchmark 302, tracking 296, train 233, reliability 213, launch 87, inputs 66, finetune
+# 60, studies 59; the rest under 20 each.
 LONGEST_FIRST = ("test_pipeline.py", "test_benchmark.py", "test_tracking.py", "test_train.py", "test_reliability.py",
                  "test_launch.py", "test_inputs.py", "test_finetune.py", "test_studies.py")
 
