@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -28,6 +29,7 @@ from rsb.data import loader as loaders
 from rsb.data.datasets import Split
 from rsb.io import load_weights
 from rsb.models import create_model
+from rsb.net import free_port
 from rsb.training import create_loss, create_optimizer, create_scheduler
 
 from conftest import ROOT, clean_env, write_params
@@ -452,10 +454,15 @@ def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu", r
     """The stage through the real launcher (rsb.launch -> deepspeed for more than one process)."""
     env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR=accelerator,
                     PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}", **env_extra)
-    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "parity_worker", "--arch",
-                          "test_resnet", "--recipe", recipe, "--params", str(path)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "--master-port", str(port),
+                          "parity_worker", "--arch", "test_resnet", "--recipe", recipe, "--params", str(path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # DeepSpeed's CPU shm op makes a 66 MB /dev/shm segment per rank, named by uid, address, port and rank, and never
+    # unlinks it; rsb.distributed.release_shm does once every rank has mapped them (nothing left in RAM after a run)
+    left = [f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}" for r in range(devices)]
+    assert not [n for n in left if (Path("/dev/shm") / n).exists()], "shared memory left behind"
     grads = [torch.load(tmp_path / "grads" / f"grads-rank{r}.pt") for r in range(devices)]
     for other in grads[1:] if same_grads else []:  # every rank hands the optimizer the same averaged gradient
         assert all(torch.equal(a, b) for x, y in zip(grads[0], other) for a, b in zip(x, y))
