@@ -393,12 +393,15 @@ def test_dvc_sends_no_analytics_and_checks_no_updates(tmp_path):
     assert list(tmp.iterdir()) == []
 
 
-def test_mlflow_telemetry_is_off_wherever_the_project_starts_mlflow():
+def test_mlflow_telemetry_and_job_runner_are_off_wherever_the_project_starts_mlflow():
+    """As MLflow reads them, in a process that imported rsb.tracking (and so in the `mlflow ui` it starts)."""
     code = ("import os, rsb.tracking; from mlflow.telemetry.utils import is_telemetry_disabled; "
-            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], is_telemetry_disabled())")
-    env = {k: v for k, v in clean_env().items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+            "from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION as jobs; "
+            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], is_telemetry_disabled(), jobs.get())")
+    env = {k: v for k, v in clean_env().items()
+           if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["true", "True"], out.stderr[-2000:]
+    assert out.stdout.split() == ["true", "True", "False"], out.stderr[-2000:]
 
 
 # --- every reader checks what it reads --------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def mlflow_server(tmp_path):
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
              str(store / "artifacts")], stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "a"),
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runner (8 processes)
             start_new_session=True))  # the server runs uvicorn in a child: stop them together
         deadline = time.time() + 120
         while time.time() < deadline:
