@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,31 @@ def merge(base: dict, over: dict) -> dict:
     return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
 
 
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str]:
+    """One step in its own process group, stdout and stderr together. On a timeout, or when this script is stopped
+    (bench/gpu.sh's `timeout` sends SIGTERM), the whole group is killed: a launcher's ranks must not outlive it
+    holding cores or a GPU. Returns (exit status, 124 on a timeout; the output)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    def kill(*_):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, lambda *_: (kill(), sys.exit(143)))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        kill()
+        return 124, proc.communicate()[0]
+    finally:
+        kill()  # whatever of the group outlived its leader
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -53,13 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"devices": args.devices, "steps": []}
     for cmd in steps:
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", *cmd, "--params",
-                              str(work / "params.yaml")], cwd=work, env=env, capture_output=True, text=True,
-                             timeout=600)
-        result["steps"].append({"cmd": " ".join(cmd), "rc": out.returncode, "s": round(time.perf_counter() - t0, 1)})
-        print(f"{' '.join(cmd)}: rc {out.returncode}, {result['steps'][-1]['s']} s", flush=True)
-        if out.returncode:
-            print(out.stdout[-3000:] + out.stderr[-5000:], file=sys.stderr)
+        rc, log = run([sys.executable, "-m", *cmd, "--params", str(work / "params.yaml")], work, env, 600)
+        result["steps"].append({"cmd": " ".join(cmd), "rc": rc, "s": round(time.perf_counter() - t0, 1)})
+        print(f"{' '.join(cmd)}: rc {rc}{' (timed out)' if rc == 124 else ''}, {result['steps'][-1]['s']} s",
+              flush=True)
+        if rc:
+            print(log[-8000:], file=sys.stderr)
             break
     else:
         result["eval"] = json.loads((work / "metrics/eval/test_resnet-a1.json").read_text())
