@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from rsb import distributed, hardware, profiling
 from rsb.config import load_params, override, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
+from bench import scratch
 
 # dense bf16 peak FLOP/s from the vendor's data sheets (SXM parts; the PCIe/NVL H100 is lower: the MFU then reads low)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; use --dry-run on a CPU machine")
     a.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="rsb-gpu-"))
+    work = scratch("rsb-gpu-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     device = hardware.device_for(0)
     dtype = hardware.AUTOCAST[cfg["precision"]]

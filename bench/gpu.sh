@@ -23,7 +23,7 @@ mkdir -p "$out"
 py=python3 site=/tmp/site whl=.whl devices=1
 if [ "$mode" = rehearse ]; then
   [ -f .whl/.rsb-output ] || { echo "error: .whl: not built; run bash bench/gpu_wheels.sh first" >&2; exit 1; }
-  env=$(mktemp -d /tmp/rsb-rehearse-XXXXXX)
+  env=$(mktemp -d "${TMPDIR:-/tmp}/rsb-rehearse-XXXXXX")
   trap 'rm -rf "$env"' EXIT  # the rehearsal's own environment (links, wheels, builds: ~60 MiB), nothing else
   python3 -m venv "$env/venv" || exit 1
   python3 -m bench.gpu_image farm "$env/image" || exit 1

@@ -16,11 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from bench import scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"models": ["test_resnet"], "run": ["a1"], "scale": {"epochs": 0.005, "min_epochs": 2, "img_size": 32,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--devices", type=int, default=1)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="rsb-gpu-stage-"))
+    work = scratch("rsb-gpu-stage-")
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     params["data"].update({"raw": str(work / "raw"), "prepared": str(work / "prepared")})
     params["train"]["devices"] = args.devices

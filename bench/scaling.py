@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from bench.train_vs_bare import ROOT, ours
 from rsb import distributed
+from bench import scratch
 
 
 def prepared(work: Path, per_class: int) -> Path:
@@ -50,7 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="a1")
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rsb-scaling-"))
+    work = scratch("rsb-scaling-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     distributed.init()
     distributed.set_threads(0)

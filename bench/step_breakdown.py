@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from bench.train_vs_bare import ROOT, bare_parts, prepared_mini
 from rsb import distributed
 from rsb.config import load_params, resolve
 from rsb.data import loader as loaders
+from bench import scratch
 
 
 def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=12)
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rsb-bench-"))
+    work = scratch("rsb-bench-")
     prepared = prepared_mini(work, ROOT / "params.yaml")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["prepared"] = str(prepared)

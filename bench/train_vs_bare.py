@@ -29,6 +29,7 @@ from rsb.data import loader as loaders
 from rsb.data.datasets import Split
 from rsb.models import create_model
 from rsb.training import create_loss, create_optimizer, create_scheduler
+from bench import scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rsb-bench-"))
+    work = scratch("rsb-bench-")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["prepared"] = str(prepared_mini(work, ROOT / "params.yaml"))
     raw["scale"].update(min_epochs=a.epochs, epochs=1e-9)  # exactly --epochs epochs of the default scale

@@ -48,10 +48,13 @@ def test_gpu_rehearsal_on_a_clean_clone(tmp_path):
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    tmp = tmp_path / "tmp"  # everything's temp folder: the rehearsal's environment, the benchmarks' scratch
+    tmp.mkdir()
+    env = {k: v for k, v in clean_env(TMPDIR=str(tmp)).items() if k != "PYTHONPATH"}
     out = subprocess.run(["bash", "-c", "bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse out"], cwd=clone,
                          env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert sorted(p.name for p in tmp.iterdir()) == [], "left in the temp folder"
     wheels = sorted(p.name.split("-")[0] for p in (clone / ".whl").glob("*.whl"))
     assert wheels == ["annotated_types", "deepspeed", "hjson", "pydantic", "pydantic_core", "timm",
                       "typing_inspection"]
