@@ -25,6 +25,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dvc_site_cache(tmp_path_factory):
+    """DVC keeps a per-repository index in its site cache (/var/tmp/dvc/repo/<hash>, ~350 kB each): every test
+    repository would leave one there. Under pytest's temp folder, which pytest prunes, and only if the user has not
+    chosen a place."""
+    os.environ.setdefault("DVC_SITE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dvc-site-cache"))
+
+
 # The files that take longest, first (pyproject's --no-loadscope-reorder keeps this order): under --dist loadfile each
 # file runs on one worker, and a long file started last would leave the other cores idle at the end. Measured
 # 2026-12-03 on 2 cores (`pytest --durations=0`, seconds of each file's tests, before two pipeline tests became
