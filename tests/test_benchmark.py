@@ -41,20 +41,26 @@ def test_gpu_rehearsal_on_a_clean_clone(tmp_path):
     PYTHONPATH only, no console script): the gpu tests import and skip, the pipeline's commands run through the real
     launcher on 2 processes (DeepSpeed's runner as a module), and bench/gpu.py measures (its `--dry-run`: tiny sizes,
     the prefetcher on, no compiled run)."""
-    import json
+    import shutil
     import subprocess
+    import tempfile
+    from pathlib import Path
 
     from conftest import ROOT, clean_env
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    tmp = tmp_path / "tmp"  # everything's temp folder: the rehearsal's environment, the benchmarks' scratch
-    tmp.mkdir()
-    env = {k: v for k, v in clean_env(TMPDIR=str(tmp)).items() if k != "PYTHONPATH"}
-    out = subprocess.run(["bash", "-c", "bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse out"], cwd=clone,
-                         env=env, capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert sorted(p.name for p in tmp.iterdir()) == [], "left in the temp folder"
+    # everything's temp folder (the rehearsal's environment, the benchmarks' scratch), short: DataLoader workers
+    # hand batches over Unix sockets under it, whose paths may not pass 107 characters
+    tmp = Path(tempfile.mkdtemp(prefix="rsb-t-"))
+    try:
+        env = {k: v for k, v in clean_env(TMPDIR=str(tmp)).items() if k != "PYTHONPATH"}
+        out = subprocess.run(["bash", "-c", "bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse out"],
+                             cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        assert sorted(p.name for p in tmp.iterdir()) == [], "left in the temp folder"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     wheels = sorted(p.name.split("-")[0] for p in (clone / ".whl").glob("*.whl"))
     assert wheels == ["annotated_types", "deepspeed", "hjson", "pydantic", "pydantic_core", "timm",
                       "typing_inspection"]

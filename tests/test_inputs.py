@@ -240,6 +240,24 @@ def test_a_training_whose_image_vanished_is_one_line(extracted, tmp_path):
     one_line(out, f"{raw / 'train'}: image ", "cannot be decoded", "rank 0 of 1")
 
 
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_a_temp_folder_too_long_for_worker_sockets_is_one_line_not_a_hang(tmp_path, prepared, stage):
+    """Loader workers pass batches over a Unix socket under TMPDIR; past 107 bytes it cannot be bound, and without
+    the check the worker's feeder thread died and the stage waited for its first batch forever."""
+    tmp = tmp_path / ("t" * 90)
+    tmp.mkdir()
+    p = write_params(tmp_path / "params.yaml", prepared, {"train.workers": 1, "evaluate.workers": 1})
+    if stage == "evaluate":
+        import timm
+
+        (tmp_path / "models").mkdir()
+        save_weights(tmp_path / "models" / "test_resnet-a1.safetensors",
+                     timm.create_model("test_resnet", num_classes=20).state_dict())
+    out = cli(tmp_path, f"stages.{stage}", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p),
+              timeout=120, TMPDIR=str(tmp))
+    one_line(out, f"TMPDIR = {tmp}: loader workers hand batches over a Unix socket", "set TMPDIR to a shorter")
+
+
 def test_rsb_debug_shows_the_traceback(tmp_path):
     out = cli(tmp_path, "rsb.launch", "--devices", "0", "stages.train", RSB_DEBUG="1")
     assert out.returncode == 1 and "Traceback" in out.stderr and "ConfigError: --devices 0" in out.stderr

@@ -210,6 +210,29 @@ def _epoch_dir(d: Path) -> Path:
     return run_dir / checkpoint.latest_tag(run_dir)
 
 
+class _Stuck(torch.utils.data.Dataset):
+    """A worker that never delivers (as one whose feeder thread died: /dev/shm full, a socket it cannot bind)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        time.sleep(3600)
+
+
+@pytest.mark.timeout(120)  # without the loader's timeout this waits forever: pytest-timeout fails it instead
+def test_a_loader_that_delivers_nothing_fails_in_one_line(monkeypatch):
+    """Every loader of the project (rsb.data.loader.worker_loader, training's and evaluation's) gives up after
+    STALL_S; rsb.errors turns torch's timeout into the one line that says what to check."""
+    from rsb import errors
+    from rsb.data import loader as loaders
+
+    monkeypatch.setattr(loaders, "STALL_S", 2)
+    with pytest.raises(SystemExit) as e:
+        errors.run(lambda: next(iter(loaders.eval_loader(_Stuck(), 2, workers=1))), "rank 0 of 1")
+    assert str(e.value.code).startswith("error: train.workers: the loader workers delivered no batch in 2 s"), e.value
+
+
 @pytest.mark.slow
 def test_checkpoint_files_are_plain_zip_tensors(straight):
     """What verify() accepts is what DeepSpeed writes here: torch zip files that weights_only can read."""

@@ -27,12 +27,22 @@ class InputError(RsbError, ValueError):
 EXPECTED = (RsbError, OSError)
 _WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 _LAST = re.compile(r"^[\w.]+: (.*)$")
+# torch's DataLoader(timeout=...) gave up on a batch (rsb.data.loader.STALL_S)
+_STALLED = re.compile(r"^DataLoader timed out after (\d+) seconds")
+
+
+def expected(e: BaseException) -> bool:
+    return isinstance(e, EXPECTED) or (isinstance(e, RuntimeError) and bool(_STALLED.match(str(e))))
 
 
 def message(e: BaseException) -> str:
     """The one line to print for an expected failure."""
     text = str(e)
-    if _WRAPPED.match(text):  # torch re-raises a worker's exception with the worker's traceback as its message
+    if stalled := _STALLED.match(text):
+        text = (f"train.workers: the loader workers delivered no batch in {stalled.group(1)} s (a worker that cannot "
+                "hand its batch over, e.g. /dev/shm or memory full, never delivers it); check `df -h /dev/shm` and "
+                "free memory, or set train.workers: 0 (evaluate.workers for evaluation)")
+    elif _WRAPPED.match(text):  # torch re-raises a worker's exception with the worker's traceback as its message
         last = text.rstrip().splitlines()[-1]
         m = _LAST.match(last)
         text = m.group(1) if m else last
@@ -47,13 +57,13 @@ def run(main: Callable[[], object], where: str = "") -> None:
     so the launcher's output says which rank failed and why."""
     try:
         main()
-    except EXPECTED as e:
-        if os.environ.get("RSB_DEBUG") == "1":
-            raise
-        sys.exit(f"error: {message(e)}{f' [{where}]' if where else ''}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted")
     except Exception as e:
+        if expected(e):
+            if os.environ.get("RSB_DEBUG") == "1":
+                raise
+            sys.exit(f"error: {message(e)}{f' [{where}]' if where else ''}")
         if where:
             print(f"error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from rsb import compat
 from rsb.config import Resolved
+from rsb.errors import RsbError
 
 
 compat.posterize_with_zero_bits()  # before any transform is built (see rsb.compat)
@@ -187,6 +188,35 @@ class SeededCalls:
         return x
 
 
+# A batch a worker cannot hand over (its feeder thread died: /dev/shm or memory exhausted, a socket it cannot bind) is
+# never delivered, and a DataLoader without a timeout waits for it forever (a run holding its GPUs, or a CI job, until
+# killed). A batch takes seconds; past this the stage fails in one line (rsb.errors) and resumes from its checkpoint.
+STALL_S = 600
+
+
+class WorkerSocketError(RsbError):
+    """DataLoader workers could not hand batches to this process."""
+
+
+def check_worker_sockets(workers: int) -> None:
+    """Workers hand each batch's storage to the main process over a Unix socket under the temp folder (torch's
+    file_descriptor sharing, through multiprocessing's resource sharer). A socket path past 107 bytes cannot be
+    bound: the worker's feeder thread dies and the main process waits for the batch forever (seen with a long
+    TMPDIR). The same kind of socket is bound here first, so that case is one line instead of a hang."""
+    if workers == 0 or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return
+    import tempfile
+    from multiprocessing.connection import Listener
+
+    try:
+        Listener(family="AF_UNIX").close()
+    except OSError as e:
+        raise WorkerSocketError(
+            f"TMPDIR = {tempfile.gettempdir()}: loader workers hand batches over a Unix socket under it, and "
+            f"one cannot be made there ({e.strerror or e}); set TMPDIR to a shorter folder (e.g. /tmp), or "
+            "train.workers: 0") from None
+
+
 def train_loader(dataset: Dataset, r: Resolved, rank: int, epoch: int, device: torch.device,
                  mean_std: dict | None = None):
     """A fresh loader per epoch over this rank's micro-batches; augmentation does not depend on the worker count.
@@ -195,9 +225,9 @@ def train_loader(dataset: Dataset, r: Resolved, rank: int, epoch: int, device: t
     sampler = MicroBatchSampler(dataset, r.micro_batch, r.grad_accum, r.world_size, rank, r.recipe.aug_repeats,
                                 seed=r.train.seed)
     sampler.set_epoch(epoch)
-    loader = DataLoader(Seeded(dataset), batch_sampler=sampler, num_workers=r.train.workers,
-                        collate_fn=SeededCollate(collate(r, dataset.num_classes)),
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = worker_loader(Seeded(dataset), r.train.workers, batch_sampler=sampler,
+                           collate_fn=SeededCollate(collate(r, dataset.num_classes)),
+                           pin_memory=device.type == "cuda", persistent_workers=False)
     if not r.train.prefetcher:
         return loader
     prefetch = PrefetchLoader(loader, **mean_std, channels=3, device=device, img_dtype=torch.float32,
@@ -208,4 +238,11 @@ def train_loader(dataset: Dataset, r: Resolved, rank: int, epoch: int, device: t
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    return worker_loader(dataset, workers, batch_size=batch_size, shuffle=False, pin_memory=pin_memory)
+
+
+def worker_loader(dataset: Dataset, workers: int, **kwargs) -> DataLoader:
+    """Every DataLoader of the project: its workers' sockets checked first, and a batch they never deliver an error
+    after STALL_S instead of a wait without end."""
+    check_worker_sockets(workers)
+    return DataLoader(dataset, num_workers=workers, timeout=STALL_S if workers else 0, **kwargs)
