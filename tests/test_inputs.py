@@ -240,7 +240,7 @@ def test_a_training_whose_image_vanished_is_one_line(extracted, tmp_path):
     one_line(out, f"{raw / 'train'}: image ", "cannot be decoded", "rank 0 of 1")
 
 
-@pytest.mark.parametrize("stage", ["train", "evaluate"])
+@pytest.mark.parametrize("stage", ["train", pytest.param("evaluate", marks=pytest.mark.slow)])  # 9 s each
 def test_a_temp_folder_too_long_for_worker_sockets_is_one_line_not_a_hang(tmp_path, prepared, stage):
     """Loader workers pass batches over a Unix socket under TMPDIR; past 107 bytes it cannot be bound, and without
     the check the worker's feeder thread died and the stage waited for its first batch forever."""
