@@ -245,7 +245,8 @@ def test_fine_tunes_report_and_are_children_of_the_transfer_study_in_a_real_stor
     save_pth(tmp_path / "elsewhere" / "w.pth")
     p = tparams(tmp_path, prepared, downstream, {"transfer.starts": ["scratch", "w"],
                                                  "transfer.datasets": ["patterns", "outlines"],
-                                                 "transfer.weights": {"w": str(tmp_path / "elsewhere" / "w.pth")}})
+                                                 "transfer.weights": {"w": str(tmp_path / "elsewhere" / "w.pth")},
+                                                 "evaluate.batch_size": 20})  # 48 val images: batches 20, 20, 8
     monkeypatch.chdir(tmp_path)
     for name in ("scratch", "w"):
         starts(["--name", name, "--params", str(p)])
@@ -253,6 +254,20 @@ def test_fine_tunes_report_and_are_children_of_the_transfer_study_in_a_real_stor
             finetune_in_process(tmp_path, p, monkeypatch, name, dataset)
     metrics = report(["transfer", "--params", str(p), "--out", str(tmp_path / "reports")])
     assert set(metrics) >= {"transfer/scratch-patterns_top1", "transfer/w-outlines_top1", "transfer/w_mean_top1"}
+    # the fine-tune's evaluation (its validation after the last epoch) is timm's validate.py on its weights, and it is
+    # the number the report shows
+    raw = yaml.safe_load(p.read_text())
+    args = ref.args_for(raw, "ft", ARCH, 12, 8, 2, 1, pretrained_path="(sizes only)")
+    for name in ("scratch", "w"):
+        for dataset in ("patterns", "outlines"):
+            run = tmp_path / "studies/transfer"
+            ours = json.loads((run / "metrics/train" / f"{ARCH}-{name}-to-{dataset}.json").read_text())
+            theirs = ref.validate_py(ref.validate_py_args(args, downstream / dataset / "val", run / "models" /
+                                                          f"{ARCH}-{name}-to-{dataset}.safetensors",
+                                                          raw["evaluate"]["batch_size"]))
+            assert (round(ours["val/top1"], 4), round(ours["val/top5"], 4), ours["val/count"]) == \
+                (theirs["top1"], theirs["top5"], theirs["count"]), (name, dataset)
+            assert metrics[f"transfer/{name}-{dataset}_top1"] == ours["val/top1"]
     md = (tmp_path / "reports/transfer.md").read_text()
     assert "NOT comparable to the paper's ImageNet numbers" in md and "| w | " in md and "| scratch | " in md
     assert "(76.13)" not in md  # no 'pytorch' start here: no published number is shown for it

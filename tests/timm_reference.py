@@ -611,3 +611,98 @@ def validate(model, dataset, args: Namespace, autocast, world: int, rank: int) -
     if world > 1:
         dist.all_reduce(counts)
     return float(100 * counts[0] / counts[1])
+
+
+# --- validate.py: the independent side of the evaluation's fidelity tests ---------------------------------------------
+
+# validate.py's argparse defaults, for the options `validate(args)` reads (pytorch-image-models validate.py, timm 1.x).
+VALIDATE_PY_DEFAULTS = dict(
+    data_dir=None, dataset="", split="validation", num_samples=None, class_map="", input_img_mode=None,
+    input_key=None, target_key=None, model="resnet50", pretrained=False, workers=4, batch_size=256, img_size=None,
+    in_chans=None, input_size=None, use_train_size=False, crop_pct=None, crop_mode=None, crop_border_pixels=None,
+    mean=None, std=None, interpolation="", num_classes=None, gp=None, checkpoint="", test_pool=False,
+    no_prefetcher=False, pin_mem=False, channels_last=False, device="cuda", amp=False, amp_dtype="float16",
+    model_dtype=None, use_ema=False, model_kwargs={}, real_labels="", valid_labels="", seed=42, torchscript=False,
+)
+
+
+def validate_py_args(train_args: Namespace, data_dir: Path, checkpoint: Path, batch_size: int,
+                     real_labels: Path | None = None, prefetcher: bool = False, device: str = "cpu") -> Namespace:
+    """validate.py's command line for the weights of the run `train_args` describes, at the paper's eval:
+    `--data-dir D --model M --num-classes K --checkpoint W --img-size <test size> --crop-pct <recipe's>
+    --interpolation bicubic -b B -j 0 [--channels-last] [--amp --amp-dtype bfloat16] [--real-labels real.json]
+    [--no-prefetcher] [--model-kwargs img_size=<train size>] --device D`. The mean and std are the model's own
+    (validate.py resolves them from its pretrained config)."""
+    return Namespace(**{**copy.deepcopy(VALIDATE_PY_DEFAULTS), **dict(
+        data_dir=str(data_dir), model=train_args.model, num_classes=train_args.num_classes,
+        checkpoint=str(checkpoint), img_size=train_args.test_img_size, crop_pct=train_args.crop_pct,
+        interpolation="bicubic", batch_size=batch_size, workers=0, channels_last=train_args.channels_last,
+        amp=train_args.amp, amp_dtype=train_args.amp_dtype, real_labels=str(real_labels) if real_labels else "",
+        no_prefetcher=not prefetcher, model_kwargs=dict(train_args.model_kwargs), device=device)})
+
+
+@torch.inference_mode()
+def validate_py(args: Namespace) -> dict:
+    """validate.py's `validate(args)`, step by step, on timm's own pieces: its model (create_model through
+    resolve_model_input_args, load_checkpoint), its data config (resolve_input_data_config with the test size), its
+    dataset (create_dataset: timm's folder reader, classes in natural-key order: V2's folder `k` is class k), its
+    loader (create_loader, with or without the prefetcher), `accuracy` averaged per batch by AverageMeter, and
+    RealLabelsImagenet reading real.json itself. What validate.py prints, two runs in one pass: `top1`/`top5`
+    without --real-labels, `real_top1`/`real_top5` with it (ReaL replaces the top-k values at the end), each rounded
+    to 4 places as validate.py's results; plus the counts behind them (images, ReaL-scored images, and the correct
+    ones) for an exact comparison. (validate.py's warm-up forward pass on random data changes no number: skipped.)"""
+    from timm.data import RealLabelsImagenet, create_dataset, resolve_input_data_config
+    from timm.models import load_checkpoint, resolve_model_input_args
+    from timm.utils import AverageMeter, accuracy
+
+    device = torch.device(args.device)
+    amp_autocast = partial(torch.autocast, device_type=device.type,
+                           dtype=torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16) if args.amp \
+        else suppress
+    random_seed(args.seed)
+    model = timm.create_model(**resolve_model_input_args(args.model, vars(args), pretrained=args.pretrained,
+                                                         num_classes=args.num_classes, global_pool=args.gp,
+                                                         scriptable=args.torchscript, **args.model_kwargs))
+    load_checkpoint(model, args.checkpoint, args.use_ema)
+    data_config = resolve_input_data_config(model, vars(args), use_test_size=not args.use_train_size)
+    model = model.to(device=device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dataset = create_dataset(root=args.data_dir, name=args.dataset, split=args.split, class_map=args.class_map,
+                             num_samples=args.num_samples, input_key=args.input_key, target_key=args.target_key,
+                             input_img_mode="RGB", seed=args.seed)
+    real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels) \
+        if args.real_labels else None
+    loader = create_loader(dataset, input_size=data_config["input_size"], batch_size=args.batch_size,
+                           use_prefetcher=not args.no_prefetcher, interpolation=data_config["interpolation"],
+                           mean=data_config["mean"], std=data_config["std"], num_workers=args.workers,
+                           crop_pct=data_config["crop_pct"], crop_mode=data_config["crop_mode"],
+                           crop_border_pixels=args.crop_border_pixels, pin_memory=args.pin_mem, device=device,
+                           img_dtype=torch.float32)
+    top1, top5 = AverageMeter(), AverageMeter()
+    correct = torch.zeros(2, dtype=torch.int64)
+    model.eval()
+    for input, target in loader:
+        if args.no_prefetcher:
+            target = target.to(device=device)
+            input = input.to(device=device)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+        if real_labels is not None:
+            real_labels.add_result(output)
+        acc1, acc5 = accuracy(output.detach(), target, topk=(1, 5))
+        top1.update(acc1.item(), output.shape[0])
+        top5.update(acc5.item(), output.shape[0])
+        correct += torch.tensor([round(a.item() * output.shape[0] / 100) for a in (acc1, acc5)])
+    out = {"top1": round(top1.avg, 4), "top5": round(top5.avg, 4), "count": len(dataset),
+           "top1_correct": int(correct[0]), "top5_correct": int(correct[1]),
+           "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
+           "interpolation": data_config["interpolation"], "mean": list(data_config["mean"]),
+           "std": list(data_config["std"])}
+    if real_labels is not None:
+        out.update(real_top1=round(real_labels.get_accuracy(k=1), 4), real_top5=round(real_labels.get_accuracy(k=5), 4),
+                   real_count=len(real_labels.is_correct[1]), real_top1_correct=int(sum(real_labels.is_correct[1])),
+                   real_top5_correct=int(sum(real_labels.is_correct[5])))
+    return out

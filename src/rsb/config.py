@@ -172,7 +172,7 @@ class Train:
 
 @dataclass(frozen=True)
 class Evaluate:
-    batch_size: int = D.param(100, domain=D.number(1, integer=True), source="eval batch (no effect on the scores)")
+    batch_size: int = D.param(100, domain=D.number(1, integer=True), source="eval batch, also between epochs (no effect on the scores)")
     workers: int = D.param(1, domain=D.number(0, integer=True), source="DataLoader workers")
 
 

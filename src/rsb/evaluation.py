@@ -25,7 +25,8 @@ def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: 
                    workers: int, precision: str) -> dict:
     device = hardware.device_for(0)
     model = model.to(device).to(memory_format=torch.channels_last)
-    dtype = hardware.AUTOCAST[hardware.checked_precision(precision, device)]
+    precision = hardware.checked_precision(precision, device)  # `auto` resolved: the JSON says what ran
+    dtype = hardware.AUTOCAST[precision]
     tf = loaders.eval_transform(size, crop_pct, model)
     out = {}
     for split in ("val", "v2"):
@@ -41,7 +42,7 @@ def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: 
     out["transform"] = {"resize_shorter": int(size / crop_pct), "crop": size, "crop_pct": crop_pct,
                         "interpolation": "bicubic", "mean": list(tf.transforms[-1].mean.tolist()),
                         "std": list(tf.transforms[-1].std.tolist())}
-    out["precision"] = precision
+    out["precision"], out["device"] = precision, hardware.device_name(device)
     return out
 
 
@@ -64,7 +65,9 @@ def evaluate_run(params: Params, arch: str, recipe: str, study: str | None = Non
 
     run_id = read_json(out.run_file).get("run_id") if out.run_file.is_file() else None
     t = tracking.start(True, params.experiment, name, run_id, {"rsb.evaluated": "true",
-                                                           "rsb.eval_stage": f"evaluate@{name}"})
+                                                           "rsb.eval_stage": f"evaluate@{name}",
+                                                           "rsb.eval_device": metrics["device"],
+                                                           "rsb.eval_precision": metrics["precision"]})
     t.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r.epochs)
     t.log_artifact(out.eval_metrics, "eval")
     t.log_datasets(tracking.datasets(prepared, params.data.raw, ("val", "real", "v2")), "evaluation")

@@ -59,7 +59,7 @@ def train_job(params: Params, r: Resolved, out: Outputs, stage: str, tags: dict,
     tracker.log_datasets(datasets, "training")
 
     run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags,
-              folder=folder, start=start)
+              folder=folder, start=start, eval_batch=params.evaluate.batch_size)
     t0 = time.perf_counter()
     try:
         model, extra = train(run)

@@ -64,6 +64,7 @@ class Run:
     updates: list[dict] = field(default_factory=list)
     folder: Path | None = None       # fine-tuning: a downstream ImageFolder dataset instead of `prepared`
     start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer checked them)
+    eval_batch: int = 100            # the validation between epochs: evaluate.batch_size, as the evaluate stage
 
     def split(self, name: str, transform) -> torch.utils.data.Dataset:
         return Split(self.prepared, name, transform) if self.folder is None else Folder(self.folder, name, transform)
@@ -95,7 +96,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
                        channels_last=r.train.channels_last, on_log=lambda rows: _log_updates(run, rows))
     start = _resume(run, step)
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
-    val_loader = loaders.eval_loader(val_shard, 100, r.train.workers)
+    val_loader = loaders.eval_loader(val_shard, run.eval_batch, r.train.workers)
     for epoch in range(start, r.epochs):
         began = time.perf_counter()
         slots = engine.Slots(ds_engine.module, [loaders.stream_seed(r.train.seed, epoch, v) for v in
