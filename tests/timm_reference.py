@@ -1,5 +1,5 @@
-"""timm's train.py, assembled from timm's own helpers and run on real processes: the independent side of every
-fidelity test.
+"""timm's train.py, assembled from timm's own helpers and run on real processes, and timm's validate.py (at the
+end of this file): the independent side of every fidelity test.
 
 Nothing here comes from rsb or stages (no import of either, anywhere in this file):
 - the recipe values are the paper's table (tests/reference/rsb_recipes.csv, see its README), DeiT's main.py defaults
