@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 
 from rsb import errors
-from rsb.config import load_params
-from rsb.io import build_folder
 from rsb.data.downstream import write_downstream
 from rsb.data.mini import write_release
+from rsb.data.spec import Data
+from rsb.io import build_folder
+from rsb.paramfile import load_section
 
 STAGE = "mini"
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, help="folder for the archives (default: params data.raw)")
     p.add_argument("--downstream", type=Path, help="write the downstream datasets (ImageFolder layout) here instead")
     args = p.parse_args(argv)
-    data = load_params(args.params).data
+    data = load_section(args.params, "data", Data)
     if args.downstream:
         summary = build_folder(args.downstream, STAGE, "--downstream", ("downstream.json",),
                            lambda tmp: write_downstream(tmp, data.mini.seed, data.mini.image_size))

@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 from rsb import errors
-from rsb.config import check_timm, load_params
+from rsb.data.spec import Data
 from rsb.data.prepare import build
+from rsb.paramfile import load_section
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,9 +26,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--raw", type=Path, help="folder of archives (override data.raw)")
     p.add_argument("--out", type=Path, help="prepared folder (override data.prepared)")
     args = p.parse_args(argv)
-    params = load_params(args.params)
-    check_timm(params, args.params)  # a recipe typo fails now, not after hours of preparing ImageNet
-    data = params.data
+    # params.yaml's `data` section only: prepare imports nothing of the training's configuration, so that an edit
+    # there never reruns hours of indexing ImageNet (its DVC deps are what it imports: rsb.code)
+    data = load_section(args.params, "data", Data)
     source, raw, out = args.source or data.source, args.raw or Path(data.raw), args.out or Path(data.prepared)
     info = build(raw, out, source, data.verify_md5 and source == "imagenet", "--out" if args.out else "data.prepared")
     print(f"prepared {out}: {info['classes']} classes, {info['images']}")

@@ -1,5 +1,5 @@
-"""rsb.code: the one list of what training depends on, derived from the imports; the DVC deps of every training stage
-and the resume digest both follow it (the digest's side: test_checkpoint.py)."""
+"""rsb.code: the one list of what a stage depends on, derived from the imports; the DVC deps of every stage and the
+training's resume digest both follow it (the digest's side: test_checkpoint.py)."""
 from __future__ import annotations
 
 import json
@@ -27,25 +27,41 @@ def test_the_derived_list_is_what_python_imports():
 
 
 @pytest.mark.parametrize("dvc_file", code.DVC_FILES)
-def test_every_training_stage_lists_the_code_it_runs(dvc_file):
-    """dvc.yaml and studies/dvc.yaml are what `python -m rsb.code --write` writes: a training stage that misses a
-    module its command imports (or lists one it no longer does) fails here, naming the fix."""
+def test_every_stage_lists_the_code_it_runs(dvc_file):
+    """dvc.yaml and studies/dvc.yaml are what `python -m rsb.code --write` writes: a stage that misses a module its
+    command imports (or lists one it no longer does) fails here, naming the fix. Every stage that runs project code
+    is derived; the training stages list their job's whole closure and the launcher."""
     path = ROOT / dvc_file
     assert code.synced(path) == path.read_text(), f"{dvc_file}: run `python -m rsb.code --write`"
-    stages = [s.get("do", s) for s in yaml.safe_load(path.read_text())["stages"].values()]
-    training = [s for s in stages if "stages.train " in s["cmd"] or "stages.finetune " in s["cmd"]]
+    stages = {n: s.get("do", s) for n, s in yaml.safe_load(path.read_text())["stages"].items()}
+    assert set(code._stages(path)) == {n for n, s in stages.items() if "python -m " in s["cmd"]}, "every stage"
+    training = [s for s in stages.values() if "stages.train " in s["cmd"] or "stages.finetune " in s["cmd"]]
     assert training, dvc_file
     for s in training:
         job = code.JOBS["finetune" if "stages.finetune " in s["cmd"] else "train"]
         assert set(code.repo_paths(job)) | {"src/rsb/launch.py"} <= set(s["deps"])
 
 
-def test_a_stage_missing_a_module_is_caught(tmp_path):
-    """The check above can fail: dvc.yaml with compat.py dropped from the train stage is rewritten with it."""
+def test_evaluate_follows_config_and_prepare_imports_none_of_it():
+    """evaluate resolves the test size and precision through rsb.config: config.py is one of its deps. prepare
+    (hours over ImageNet) reads its params section through rsb.paramfile and imports no training code."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "src/rsb/config.py" in stages["evaluate"]["deps"]
+    prepare = stages["prepare"]["deps"]
+    assert "src/rsb/paramfile.py" in prepare
+    assert not {"src/rsb/config.py", "src/rsb/hardware.py", "src/rsb/engine.py"} & set(prepare), prepare
+
+
+@pytest.mark.parametrize("stage, module", [("train", "src/rsb/compat.py"), ("evaluate", "src/rsb/config.py"),
+                                           ("prepare", "src/rsb/paramfile.py")])
+def test_a_stage_missing_a_module_is_caught(tmp_path, stage, module):
+    """The check above can fail: dvc.yaml with a module dropped from a stage is rewritten with it."""
     text = (ROOT / "dvc.yaml").read_text()
-    assert "      - src/rsb/compat.py\n" in text
+    at = text.index(f"\n  {stage}:\n")
+    line = f"      - {module}\n"
+    cut = text.index(line, at)
     broken = tmp_path / "dvc.yaml"
-    broken.write_text(text.replace("      - src/rsb/compat.py\n", "", 1))
+    broken.write_text(text[:cut] + text[cut + len(line):])
     assert code.synced(broken) != broken.read_text()
     assert code.synced(broken) == text
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsb.engine import real_correct, topk_correct
+from rsb.engine import topk_correct
+from rsb.evaluation import real_correct
 
 
 def test_real_scoring_on_crafted_cases():

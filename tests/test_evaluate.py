@@ -20,7 +20,7 @@ from rsb.data import loader as loaders
 from rsb.data.datasets import Split
 from rsb.errors import InputError
 from rsb.io import save_weights
-from rsb.evaluation import evaluate_model
+from rsb.evaluation import evaluate_model, real_labels
 
 from conftest import write_params
 
@@ -61,7 +61,7 @@ def test_v2_folder_index_maps_through_evaluation(prepared, monkeypatch):
     out = evaluate_model(FolderOracle(), prepared, 8, 0.95, 16, 0, "fp32")
     assert out["v2/top1"] == 100.0 and out["val/top1"] == 100.0
     assert out["v2/count"] == len(Split(prepared, "v2")) and out["val/count"] == len(Split(prepared, "val"))
-    real = Split(prepared, "val").real_labels()
+    real = real_labels(Split(prepared, "val"))
     assert out["real/count"] == sum(1 for r in real if r) < out["val/count"]
     assert out["real/top1"] < 100.0, "ReaL relabels some val images, so val labels are not all ReaL-correct"
 

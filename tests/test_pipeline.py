@@ -126,15 +126,33 @@ def test_changing_a3_lr_changes_only_a3(repo):
 
 
 def test_an_edit_to_code_training_imports_reruns_training_and_a_tracking_edit_does_not(repo):
-    """compat.py (timm's posterize patched at import) is training code: DVC sees the edit in every train stage. The
+    """compat.py (timm's posterize patched at import) is training code: DVC sees the edit in every train stage (and in
+    the stages that import it too: evaluate, benchmark and report, through the transforms and params checks). The
     MLflow logging is records only (rsb.code): editing it reruns nothing."""
     compat = repo / "src/rsb/compat.py"
     compat.write_text(compat.read_text() + "\n# an edit\n")
-    assert changed_stages(repo) == {"train@test_resnet-a1", "train@test_resnet-a3"}
+    assert changed_stages(repo) == {"train@test_resnet-a1", "train@test_resnet-a3", "evaluate@test_resnet-a1",
+                                    "evaluate@test_resnet-a3", "benchmark@test_resnet", "report"}
     sh(repo, "git", "checkout", "--", "src/rsb/compat.py")
     runs = repo / "src/rsb/tracking/runs.py"
     runs.write_text(runs.read_text() + "\n# an edit\n")
     assert changed_stages(repo) == set()
+    sh(repo, "git", "checkout", "--", "src/rsb/tracking/runs.py")
+
+
+def test_an_edit_to_real_scoring_reruns_evaluations_only_and_config_reruns_them_too(repo):
+    """ReaL's scorer and label reader are the evaluation's (rsb.evaluation), outside training's imports: an edit
+    there makes DVC rerun the evaluate stages and no training. rsb.config decides the evaluation's test size and
+    precision: an edit there reruns the evaluate stages as well (dvc.yaml's deps are derived from the imports)."""
+    evaluation = repo / "src/rsb/evaluation.py"
+    evaluation.write_text(evaluation.read_text().replace('out["top5"] += any(p in labels for p in pred[:5])',
+                                                         'out["top5"] += any(p in labels for p in pred[:5])  # edit'))
+    assert changed_stages(repo) == {"evaluate@test_resnet-a1", "evaluate@test_resnet-a3"}
+    sh(repo, "git", "checkout", "--", "src/rsb/evaluation.py")
+    config = repo / "src/rsb/config.py"
+    config.write_text(config.read_text() + "\n# an edit\n")
+    assert {"evaluate@test_resnet-a1", "evaluate@test_resnet-a3"} <= changed_stages(repo)
+    assert "prepare" not in changed_stages(repo), "prepare imports none of the training's configuration"
 
 
 def test_adding_an_architecture_adds_only_its_stages(repo):

@@ -128,10 +128,12 @@ def test_v2_labels_are_folder_indices(prepared):
 
 
 def test_real_lists_map_to_val_files(prepared, release):
+    from rsb.evaluation import real_labels
+
     raw, summary = release
     real = json.loads((raw / ARCHIVES["real"]).read_text())
     ds = Split(prepared, "val")
-    lists = ds.real_labels()
+    lists = real_labels(ds)
     for (path, label), got in zip(ds.samples, lists):
         assert got == real[int(path.stem.split("_")[-1]) - 1]
     # most ReaL lists contain the original label; the rest are relabelled, multi-object or unscored images

@@ -1,14 +1,13 @@
-"""What "the training code" is, derived from the imports rather than typed: the modules of `rsb` that a training job
-imports, followed through every `import` and `from ... import` (module level or inside a function; not under
+"""What "the code a stage runs" is, derived from the imports rather than typed: the modules of `rsb` that a stage's
+command imports, followed through every `import` and `from ... import` (module level or inside a function; not under
 `if TYPE_CHECKING:`), with the packages' __init__ files Python runs on the way.
 
-One list, two users: the resume digest (rsb.checkpoint) hashes a job's files, so a checkpoint written by other
-code is never resumed; dvc.yaml and studies/dvc.yaml list, for every training stage (those running stages.train or
-stages.finetune), the code its command runs (the stage module, the launcher, every rsb module they import), so
-`dvc repro` reruns a training whose code changed. `python -m rsb.code --write` writes those lists into both
-dvc.yaml files; tests/test_code.py fails when a file differs from what it would write, and when the digest ignores
-a module. The other stages list the modules that make their outputs by hand (prepare does not rerun over ImageNet
-because a params declaration in rsb.config changed).
+One list, two users: the resume digest (rsb.checkpoint) hashes a training job's files, so a checkpoint written by
+other code is never resumed; dvc.yaml and studies/dvc.yaml list, for every stage, the code its command runs (the
+stage module, the launcher, every rsb module they import), so `dvc repro` reruns a stage whose code changed and no
+other. `python -m rsb.code --write` writes those lists into both dvc.yaml files; tests/test_code.py fails when a file
+differs from what it would write, and when the digest ignores a module. A stage that must not rerun for an unrelated
+edit imports less (prepare reads its params section through rsb.paramfile, not rsb.config).
 
 Left out by rule, and only it: `rsb.tracking`, which records numbers and changes none (its failures are caught and
 turn tracking off; the resume digest must not make an MLflow fix restart a week of training).
@@ -109,10 +108,11 @@ def command_code(cmd: str) -> list[str]:
 
 
 def _stages(dvc_file: Path) -> dict[str, str]:
-    """training stage name -> cmd, for a dvc.yaml (foreach/matrix stages by their template)."""
+    """stage name -> cmd for every stage of a dvc.yaml whose command runs project code (foreach/matrix stages by
+    their template)."""
     doc = yaml.safe_load(Path(dvc_file).read_text())
     cmds = {name: (s.get("do", s))["cmd"] for name, s in doc["stages"].items()}
-    return {name: cmd for name, cmd in cmds.items() if any(tok in TRAINING_STAGES for tok in cmd.split())}
+    return {name: cmd for name, cmd in cmds.items() if any(MODULE.match(tok) for tok in cmd.split())}
 
 
 def synced(dvc_file: Path) -> str:
@@ -121,7 +121,7 @@ def synced(dvc_file: Path) -> str:
     cmds, out, stage, done = _stages(dvc_file), [], None, False
     for line in Path(dvc_file).read_text().splitlines():
         head = re.match(r"^  ([\w-]+):\s*$", line)
-        if head:  # a stage's first line: a training stage's code deps are rewritten, any other's kept
+        if head:  # a stage's first line: its code deps are rewritten (a stage running no project code: kept)
             stage, done = (head.group(1) if head.group(1) in cmds else None), False
         code = CODE_DEP.match(line)
         if code and stage:

@@ -23,12 +23,8 @@ from pathlib import Path
 import yaml
 
 from rsb import domains as D
-from rsb.data.spec import MiniSpec
-from rsb.errors import RsbError
-
-
-class ConfigError(RsbError, ValueError):
-    """A params.yaml problem, phrased as the key, what it holds, and what to do."""
+from rsb.data.spec import Data
+from rsb.paramfile import ConfigError, check_domains, convert, read_yaml
 
 
 def _optimizer(v: str) -> bool:
@@ -129,16 +125,6 @@ class Scale:
                            source="timm train.py --lr-base-scale (sqrt, linear), or none: the recipe's lr")
     lr_factor: float = D.param(1.0, domain=D.number(0, lo_open=True),
                                source="a further lr factor for runs of very few updates; 1 = the paper")
-
-
-@dataclass(frozen=True)
-class Data:
-    source: str = D.param("mini", domain=D.one_of("mini", "imagenet", "folder"),
-                          source="the generated release, ImageNet's official archives, or an extracted ImageNet folder")
-    raw: str = D.param("data/mini", domain=D.text(), source="folder with the official archives and real.json")
-    prepared: str = D.param("data/prepared", domain=D.text(), source="prepare's output folder")
-    verify_md5: bool = D.param(False, domain=D.flag(), source="check real archives against the published md5 sums")
-    mini: MiniSpec = field(default_factory=MiniSpec)
 
 
 @dataclass(frozen=True)
@@ -300,23 +286,6 @@ class Params:
         return self.recipes[name]
 
 
-def check_domains(obj, where: str = "", timm: bool = False) -> None:
-    """Every declared key of `obj` (recursively) in its domain; with `timm`, only the domains timm decides."""
-    for name, f in D.fields(obj):
-        d, value, key = f.metadata["domain"], getattr(obj, name), f"{where}{name}"
-        if d.timm == timm and not d.ok(value, obj):
-            shown = list(value) if isinstance(value, tuple) else value
-            raise ConfigError(f"{key} = {shown!r}: must be {d.text} ({f.metadata['source']})")
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            check_domains(value, f"{where}{f.name}.", timm)
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if dataclasses.is_dataclass(v):
-                    check_domains(v, f"{where}{f.name}.{k}.", timm)
-
-
 def check_option(section: type, name: str, value, flag: str) -> None:
     """A command-line value through the domain of the params.yaml key it stands for: one line naming the flag."""
     f = {f.name: f for f in dataclasses.fields(section)}[name]
@@ -346,59 +315,10 @@ def check_timm(params: Params, source: str = "params.yaml") -> None:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _key(where: str, k) -> str:
-    return f"{where}.{k}" if where else str(k)
-
-
-def _convert(tp, value, where: str):
-    """Convert a YAML value to the annotated type, naming the dotted key on a mismatch."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # `float | None`: YAML null is None; `int | str`: either
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(inner) < len(typing.get_args(tp)):
-            return None
-        for a in inner:
-            try:
-                return _convert(a, value, where)
-            except ConfigError:
-                if len(inner) == 1:
-                    raise
-        if isinstance(value, (bool, int, float, str)):
-            return value  # of none of the types: the key's domain says what it takes ("auto or true or false")
-        raise ConfigError(f"{where} = {value!r}: must be {' or '.join(a.__name__ for a in inner)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} = {value!r}: must be a mapping")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ConfigError(f"unknown key {_key(where, unknown[0])} (known: {', '.join(sorted(names))})")
-        missing = [f.name for f in dataclasses.fields(tp) if f.name not in value
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ConfigError(f"missing key {_key(where, missing[0])}")
-        return tp(**{k: _convert(hints[k], v, _key(where, k)) for k, v in value.items()})
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} = {value!r}: must be a mapping")
-        _, vt = typing.get_args(tp)
-        return {str(k): _convert(vt, v, _key(where, k)) for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r}: must be a list")
-        return tuple(_convert(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ConfigError(f"{where} = {value!r}: must be {'a' if tp is not int else 'an'} {tp.__name__}")
-
-
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     """Types, then every key's domain, then what spans keys: the first problem is one ConfigError line."""
     try:
-        params = _convert(Params, raw, "")
+        params = convert(Params, raw, "")
         check_domains(params)
         params.check()
     except ConfigError as e:
@@ -418,14 +338,7 @@ def override(raw: dict, values: dict) -> dict:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; run from the project root or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(raw or {}, str(path))
+    return parse_params(read_yaml(path), str(path))
 
 
 @dataclass(frozen=True)

@@ -171,19 +171,10 @@ def predict(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
 
 
 def topk_correct(top: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
+    """Images whose label is the first prediction (top1) or among the first five (top5): the one top-k rule, for the
+    validation between epochs and for the evaluate stage's val and V2 (ReaL's rule: rsb.evaluation)."""
     hit = top == labels[:, None]
     return {"top1": int(hit[:, :1].any(1).sum()), "top5": int(hit[:, :5].any(1).sum()), "count": len(labels)}
-
-
-def real_correct(top: torch.Tensor, real: list[list[int]]) -> dict[str, int]:
-    """ReaL: images with an empty list are not scored; top-k is correct if any of its k predictions is listed."""
-    out = {"top1": 0, "top5": 0, "count": 0}
-    for pred, labels in zip(top.tolist(), real):
-        if labels:
-            out["count"] += 1
-            out["top1"] += pred[0] in labels
-            out["top5"] += any(p in labels for p in pred[:5])
-    return out
 
 
 def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,

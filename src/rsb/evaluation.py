@@ -1,8 +1,9 @@
 """Evaluation with the paper's eval transform: top-1/top-5 on ImageNet-val, ReaL and ImageNetV2 (evaluate@<name>).
 
 Transform: shorter side to int(test_img_size / crop_pct), bicubic, centre crop test_img_size, the model's own
-mean/std (timm's pretrained_cfg). ReaL: images with an empty label list are not scored; a top-k prediction is correct
-if any of its k classes is in the list.
+mean/std (timm's pretrained_cfg). Val and V2 are scored by `rsb.engine.topk_correct`, the rule the validation between
+epochs uses; ReaL by `real_correct` here, with its labels read by `real_labels`: ReaL is the evaluation's alone, so an
+edit to it reruns the evaluate stages and no training (rsb.code derives each stage's deps from its imports).
 """
 from __future__ import annotations
 
@@ -15,10 +16,29 @@ from rsb import hardware, tracking
 from rsb.config import Params, resolve
 from rsb.data import loader as loaders
 from rsb.data.datasets import Split
-from rsb.engine import predict, real_correct, topk_correct
+from rsb.engine import predict, topk_correct
 from rsb.io import read_json, refuse_overlap, write_json
 from rsb.models import load_model
 from rsb.outputs import Outputs
+
+
+def real_labels(val: Split) -> list[list[int]]:
+    """ReaL's label list for each val image, in the dataset's order (real.json is by val file number:
+    entry i is ILSVRC2012_val_{i+1:08d}.JPEG)."""
+    real = read_json(val.root / "real.json")
+    return [real[int(p.stem.rsplit("_", 1)[1]) - 1] for p, _ in val.samples]
+
+
+def real_correct(top: torch.Tensor, real: list[list[int]]) -> dict[str, int]:
+    """The ReaL rule (Beyer et al. 2020, as timm's RealLabelsImagenet): an image with an empty label list is not
+    scored; a top-k prediction is correct if any of its k classes is in the image's list."""
+    out = {"top1": 0, "top5": 0, "count": 0}
+    for pred, labels in zip(top.tolist(), real):
+        if labels:
+            out["count"] += 1
+            out["top1"] += pred[0] in labels
+            out["top5"] += any(p in labels for p in pred[:5])
+    return out
 
 
 def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: float, batch_size: int,
@@ -35,7 +55,7 @@ def evaluate_model(model: torch.nn.Module, prepared: Path, size: int, crop_pct: 
                               dtype, channels_last=True, k=min(5, ds.num_classes))
         scores = {split: topk_correct(top, labels)}
         if split == "val":
-            scores["real"] = real_correct(top, ds.real_labels())
+            scores["real"] = real_correct(top, real_labels(ds))
         for name, c in scores.items():
             out.update({f"{name}/top1": 100 * c["top1"] / c["count"], f"{name}/top5": 100 * c["top5"] / c["count"],
                         f"{name}/count": c["count"]})

@@ -1,4 +1,4 @@
-"""Datasets over data/prepared's index: train / val / v2 yield (RGB image, ILSVRC2012 class index); val has ReaL.
+"""Datasets over data/prepared's index: train / val / v2 yield (RGB image, ILSVRC2012 class index).
 
 Images are read in place (the index: rsb.data.index): each index entry is (source file, byte offset, size, class index) into the official
 archives (or, for `data.source: folder`, one file per image), read with `os.pread` on a file each process opens once.
@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 
 from rsb.data import index
 from rsb.data.index import SPLITS, PreparedError, Reader, load_classes, source_path
-from rsb.io import read_json
 
 class Split(Dataset):
     """One split of the index, in a fixed order (sorted by name). `samples` are (name, label) with names as in the
@@ -71,10 +70,3 @@ class Split(Dataset):
             raise PreparedError(f"{where}: image {self.samples_names()[i]} cannot be decoded ({type(e).__name__}: "
                                 f"{str(e)[:120]}); restore an intact copy and run `dvc repro prepare`") from None
         return (self.transform(img) if self.transform else img), int(self.labels[i])
-
-    def real_labels(self) -> list[list[int]]:
-        """ReaL's label list for each val sample, in this dataset's order (real.json is by val file number)."""
-        if self.split != "val":
-            raise ValueError("ReaL labels exist for the val split only")
-        real = read_json(self.root / "real.json")
-        return [real[int(p.stem.rsplit("_", 1)[1]) - 1] for p, _ in self.samples]

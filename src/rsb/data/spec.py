@@ -1,8 +1,10 @@
-"""params.yaml `data.mini`: the generated release's size, and the ImageNet classes the generator knows. Apart from
-the generator (rsb.data.mini), so that the params' declarations (rsb.config) do not import it."""
+"""params.yaml `data`: where the archives are and which source they are, and `data.mini`, the generated release's
+size with the ImageNet classes the generator knows. Apart from the generator (rsb.data.mini), so that the params'
+declarations (rsb.config) do not import it, and apart from rsb.config, so that prepare and mini read their section
+(rsb.paramfile.load_section) without importing the training's configuration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rsb import domains as D
 
@@ -34,7 +36,7 @@ WNIDS = [
 
 @dataclass(frozen=True)
 class MiniSpec:
-    """params.yaml `data.mini`: the generated release's size (domains checked by rsb.config when params load)."""
+    """params.yaml `data.mini`: the generated release's size (domains checked when params load)."""
     seed: int = D.param(0, domain=D.number(0, 2**31 - 1, integer=True), source="the generator's seed")
     classes: int = D.param(20, domain=D.number(2, len(WNIDS), integer=True),
                            source=f"the first N ImageNet wnids the generator knows ({len(WNIDS)})")
@@ -43,3 +45,13 @@ class MiniSpec:
     v2_per_class: int = D.param(10, domain=D.number(1, integer=True), source="V2 images per class")
     image_size: int = D.param(96, domain=D.number(32, integer=True),
                               source="longer side; the shorter is drawn from [0.8, 1.0] of it, like photos")
+
+
+@dataclass(frozen=True)
+class Data:
+    source: str = D.param("mini", domain=D.one_of("mini", "imagenet", "folder"),
+                          source="the generated release, ImageNet's official archives, or an extracted ImageNet folder")
+    raw: str = D.param("data/mini", domain=D.text(), source="folder with the official archives and real.json")
+    prepared: str = D.param("data/prepared", domain=D.text(), source="prepare's output folder")
+    verify_md5: bool = D.param(False, domain=D.flag(), source="check real archives against the published md5 sums")
+    mini: MiniSpec = field(default_factory=MiniSpec)
