@@ -30,7 +30,7 @@ import yaml
 from bench.train_vs_bare import ROOT, bare_epochs, ours, prepared_mini
 from rsb import distributed, hardware, profiling
 from rsb.config import load_params, override, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 from bench import scratch
 

@@ -49,7 +49,7 @@ import sys, time, dataclasses, inspect
 sys.path[:0] = [{str(code / 'src')!r}, {str(code)!r}]
 import torch, timm
 from rsb.config import load_params, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 r = resolve(load_params({str(code / 'params.yaml')!r}), 'resnet18', 'a3', world_size=1)
 r = dataclasses.replace(r, micro_batch=64, grad_accum=1, batch_size=64,

@@ -23,7 +23,7 @@ import yaml
 from bench.train_vs_bare import ROOT, bare_parts, prepared_mini
 from rsb import distributed
 from rsb.config import load_params, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from bench import scratch
 
 

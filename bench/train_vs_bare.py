@@ -25,7 +25,7 @@ import yaml
 
 from rsb import distributed, hardware
 from rsb.config import load_params, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 from rsb.models import create_model
 from rsb.training import create_loss, create_optimizer, create_scheduler

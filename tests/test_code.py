@@ -22,7 +22,7 @@ def test_the_derived_list_is_what_python_imports():
                              env=clean_env(PYTHONPATH=str(ROOT / "src")), cwd=ROOT)
         loaded = {m for m in json.loads(out.stdout) if not m.startswith("rsb.tracking")}
         assert loaded <= set(code.modules(job)), loaded - set(code.modules(job))
-        assert {"rsb.compat", "rsb.training", "rsb.engine", "rsb.data.loader", "rsb.hardware"} <= set(code.modules(job))
+        assert {"rsb.compat", "rsb.training", "rsb.engine", "rsb.loader", "rsb.hardware"} <= set(code.modules(job))
         assert not [m for m in code.modules(job) if m.startswith("rsb.tracking")], "records only: left out by rule"
 
 

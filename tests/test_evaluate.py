@@ -16,7 +16,7 @@ import yaml
 from torchvision import transforms as T
 
 import timm_reference as ref
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 from rsb.errors import InputError
 from rsb.io import save_weights

@@ -283,6 +283,7 @@ def test_fine_tunes_report_and_are_children_of_the_transfer_study_in_a_real_stor
         assert c.data.tags["rsb.kind"] == "finetune" and c.data.tags["rsb.study"] == "transfer"
         assert c.data.tags["rsb.stage"] == f"studies/dvc.yaml:finetune@{c.data.tags['rsb.start']}-{c.data.tags['rsb.dataset']}"
         assert "val/top1" in c.data.metrics and c.info.status == "FINISHED"
+        assert c.data.tags["rsb.scale"].startswith("epochs x0.01, "), "the fine-tune's own factor (transfer.epochs)"
         (inp,) = c.inputs.dataset_inputs
         assert inp.dataset.name == f"{c.data.tags['rsb.dataset']} train"
     assert not client.search_model_versions(f"name = 'rsb-{ARCH}'"), "fine-tunes are not registered as models"

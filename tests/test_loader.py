@@ -1,4 +1,4 @@
-"""rsb.data.loader on timm's prefetcher path: batch for batch what train.py's `create_loader(use_prefetcher=True)`
+"""rsb.loader on timm's prefetcher path: batch for batch what train.py's `create_loader(use_prefetcher=True)`
 yields (uint8 transform, FastCollateMixup as collate_fn, normalization and random erasing by timm's PrefetchLoader),
 per virtual rank, through timm's samplers, over an epoch boundary; the reference is tests/timm_reference.py."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torchvision.datasets import ImageFolder
 import timm_reference as ref
 from conftest import write_params
 from rsb.config import load_params, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 from rsb.models import create_model
 

@@ -222,10 +222,10 @@ class _Stuck(torch.utils.data.Dataset):
 
 @pytest.mark.timeout(120)  # without the loader's timeout this waits forever: pytest-timeout fails it instead
 def test_a_loader_that_delivers_nothing_fails_in_one_line(monkeypatch):
-    """Every loader of the project (rsb.data.loader.worker_loader, training's and evaluation's) gives up after
+    """Every loader of the project (rsb.loader.worker_loader, training's and evaluation's) gives up after
     STALL_S; rsb.errors turns torch's timeout into the one line that says what to check."""
     from rsb import errors
-    from rsb.data import loader as loaders
+    from rsb import loader as loaders
 
     monkeypatch.setattr(loaders, "STALL_S", 2)
     with pytest.raises(SystemExit) as e:

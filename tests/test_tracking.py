@@ -229,7 +229,7 @@ def _predictions_equal_evaluates(model, cwd: Path, prepared: Path) -> None:
     import torch
 
     from rsb.config import load_params, resolve
-    from rsb.data import loader as loaders
+    from rsb import loader as loaders
     from rsb.data.datasets import Split
     from rsb.engine import predict
     from rsb.models import load_model

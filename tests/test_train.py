@@ -25,7 +25,7 @@ from torchvision.datasets import ImageFolder
 
 import timm_reference as ref
 from rsb.config import ConfigError, load_params, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 from rsb.io import load_weights
 from rsb.models import create_model
@@ -627,7 +627,7 @@ def test_zero_is_refused_with_lamb_and_allowed_with_adamw(tmp_path, prepared):
 
 def test_randaugment_magnitude_10_posterizes_to_black_instead_of_stopping_the_run():
     """DeiT's rand-m9-mstd0.5 draws magnitude 10 (clipped) in ~2% of its ops, where timm's PosterizeIncreasing keeps
-    0 bits: Pillow 13 raises on that, the Pillow timm and DeiT were written against gave a black image. rsb.data.loader
+    0 bits: Pillow 13 raises on that, the Pillow timm and DeiT were written against gave a black image. rsb.loader
     restores the black image (tests/timm_reference.py imports it too, so both sides see the same op)."""
     from PIL import Image
     from timm.data.auto_augment import AugmentOp

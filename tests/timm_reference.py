@@ -12,7 +12,7 @@ Nothing here comes from rsb or stages (no import of either, anywhere in this fil
   (`--no-ddp-bb`: each process keeps its BatchNorm statistics during the epoch), timm's own `distribute_bn` reduces
   them after each epoch, train.py's `validate` follows, `--grad-accum-steps` as train.py accumulates;
 - the seed contract (docs/seeds.md: which seed drives what, per sample, per process, per epoch) is implemented here
-  from its specification, independently of rsb.data.loader.
+  from its specification, independently of rsb.loader.
 
 It mirrors train.py at huggingface/pytorch-image-models commit 2aabaef (timm 1.x; this project pins timm==1.0.31) on
 both data paths: `--no-prefetcher` (Mixup on the float batch) and, where the params say `train.prefetcher`, its

@@ -71,7 +71,7 @@ def modules(root: str, src: Path = SRC) -> tuple[str, ...]:
     while todo:
         m = todo.pop()
         parts = m.split(".")
-        for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # rsb, rsb.data, rsb.data.loader
+        for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # rsb, rsb.data, rsb.loader
             if name in seen or _excluded(name) or _file(name, src) is None:
                 continue
             seen.add(name)

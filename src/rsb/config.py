@@ -353,10 +353,14 @@ class Resolved:
     test_img_size: int
     batch_size: int
     lr: float
-    micro_batch: int
     grad_accum: int
     world_size: int
     train: Train
+    scale: Scale               # how the recipe was shrunk (params.yaml's, or the transfer study's)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -428,8 +432,7 @@ def resolve(params: Params, arch: str, recipe_name: str, world_size: int | None 
     return Resolved(arch=arch, recipe_name=recipe_name, recipe=r, epochs=epochs,
                     warmup_epochs=r.warmup_epochs * epochs / r.epochs, img_size=scaled_size(r.img_size, s),
                     test_img_size=scaled_size(r.test_img_size, s), batch_size=s.batch_size, lr=lr,
-                    micro_batch=t.micro_batch, grad_accum=s.batch_size // (t.micro_batch * world), world_size=world,
-                    train=t)
+                    grad_accum=s.batch_size // (t.micro_batch * world), world_size=world, train=t, scale=s)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

@@ -50,7 +50,7 @@ class Slots:
     one process accumulating k micro-batches ends an epoch where k processes end it."""
 
     def __init__(self, model: torch.nn.Module, seeds: list[int], device: torch.device):
-        from rsb.data.loader import seed_all
+        from rsb.loader import seed_all
 
         self.device = device
         # the buffers timm's distribute_bn reduces, then the counters it leaves alone (BatchNorm's

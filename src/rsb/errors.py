@@ -27,7 +27,7 @@ class InputError(RsbError, ValueError):
 EXPECTED = (RsbError, OSError)
 _WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 _LAST = re.compile(r"^[\w.]+: (.*)$")
-# torch's DataLoader(timeout=...) gave up on a batch (rsb.data.loader.STALL_S)
+# torch's DataLoader(timeout=...) gave up on a batch (rsb.loader.STALL_S)
 _STALLED = re.compile(r"^DataLoader timed out after (\d+) seconds")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from rsb import hardware, tracking
 from rsb.config import Params, resolve
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split
 from rsb.engine import predict, topk_correct
 from rsb.io import read_json, refuse_overlap, write_json

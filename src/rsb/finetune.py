@@ -9,7 +9,7 @@ from rsb.config import ConfigError, Params, resolve
 from rsb.data import folder
 from rsb.io import read_json, refuse_overlap
 from rsb.outputs import STARTS, TRANSFER, Outputs
-from rsb.trainer import train_job, world_size
+from rsb.trainer import Job, train_job, world_size
 
 
 def finetune(params: Params, start_name: str, dataset: str) -> dict:
@@ -34,7 +34,9 @@ def finetune(params: Params, start_name: str, dataset: str) -> dict:
     tags = {"rsb.kind": "finetune", "rsb.arch": tr.arch, "rsb.recipe": tr.recipe, "rsb.study": TRANSFER,
             "rsb.seed": str(r.train.seed), "rsb.start": start_name, "rsb.start_source": meta["source"],
             "rsb.start_sha256": meta["sha256"], "rsb.dataset": dataset, "rsb.data_digest": data_digest[:16]}
-    datasets = [{"name": f"{dataset} train", "source": str(data), "digest": data_digest[:16],
-                 "profile": {"images": info["images"]["train"], "classes": len(info["classes"])}}]
-    return train_job(params, r, out, out.stage, tags, Path(params.data.prepared), datasets, folder=data, start=start,
-                     identity=f"|start {meta['sha256']}|data {data_digest}", job=__name__)
+    datasets = ({"name": f"{dataset} train", "source": str(data), "digest": data_digest[:16],
+                 "profile": {"images": info["images"]["train"], "classes": len(info["classes"])}},)
+    job = Job(stage=out.stage, out=out, tags=tags, datasets=datasets, prepared=Path(params.data.prepared),
+              experiment=params.experiment, eval_batch=params.evaluate.batch_size, folder=data, start=start,
+              identity=f"|start {meta['sha256']}|data {data_digest}", module=__name__)
+    return train_job(job, r)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,22 @@ def world_size(params: Params) -> int:
     return int(os.environ.get("WORLD_SIZE", params.train.devices * params.train.nodes))
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training, described once: which stage it is, what it is called and tagged, and where its images are."""
+    stage: str                       # the DVC stage (train@<name>, a study's, or a fine-tune's)
+    out: Outputs                     # the files it writes
+    tags: dict                       # what kind of run (rsb.kind, arch, recipe, seed, ...): MLflow tags
+    datasets: tuple[dict, ...]       # MLflow dataset inputs
+    prepared: Path                   # data/prepared: the images (grid, studies) and the provenance tags (all)
+    experiment: str                  # the MLflow experiment
+    eval_batch: int                  # the validation between epochs' batch (evaluate.batch_size)
+    folder: Path | None = None       # fine-tuning: a downstream ImageFolder set instead of the prepared index
+    start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer checked them)
+    identity: str = ""               # what else the resume digest covers (a fine-tune's start and dataset)
+    module: str = __name__           # the module that runs it, whose code (rsb.code) a checkpoint must match
+
+
 def train_recipe(params: Params, arch: str, recipe: str, study: str | None = None, seed: int | None = None) -> dict:
     """train@<arch>-<recipe> (or a study's run of it, `study`/`seed`): the recipe resolved for this world, checked
     against the prepared data, then `train_job`."""
@@ -35,31 +52,33 @@ def train_recipe(params: Params, arch: str, recipe: str, study: str | None = Non
     load_classes(prepared)  # fails clearly before any process group work if prepare has not run
     tags = {"rsb.kind": "train", "rsb.arch": arch, "rsb.recipe": recipe, "rsb.study": out.study,
             "rsb.seed": str(r.train.seed)}
-    return train_job(params, r, out, f"train@{out.name}", tags, prepared,
-                     tracking.datasets(prepared, params.data.raw, ("train",)))
+    job = Job(stage=f"train@{out.name}", out=out, tags=tags, prepared=prepared, experiment=params.experiment,
+              datasets=tuple(tracking.datasets(prepared, params.data.raw, ("train",))),
+              eval_batch=params.evaluate.batch_size)
+    return train_job(job, r)
 
 
-def train_job(params: Params, r: Resolved, out: Outputs, stage: str, tags: dict, prepared: Path, datasets: list[dict],
-              folder: Path | None = None, start: Path | None = None, identity: str = "", job: str = __name__) -> dict:
+def train_job(job: Job, r: Resolved) -> dict:
     """One training on this process's rank, from the process group to the declared outputs: a grid or study
-    training (images from `prepared`), or a fine-tune (`folder`, `start`; `identity` names both for resuming). `job`:
-    the module that runs it, whose code (rsb.code) a checkpoint must match to be resumed."""
-    rank, local_rank, world = distributed.init()
+    training (images from `job.prepared`), or a fine-tune (`job.folder`, `job.start`)."""
+    rank, local_rank, _ = distributed.init()
     threads = distributed.set_threads(r.train.threads)
     device = hardware.device_for(local_rank)
     hardware.checked_precision(r.train.precision, device)  # fp16 on a CPU fails before any work
-    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), out.name, checkpoint.resume_digest(r.digest() + identity, job))
-    tags = {**tracking.provenance(stage, r.digest(), prepared), **tags,
-            "rsb.scale": f"epochs x{params.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
+    out = job.out
+    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), out.name,
+                                  checkpoint.resume_digest(r.digest() + job.identity, job.module))
+    tags = {**tracking.provenance(job.stage, r.digest(), job.prepared), **job.tags,
+            "rsb.scale": f"epochs x{r.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
             "rsb.device": hardware.device_name(device)}
-    tracker = tracking.start(rank == 0, params.experiment, out.name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"),
+    tracker = tracking.start(rank == 0, job.experiment, out.name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"),
                              tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
     tracker.log_params(flatten(resolved))
-    tracker.log_datasets(datasets, "training")
+    tracker.log_datasets(list(job.datasets), "training")
 
-    run = Run(r=r, prepared=prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags,
-              folder=folder, start=start, eval_batch=params.evaluate.batch_size)
+    run = Run(r=r, prepared=job.prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags,
+              folder=job.folder, start=job.start, eval_batch=job.eval_batch)
     t0 = time.perf_counter()
     try:
         model, extra = train(run)

@@ -15,7 +15,7 @@ from timm.utils import distribute_bn
 from rsb import checkpoint, distributed, engine, hardware
 from rsb.models import create_model
 from rsb.config import Resolved
-from rsb.data import loader as loaders
+from rsb import loader as loaders
 from rsb.data.datasets import Split, load_classes
 from rsb.data.folder import Folder, check as folder_check
 
