@@ -1,4 +1,5 @@
 """Benchmarks: each script's docstring says what it measures; BENCHMARKS.md records the numbers."""
+
 from __future__ import annotations
 
 import atexit

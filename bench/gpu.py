@@ -14,6 +14,7 @@
 3. the benchmark stage's batch-128 throughput and peak memory (`rsb.profiling.throughput`) against a plain
    `torch.inference_mode` loop on the same model and input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,21 +28,33 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench import scratch
 from bench.train_vs_bare import ROOT, bare_epochs, ours, prepared_mini
 from rsb import distributed, hardware, profiling
-from rsb.config import load_params, override, resolve
 from rsb import loader as loaders
+from rsb.config import load_params, override, resolve
 from rsb.data.datasets import Split
-from bench import scratch
 
 # dense bf16 peak FLOP/s from the vendor's data sheets (SXM parts; the PCIe/NVL H100 is lower: the MFU then reads low)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-FULL = {"arch": "resnet50", "img": 224, "precision": "bf16", "candidates": [512, 384, 256, 192, 128],
-        "mini": {"classes": 20, "train_per_class": 150, "val_per_class": 5, "v2_per_class": 2, "image_size": 500},
-        "bench_batch": 128, "repeats": 10}
-DRY = {"arch": "test_resnet", "img": 32, "precision": "fp32", "candidates": [16, 8],
-       "mini": {"classes": 4, "train_per_class": 16, "val_per_class": 2, "v2_per_class": 1, "image_size": 64},
-       "bench_batch": 8, "repeats": 2}
+FULL = {
+    "arch": "resnet50",
+    "img": 224,
+    "precision": "bf16",
+    "candidates": [512, 384, 256, 192, 128],
+    "mini": {"classes": 20, "train_per_class": 150, "val_per_class": 5, "v2_per_class": 2, "image_size": 500},
+    "bench_batch": 128,
+    "repeats": 10,
+}
+DRY = {
+    "arch": "test_resnet",
+    "img": 32,
+    "precision": "fp32",
+    "candidates": [16, 8],
+    "mini": {"classes": 4, "train_per_class": 16, "val_per_class": 2, "v2_per_class": 1, "image_size": 64},
+    "bench_batch": 8,
+    "repeats": 2,
+}
 
 
 def largest_micro_batch(arch: str, img: int, candidates: list[int], device: torch.device, dtype) -> int:
@@ -63,6 +76,7 @@ def largest_micro_batch(arch: str, img: int, candidates: list[int], device: torc
 
 def timm_model(arch: str) -> torch.nn.Module:
     import timm
+
     return timm.create_model(arch, num_classes=1000)
 
 
@@ -118,18 +132,25 @@ def markdown(r: dict) -> str:
 
     def num(v, fmt="{:.0f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else (v or "not measured")
-    rows = [("train stage img/s", num(t["ours_img_s"])), ("bare timm loop img/s", num(t["bare_img_s"])),
-            ("stage / bare", num(t["ratio"], "{:.3f}")), ("MFU (bf16 peak)", num(t["mfu"], "{:.1%}")),
-            ("train stage, compiled, img/s", num(t["compiled_img_s"])),
-            ("MFU compiled", num(t["compiled_mfu"], "{:.1%}")),
-            ("loader img/s per worker (A1, ~500x375 JPEG)", num(ld["img_s_per_worker"])),
-            ("workers one GPU needs", num(ld["workers_needed"], "{:.1f}")),
-            (f"benchmark stage img/s (batch {b['batch']})", num(b["stage_img_s"])),
-            ("plain inference_mode img/s", num(b["plain_img_s"])),
-            (f"peak memory MB ({b['peak_mem_kind']})", num(b["peak_mem_mb"]))]
-    head = (f"{r['device']}, {r['date']}, torch {r['torch']}: {r['arch']} {r['img']} px {r['precision']}, "
-            f"micro-batch {r['micro_batch']}, prefetcher {r['prefetcher']}, {r['loader_workers']} workers"
-            + (" (DRY RUN: sizes that check the script, not measurements)" if r["dry_run"] else ""))
+
+    rows = [
+        ("train stage img/s", num(t["ours_img_s"])),
+        ("bare timm loop img/s", num(t["bare_img_s"])),
+        ("stage / bare", num(t["ratio"], "{:.3f}")),
+        ("MFU (bf16 peak)", num(t["mfu"], "{:.1%}")),
+        ("train stage, compiled, img/s", num(t["compiled_img_s"])),
+        ("MFU compiled", num(t["compiled_mfu"], "{:.1%}")),
+        ("loader img/s per worker (A1, ~500x375 JPEG)", num(ld["img_s_per_worker"])),
+        ("workers one GPU needs", num(ld["workers_needed"], "{:.1f}")),
+        (f"benchmark stage img/s (batch {b['batch']})", num(b["stage_img_s"])),
+        ("plain inference_mode img/s", num(b["plain_img_s"])),
+        (f"peak memory MB ({b['peak_mem_kind']})", num(b["peak_mem_mb"])),
+    ]
+    head = (
+        f"{r['device']}, {r['date']}, torch {r['torch']}: {r['arch']} {r['img']} px {r['precision']}, "
+        f"micro-batch {r['micro_batch']}, prefetcher {r['prefetcher']}, {r['loader_workers']} workers"
+        + (" (DRY RUN: sizes that check the script, not measurements)" if r["dry_run"] else "")
+    )
     return head + "\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
@@ -150,11 +171,25 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = hardware.AUTOCAST[cfg["precision"]]
     micro = largest_micro_batch(cfg["arch"], cfg["img"], cfg["candidates"], device, dtype)
     workers = 1 if a.dry_run else max(1, min(14, (os.cpu_count() or 2) - 2))
-    raw = override(yaml.safe_load((ROOT / "params.yaml").read_text()), {
-        "models": [cfg["arch"]], "run": ["a1"], "data.mini": {**cfg["mini"], "seed": 0},
-        "scale.epochs": 1e-9, "scale.min_epochs": 1, "scale.img_size": cfg["img"], "scale.batch_size": micro,
-        "scale.lr_rule": "none", "train.micro_batch": micro, "train.precision": cfg["precision"],
-        "train.workers": workers, "train.eval_every": 0, "train.threads": 0, "train.prefetcher": True})
+    raw = override(
+        yaml.safe_load((ROOT / "params.yaml").read_text()),
+        {
+            "models": [cfg["arch"]],
+            "run": ["a1"],
+            "data.mini": {**cfg["mini"], "seed": 0},
+            "scale.epochs": 1e-9,
+            "scale.min_epochs": 1,
+            "scale.img_size": cfg["img"],
+            "scale.batch_size": micro,
+            "scale.lr_rule": "none",
+            "train.micro_batch": micro,
+            "train.precision": cfg["precision"],
+            "train.workers": workers,
+            "train.eval_every": 0,
+            "train.threads": 0,
+            "train.prefetcher": True,
+        },
+    )
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     raw["data"]["prepared"] = str(prepared_mini(work, params_file))
@@ -170,28 +205,53 @@ def main(argv: list[str] | None = None) -> dict:
 
     def mfu(rate):  # training: forward + backward ~ 3 x forward; a MAC is 2 FLOPs
         return rate * 6 * gmacs * 1e9 / peak if peak and isinstance(rate, float) else None
+
     stage = profiling.throughput(model, cfg["bench_batch"], cfg["img"], device, dtype, True, 2, cfg["repeats"])
     plain = plain_inference(timm_model(cfg["arch"]), cfg["bench_batch"], cfg["img"], device, dtype, cfg["repeats"])
-    result = {"device": hardware.device_name(device), "dry_run": a.dry_run, "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "python": platform.python_version(), "arch": cfg["arch"], "img": cfg["img"],
-              "precision": cfg["precision"], "micro_batch": micro, "loader_workers": workers,
-              "prefetcher": r.train.prefetcher, "gmacs": gmacs, "peak_bf16_flops": peak,
-              "train": {"bare_img_s": bare, "ours_img_s": our, "ratio": our / bare, "mfu": mfu(our),
-                        "compiled_img_s": "measured last" if not a.dry_run else "not in the dry run",
-                        "compiled_mfu": None},
-              "loader": {"img_s_per_worker": per_worker, "workers_needed": bare / per_worker},
-              "benchmark": {"stage_img_s": stage["img_per_s"], "plain_img_s": plain,
-                            "ratio": stage["img_per_s"] / plain, "peak_mem_mb": stage["peak_mem_mb"],
-                            "peak_mem_kind": stage["peak_mem_kind"], "batch": cfg["bench_batch"]}}
+    result = {
+        "device": hardware.device_name(device),
+        "dry_run": a.dry_run,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "arch": cfg["arch"],
+        "img": cfg["img"],
+        "precision": cfg["precision"],
+        "micro_batch": micro,
+        "loader_workers": workers,
+        "prefetcher": r.train.prefetcher,
+        "gmacs": gmacs,
+        "peak_bf16_flops": peak,
+        "train": {
+            "bare_img_s": bare,
+            "ours_img_s": our,
+            "ratio": our / bare,
+            "mfu": mfu(our),
+            "compiled_img_s": "measured last" if not a.dry_run else "not in the dry run",
+            "compiled_mfu": None,
+        },
+        "loader": {"img_s_per_worker": per_worker, "workers_needed": bare / per_worker},
+        "benchmark": {
+            "stage_img_s": stage["img_per_s"],
+            "plain_img_s": plain,
+            "ratio": stage["img_per_s"] / plain,
+            "peak_mem_mb": stage["peak_mem_mb"],
+            "peak_mem_kind": stage["peak_mem_kind"],
+            "batch": cfg["bench_batch"],
+        },
+    }
     write(a.out, result)  # everything but the compiled run, in case that one runs out of time
     if not a.dry_run:
         compiled = compiled_rate(cfg["arch"], raw, work)
         result["train"].update(compiled_img_s=compiled, compiled_mfu=mfu(compiled))
         write(a.out, result)
-    print(f"{result['device']}: {cfg['arch']} {cfg['img']}px {cfg['precision']} micro-batch {micro}: train stage "
-          f"{our:.0f} img/s vs bare {bare:.0f} ({our / bare:.3f}); loader {per_worker:.0f} img/s per worker -> "
-          f"{bare / per_worker:.1f} workers; benchmark {stage['img_per_s']:.0f} img/s vs plain {plain:.0f}, "
-          f"peak {stage['peak_mem_mb']:.0f} MB", flush=True)
+    print(
+        f"{result['device']}: {cfg['arch']} {cfg['img']}px {cfg['precision']} micro-batch {micro}: train stage "
+        f"{our:.0f} img/s vs bare {bare:.0f} ({our / bare:.3f}); loader {per_worker:.0f} img/s per worker -> "
+        f"{bare / per_worker:.1f} workers; benchmark {stage['img_per_s']:.0f} img/s vs plain {plain:.0f}, "
+        f"peak {stage['peak_mem_mb']:.0f} MB",
+        flush=True,
+    )
     return result
 
 

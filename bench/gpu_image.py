@@ -10,6 +10,7 @@ the image, plus timm at the version the project pins (the image's timm is of a v
 are not carried: bench/gpu.sh runs with RSB_TRACKING=off and no stage imports mlflow at import time (the rehearsal,
 which holds no mlflow, shows it).
 """
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-IMAGE = set("""
+IMAGE = set(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
 cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
@@ -36,12 +38,21 @@ scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shelli
 statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm
 tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl
-zipp""".split())
+zipp""".split()
+)
 ROOTS = ("deepspeed",)  # what the GPU check needs beyond the image
 PINNED = ("timm",)  # carried even though the image has one: the check runs the version the project pins
-TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-          "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
-          "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+TARGET = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+    "extra": "",
+}
 
 
 def norm(name: str) -> str:

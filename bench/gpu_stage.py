@@ -8,6 +8,7 @@ At tiny sizes (test_resnet, 32 px, 2 epochs, timm's prefetcher on as on a GPU): 
 subprocess and launcher path works where the wheels were carried, not how fast anything is (bench/gpu.py measures).
 Writes DIR/stage.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,18 @@ import time
 from pathlib import Path
 
 import yaml
+
 from bench import scratch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"models": ["test_resnet"], "run": ["a1"], "scale": {"epochs": 0.005, "min_epochs": 2, "img_size": 32,
-                                                            "batch_size": 16},
-        "train": {"micro_batch": 8, "workers": 1, "threads": 1, "master_port": 0, "prefetcher": True},
-        "data": {"mini": {"classes": 4, "train_per_class": 16, "val_per_class": 4, "v2_per_class": 2,
-                          "image_size": 48}},
-        "evaluate": {"workers": 0}}
+TINY = {
+    "models": ["test_resnet"],
+    "run": ["a1"],
+    "scale": {"epochs": 0.005, "min_epochs": 2, "img_size": 32, "batch_size": 16},
+    "train": {"micro_batch": 8, "workers": 1, "threads": 1, "master_port": 0, "prefetcher": True},
+    "data": {"mini": {"classes": 4, "train_per_class": 16, "val_per_class": 4, "v2_per_class": 2, "image_size": 48}},
+    "evaluate": {"workers": 0},
+}
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -39,8 +43,9 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str]
     """One step in its own process group, stdout and stderr together. On a timeout, or when this script is stopped
     (bench/gpu.sh's `timeout` sends SIGTERM), the whole group is killed: a launcher's ranks must not outlive it
     holding cores or a GPU. Returns (exit status, 124 on a timeout; the output)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
     def kill(*_):
         try:
@@ -71,18 +76,25 @@ def main(argv: list[str] | None = None) -> dict:
     params["data"].update({"raw": str(work / "raw"), "prepared": str(work / "prepared")})
     params["train"]["devices"] = args.devices
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "RSB_TRACKING": "off",
-           "PYTHONPATH": ":".join(filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))}
-    steps = [["stages.mini"], ["stages.prepare"],
-             ["rsb.launch", "--devices", str(args.devices), "stages.train", "--arch", "test_resnet", "--recipe", "a1"],
-             ["stages.evaluate", "--arch", "test_resnet", "--recipe", "a1"]]
+    env = {
+        **os.environ,
+        "RSB_TRACKING": "off",
+        "PYTHONPATH": ":".join(filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    steps = [
+        ["stages.mini"],
+        ["stages.prepare"],
+        ["rsb.launch", "--devices", str(args.devices), "stages.train", "--arch", "test_resnet", "--recipe", "a1"],
+        ["stages.evaluate", "--arch", "test_resnet", "--recipe", "a1"],
+    ]
     result = {"devices": args.devices, "steps": []}
     for cmd in steps:
         t0 = time.perf_counter()
         rc, log = run([sys.executable, "-m", *cmd, "--params", str(work / "params.yaml")], work, env, 600)
         result["steps"].append({"cmd": " ".join(cmd), "rc": rc, "s": round(time.perf_counter() - t0, 1)})
-        print(f"{' '.join(cmd)}: rc {rc}{' (timed out)' if rc == 124 else ''}, {result['steps'][-1]['s']} s",
-              flush=True)
+        print(
+            f"{' '.join(cmd)}: rc {rc}{' (timed out)' if rc == 124 else ''}, {result['steps'][-1]['s']} s", flush=True
+        )
         if rc:
             print(log[-8000:], file=sys.stderr)
             break

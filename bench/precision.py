@@ -6,6 +6,7 @@ Training: fwd + bwd + SGD step, batch 32 at 32 px (the mini default's size), cha
 224 px under torch.inference_mode. Two warm-up steps, then img/s over four. Prints the CPU's bf16 flags and what
 `auto_precision()` picks here.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,6 +35,7 @@ def rate(arch: str, size: int, train: bool, dtype: torch.dtype | None, steps: in
         loss.backward()
         opt.step()
         opt.zero_grad()
+
     for _ in range(2):
         step()
     t0 = time.perf_counter()
@@ -44,13 +46,18 @@ def rate(arch: str, size: int, train: bool, dtype: torch.dtype | None, steps: in
 
 def main() -> None:
     flags = cpu_flags()
-    print(f"native bf16 flags: {sorted(f for f in flags if f in NATIVE_BF16_FLAGS) or 'none'}; "
-          f"auto -> {auto_precision()}; torch threads {torch.get_num_threads()}")
+    print(
+        f"native bf16 flags: {sorted(f for f in flags if f in NATIVE_BF16_FLAGS) or 'none'}; "
+        f"auto -> {auto_precision()}; torch threads {torch.get_num_threads()}"
+    )
     for arch in ("resnet18", "resnet50"):
         for size, train in ((32, True), (224, False)):
             fp32, bf16 = rate(arch, size, train, None), rate(arch, size, train, torch.bfloat16)
-            print(f"{arch:9s} {'train' if train else 'infer'} {size:3d}px  fp32 {fp32:6.1f}  bf16 {bf16:6.1f} img/s"
-                  f"  (bf16/fp32 {bf16 / fp32:.2f})", flush=True)
+            print(
+                f"{arch:9s} {'train' if train else 'infer'} {size:3d}px  fp32 {fp32:6.1f}  bf16 {bf16:6.1f} img/s"
+                f"  (bf16/fp32 {bf16 / fp32:.2f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Clones HEAD into a temporary folder (or DIR), runs `dvc repro` there (with `-S` 
 first, e.g. `-S scale.epochs=0.01`), and prints one line per stage and the total. Stage time = from its
 "Running stage" line to the next one (DVC runs stages one after another).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,17 @@ def main() -> None:
     repo = a.keep or Path(tempfile.mkdtemp(prefix="rsb-repro-")) / "rsb"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
     if a.overrides:
-        params = override(yaml.safe_load((repo / "params.yaml").read_text()),
-                          {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.overrides)})
+        params = override(
+            yaml.safe_load((repo / "params.yaml").read_text()),
+            {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.overrides)},
+        )
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RSB_TRACKING")}
     t0 = time.perf_counter()
     marks = []
-    with subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
+    with subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
         for line in proc.stdout:
             if line.startswith("Running stage"):
                 marks.append((line.split("'")[1], time.perf_counter()))

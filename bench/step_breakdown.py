@@ -9,6 +9,7 @@ Mixup/CutMix, forward + BCE, backward, LAMB step (+ zero_grad + scheduler), and 
 train loader alone (decode, RandomResizedCrop, flip, RandAugment, to tensor, normalize) for the A1/A2 and the A3
 transform, at 0, 1 and 2 worker processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,20 +21,29 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench import scratch
 from bench.train_vs_bare import ROOT, bare_parts, prepared_mini
 from rsb import distributed
-from rsb.config import load_params, resolve
 from rsb import loader as loaders
-from bench import scratch
+from rsb.config import load_params, resolve
 
 
 def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
     b = bare_parts(r, prepared)
-    model, optimizer, loss_fn, mixup_fn, scheduler, dtype = (b.model, b.optimizer, b.loss_fn, b.mixup_fn, b.scheduler,
-                                                             b.dtype)
+    model, optimizer, loss_fn, mixup_fn, scheduler, dtype = (
+        b.model,
+        b.optimizer,
+        b.loss_fn,
+        b.mixup_fn,
+        b.scheduler,
+        b.dtype,
+    )
     t = dict.fromkeys(("data", "mixup", "forward", "backward", "optimizer", "logging"), 0.0)
-    it, seen, n = iter(loaders.train_loader(b.train_set, r, 0, 0, torch.device("cpu"),
-                                            loaders.normalization(model))), 0, 0
+    it, seen, n = (
+        iter(loaders.train_loader(b.train_set, r, 0, 0, torch.device("cpu"), loaders.normalization(model))),
+        0,
+        0,
+    )
     next(it)  # worker start-up is not a per-step cost
     model.train()
     for i in range(updates * r.grad_accum):
@@ -56,8 +66,10 @@ def step_phases(r, prepared: Path, updates: int, tracker) -> dict:
             scheduler.step_update(num_updates=n)
             t["optimizer"] += (b := time.perf_counter()) - c
             if n % 10 == 0:
-                tracker.log_rows([{"step": n - k, "loss": 0.5, "lr": 1e-3} for k in range(10)],
-                                 {"loss": "train/loss_step", "lr": "train/lr_step"})
+                tracker.log_rows(
+                    [{"step": n - k, "loss": 0.5, "lr": 1e-3} for k in range(10)],
+                    {"loss": "train/loss_step", "lr": "train/lr_step"},
+                )
                 t["logging"] += time.perf_counter() - b
     total = sum(t.values())
     return {"img_per_s": seen / total, **{k: v / total for k, v in t.items()}}
@@ -94,15 +106,21 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for arch in a.archs:
         s = step_phases(resolve(params, arch, "a1", world_size=1), prepared, a.updates, tracker)
-        print(f"| {arch} a1 | {s['img_per_s']:.1f} | " + " | ".join(f"{100 * s[k]:.1f}%" for k in (
-            "data", "mixup", "forward", "backward", "optimizer", "logging")) + " |", flush=True)
+        print(
+            f"| {arch} a1 | {s['img_per_s']:.1f} | "
+            + " | ".join(f"{100 * s[k]:.1f}%" for k in ("data", "mixup", "forward", "backward", "optimizer", "logging"))
+            + " |",
+            flush=True,
+        )
     print("\n| transform | " + " | ".join(f"{w} worker(s)" for w in a.workers) + " |")
     print("|---|" + "---|" * len(a.workers))
     for recipe in ("a1", "a3"):
         r = resolve(params, a.archs[0], recipe, world_size=1)
         rates = [loader_rate(r, prepared, w) for w in a.workers]
-        print(f"| {recipe} ({r.img_size} px, {r.recipe.aa}) | " + " | ".join(f"{x:.0f} img/s" for x in rates) + " |",
-              flush=True)
+        print(
+            f"| {recipe} ({r.img_size} px, {r.recipe.aa}) | " + " | ".join(f"{x:.0f} img/s" for x in rates) + " |",
+            flush=True,
+        )
     tracker.end()
 
 

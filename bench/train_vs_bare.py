@@ -9,6 +9,7 @@ DeepSpeed engine, MLflow logging into a throwaway sqlite store, per-epoch checkp
 same way (loader start to last update, img/s = images seen / seconds); runs alternate bare/ours to cancel drift on a
 shared machine, and the ratio is given of the medians and of the best runs (the best is least disturbed by other
 tenants). Data: the mini release of params.yaml (generated into a temp folder). Prints one table; --json writes it."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,21 +24,21 @@ from types import SimpleNamespace
 import torch
 import yaml
 
+from bench import scratch
 from rsb import distributed, hardware
-from rsb.config import load_params, resolve
 from rsb import loader as loaders
+from rsb.config import load_params, resolve
 from rsb.data.datasets import Split
 from rsb.models import create_model
 from rsb.training import create_loss, create_optimizer, create_scheduler
-from bench import scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepared_mini(work: Path, params_file: Path) -> Path:
     from rsb.data.mini import write_release
-    from rsb.data.spec import MiniSpec
     from rsb.data.prepare import build
+    from rsb.data.spec import MiniSpec
 
     spec = MiniSpec(**yaml.safe_load(params_file.read_text())["data"]["mini"])
     write_release(work / "raw", spec)
@@ -54,13 +55,21 @@ def bare_parts(r, prepared: Path) -> SimpleNamespace:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, r)
     updates = loaders.MicroBatchSampler(train_set, r.micro_batch, r.grad_accum, 1, 0, r.recipe.aug_repeats).updates
-    return SimpleNamespace(train_set=train_set, model=model, optimizer=optimizer, loss_fn=create_loss(r),
-                           mixup_fn=loaders.mixup(r, train_set.num_classes),
-                           scheduler=create_scheduler(optimizer, r, updates),
-                           dtype=hardware.AUTOCAST[r.train.precision])
+    return SimpleNamespace(
+        train_set=train_set,
+        model=model,
+        optimizer=optimizer,
+        loss_fn=create_loss(r),
+        mixup_fn=loaders.mixup(r, train_set.num_classes),
+        scheduler=create_scheduler(optimizer, r, updates),
+        dtype=hardware.AUTOCAST[r.train.precision],
+    )
 
 
-def bare_epochs(r, prepared: Path, device: torch.device = torch.device("cpu")) -> float:
+CPU = torch.device("cpu")
+
+
+def bare_epochs(r, prepared: Path, device: torch.device = CPU) -> float:
     """timm train.py's loop, one process: img/s over all epochs."""
     b = bare_parts(r, prepared)
     b.model.to(device)
@@ -70,8 +79,9 @@ def bare_epochs(r, prepared: Path, device: torch.device = torch.device("cpu")) -
         loaders.seed_all(loaders.stream_seed(r.train.seed, epoch, 0))
         b.model.train()
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(loaders.train_loader(b.train_set, r, 0, epoch, device,
-                                                        loaders.normalization(b.model))):
+        for i, (x, y) in enumerate(
+            loaders.train_loader(b.train_set, r, 0, epoch, device, loaders.normalization(b.model))
+        ):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if r.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -135,19 +145,32 @@ def main() -> None:
             m = ours(arch, a.recipe, params_file, work)
             our.append(m["train/img_per_s"])
             extra.append(m["wall_s"] - m["train/time_s"])
-        row = {"arch": arch, "recipe": a.recipe, "epochs": r.epochs, "img_size": r.img_size,
-               "batch": f"{r.batch_size} = {r.micro_batch} x {r.grad_accum}", "precision": r.train.precision,
-               "threads": threads, "workers": r.train.workers, "bare_img_s": statistics.median(bare),
-               "ours_img_s": statistics.median(our), "ratio": statistics.median(our) / statistics.median(bare),
-               "ratio_best": max(our) / max(bare),
-               "ours_outside_loop_s": statistics.median(extra), "bare_all": bare, "ours_all": our}
+        row = {
+            "arch": arch,
+            "recipe": a.recipe,
+            "epochs": r.epochs,
+            "img_size": r.img_size,
+            "batch": f"{r.batch_size} = {r.micro_batch} x {r.grad_accum}",
+            "precision": r.train.precision,
+            "threads": threads,
+            "workers": r.train.workers,
+            "bare_img_s": statistics.median(bare),
+            "ours_img_s": statistics.median(our),
+            "ratio": statistics.median(our) / statistics.median(bare),
+            "ratio_best": max(our) / max(bare),
+            "ours_outside_loop_s": statistics.median(extra),
+            "bare_all": bare,
+            "ours_all": our,
+        }
         rows.append(row)
-        print(f"{arch:10s} {a.recipe} {r.img_size}px batch {row['batch']}: bare {row['bare_img_s']:.1f} img/s, "
-              f"ours {row['ours_img_s']:.1f} img/s, ratio {row['ratio']:.3f} of medians, {row['ratio_best']:.3f} of "
-              f"bests (runs: bare "
-              f"{', '.join(f'{x:.1f}' for x in bare)}; ours {', '.join(f'{x:.1f}' for x in our)}); ours spends "
-              f"{row['ours_outside_loop_s']:.1f} s outside the epoch loop (DeepSpeed init, checkpoints, val)",
-              flush=True)
+        print(
+            f"{arch:10s} {a.recipe} {r.img_size}px batch {row['batch']}: bare {row['bare_img_s']:.1f} img/s, "
+            f"ours {row['ours_img_s']:.1f} img/s, ratio {row['ratio']:.3f} of medians, {row['ratio_best']:.3f} of "
+            f"bests (runs: bare "
+            f"{', '.join(f'{x:.1f}' for x in bare)}; ours {', '.join(f'{x:.1f}' for x in our)}); ours spends "
+            f"{row['ours_outside_loop_s']:.1f} s outside the epoch loop (DeepSpeed init, checkpoints, val)",
+            flush=True,
+        )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

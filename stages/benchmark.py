@@ -6,10 +6,9 @@ Architecture-level: it depends on the architecture and the benchmark params, not
 ImageNet model (1000 classes) at the paper's 224 x 224 so that params and GMACs compare with the paper's table.
 Precision auto: bf16 autocast on GPUs (the paper's AMP), fp32 on CPUs without native bf16.
 
-Results card (2 cores AMD EPYC, 2026-11-27, fp32 + channels_last, batch 128 at 224, 1 warm-up + 2 timed batches):
-    resnet50: 25.56 M params, 4.089 GMACs,  9.2-10.0 img/s, 2,465 MB peak RSS, 41-46 s (two runs)
-    resnet18: 11.69 M params, 1.814 GMACs, 26.8-30.9 img/s, 1,879-1,889 MB peak RSS, 16-18 s
+Measured cost: BENCHMARKS.md (section 8 and the stage's own section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +23,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
     metrics = profiling.benchmark(load_params(args.params), args.arch)
-    print(f"{args.arch}: {metrics['params_m']:.2f} M params, {metrics['gmacs']:.3f} GMACs, "
-          f"{metrics['img_per_s']:.1f} img/s, {metrics['peak_mem_mb']:.0f} MB on {metrics['device']}")
+    print(
+        f"{args.arch}: {metrics['params_m']:.2f} M params, {metrics['gmacs']:.3f} GMACs, "
+        f"{metrics['img_per_s']:.1f} img/s, {metrics['peak_mem_mb']:.0f} MB on {metrics['device']}"
+    )
     return metrics
 
 

@@ -3,16 +3,15 @@
     python -m stages.evaluate --arch resnet50 --recipe a1
 
 Transform: shorter side to int(test_img_size / crop_pct), bicubic, centre crop test_img_size, the model's own
-mean/std (timm's pretrained_cfg; the scaled sizes under the mini profile). ReaL: images with an empty label list are not scored; a top-k prediction is
-correct if any of its k classes is in the list. Writes metrics/eval/<name>.json and logs the same numbers into the
-model's MLflow run (runs/<name>.json), so one run row holds recipe, curves and results.
+mean/std (timm's pretrained_cfg; the scaled sizes under the mini profile). ReaL's rule: rsb.evaluation.real_correct.
+Writes metrics/eval/<name>.json and logs the same numbers into the model's MLflow run (runs/<name>.json), so one run
+row holds recipe, curves and results.
 
 Also logs the network as an MLflow model of its training run and registers it as rsb-<arch> (alias: the recipe).
 
-Results card (2 cores AMD EPYC Zen 4, bf16, 2026-11-29, mini default, 500 val + 200 V2 images at 32 px): 0.8 s
-(resnet50) to 1.3 s (resnet18) of evaluation per model; the stage takes 9-10 s with imports (torch, timm, MLflow)
-and the MLflow model.
+Measured cost: BENCHMARKS.md (section 8 and the stage's own section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--study", default=None, choices=STUDY_RUNS, help="a study's run (e.g. seeds): files under studies/<study>/")
+    p.add_argument(
+        "--study", default=None, choices=STUDY_RUNS, help="a study's run (e.g. seeds): files under studies/<study>/"
+    )
     p.add_argument("--seed", type=int, default=None, help="the seed study's run <arch>-<recipe>-seed<N>")
     args = p.parse_args(argv)
     check_option(Train, "seed", args.seed, "--seed")

@@ -7,15 +7,14 @@ dataset, with the one procedure `recipes.<transfer.recipe>`, on DeepSpeed with 1
 Reads studies/transfer/starts/<start>.safetensors (stages.starts) and <transfer.root>/<dataset>/{train,val}/<class>/
 (ImageFolder layout). The model is built as timm's train.py builds it with `--pretrained --pretrained-path <start>
 --num-classes <the dataset's>`, then trained by the same loop, checkpoints and MLflow logging as the grid
-(rsb.trainer.train_job; the job is rsb.finetune.finetune), with the scale `transfer.epochs` / `transfer.lr_factor` put on the recipe. Writes
-studies/transfer/{models,metrics/train,plots/train,runs}/<arch>-<start>-to-<dataset>.*; its val/top1 (the whole
-downstream val split after the last epoch) is the study's number. A killed fine-tune resumes from
-checkpoints/<name>/<digest>/, where the digest also covers the start's sha256 and the dataset's files.
+(rsb.trainer.train_job; the job is rsb.finetune.finetune), with the scale `transfer.epochs` / `transfer.lr_factor`
+put on the recipe. Writes studies/transfer/{models,metrics/train,plots/train,runs}/<arch>-<start>-to-<dataset>.*;
+its val/top1 (the whole downstream val split after the last epoch) is the study's number. A killed fine-tune resumes
+from checkpoints/<name>/<digest>/, where the digest also covers the start's sha256 and the dataset's files.
 
-Results card (2 cores AMD EPYC Zen 4, bf16 autocast, 2026-11-29, mini default: resnet50, 10 epochs of recipes.ft on
-480 images at 32 px, batch 64): 37-46 s of training at 101-124 img/s in a 42-50 s stage; downstream val top-1 from
-A1/A2/A3 starts 26.7-32.9%, from scratch 10.4-11.3% (chance 8.3%). BENCHMARKS.md, "The transfer study".
+Measured cost: BENCHMARKS.md (section 8 and the stage's own section).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,8 +3,9 @@
     python -m stages.mini --out data/mini
     python -m stages.mini --downstream data/downstream   (the transfer study's two downstream sets, rsb.data.downstream)
 
-Results card (2 cores AMD EPYC, 2026-11-27, the default 20 classes x 80/25/10 images): ~10 s, 8.9 MB of archives.
+Measured cost: BENCHMARKS.md (section 8 and the stage's own section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     data = load_section(args.params, "data", Data)
     if args.downstream:
-        summary = build_folder(args.downstream, STAGE, "--downstream", ("downstream.json",),
-                           lambda tmp: write_downstream(tmp, data.mini.seed, data.mini.image_size))
+        summary = build_folder(
+            args.downstream,
+            STAGE,
+            "--downstream",
+            ("downstream.json",),
+            lambda tmp: write_downstream(tmp, data.mini.seed, data.mini.image_size),
+        )
         print(f"downstream datasets -> {args.downstream}: {summary}")
         return summary
     out = args.out or Path(data.raw)
 
     def release(tmp: Path) -> dict:
         summary = write_release(tmp, data.mini)
-        (tmp / "release.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_labels"},
-                                                     indent=2))
+        (tmp / "release.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_labels"}, indent=2))
         return summary
+
     summary = build_folder(out, STAGE, "--out" if args.out else "data.raw", ("release.json",), release)
     print(f"mini release -> {out}: {summary['images']}, {sum(summary['bytes'].values()) / 1e6:.1f} MB")
     return summary

@@ -4,18 +4,17 @@
 
 The files it writes: rsb.data.index; the checks and the build: rsb.data.prepare.
 
-Results card (2 cores AMD EPYC, 2026-11-29, mini default: 20 classes, 1,602 train / 500 val / 200 V2 images, <=80 px):
-    python -m stages.mini      ->  ~10 s, 8.9 MB of archives
-    python -m stages.prepare   ->  see BENCHMARKS.md (index of 2,302 images; 100,000-image simulation)
+Measured cost: BENCHMARKS.md (section 8 and the stage's own section).
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from rsb import errors
-from rsb.data.spec import Data
 from rsb.data.prepare import build
+from rsb.data.spec import Data
 from rsb.paramfile import load_section
 
 

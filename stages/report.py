@@ -6,8 +6,9 @@ Reads only the stages' JSON metrics (metrics/train, metrics/eval, metrics/benchm
 never MLflow; writes reports/figure4.md, .csv and .png, and logs them as the artifacts of a "report" MLflow run. The
 caption states the scale and the device, so a mini run is never mistaken for the paper's.
 
-Results card (2 cores AMD EPYC, mini default): about a second after imports; 6 rows.
+Measured cost: BENCHMARKS.md (section 8 and the stage's own section).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ A start holds every tensor of the architecture but its classifier. A file that i
 (loaded `weights_only`: nothing in it runs), or lacks or misshapes a tensor fails here, in one line, before any
 fine-tuning (rsb.transfer). The .json beside it records the source file, its sha256 and the start's sha256.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
     meta = transfer.make_start(load_params(args.params), args.name)
-    print(f"start {args.name}: {meta['tensors']} tensors of {meta['arch']} from {meta['source']} -> "
-          f"{STARTS / args.name}.safetensors")
+    print(
+        f"start {args.name}: {meta['tensors']} tensors of {meta['arch']} from {meta['source']} -> "
+        f"{STARTS / args.name}.safetensors"
+    )
     return meta
 
 

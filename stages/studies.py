@@ -13,6 +13,7 @@ MLflow parent run (`rsb.kind=study`) with the report files as artifacts and its 
 
 Results card: see BENCHMARKS.md (the study commands on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny mini release and its prepared folder, built once per test session."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,17 @@ def dvc_site_cache(tmp_path_factory):
 # 2026-12-03 on 2 cores (`pytest --durations=0`, seconds of each file's tests, before two pipeline tests became
 # plan checks): pipeline 910, benchmark 302, tracking 296, train 233, reliability 213, launch 87, inputs 66, finetune
 # 60, studies 59; the rest under 20 each.
-LONGEST_FIRST = ("test_pipeline.py", "test_benchmark.py", "test_tracking.py", "test_train.py", "test_reliability.py",
-                 "test_launch.py", "test_inputs.py", "test_finetune.py", "test_studies.py")
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_benchmark.py",
+    "test_tracking.py",
+    "test_train.py",
+    "test_reliability.py",
+    "test_launch.py",
+    "test_inputs.py",
+    "test_finetune.py",
+    "test_studies.py",
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -123,10 +133,23 @@ def write_params(path: Path, prepared: Path, overrides: dict | None = None) -> P
     import yaml
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base = {"data.prepared": str(prepared), "models": ["test_resnet", "resnet18"], "run": ["a1", "a3"],
-            "scale.epochs": 0.005, "scale.min_epochs": 2, "scale.img_size": 32, "scale.batch_size": 16,
-            "train.micro_batch": 8, "train.workers": 0, "train.threads": 1, "evaluate.workers": 0,
-            "benchmark.img_size": 64, "benchmark.batch_size": 8, "benchmark.repeats": 2, "benchmark.warmup": 1}
+    base = {
+        "data.prepared": str(prepared),
+        "models": ["test_resnet", "resnet18"],
+        "run": ["a1", "a3"],
+        "scale.epochs": 0.005,
+        "scale.min_epochs": 2,
+        "scale.img_size": 32,
+        "scale.batch_size": 16,
+        "train.micro_batch": 8,
+        "train.workers": 0,
+        "train.threads": 1,
+        "evaluate.workers": 0,
+        "benchmark.img_size": 64,
+        "benchmark.batch_size": 8,
+        "benchmark.repeats": 2,
+        "benchmark.warmup": 1,
+    }
     override(p, {**base, **(overrides or {})})
     path.write_text(yaml.safe_dump(p, sort_keys=False))
     return path
@@ -138,7 +161,16 @@ def clean_env(**extra: str) -> dict:
     inherited = os.environ.get("PYTHONPATH")  # wheels carried onto PYTHONPATH (bench/gpu.sh): extended, never replaced
     extra["PYTHONPATH"] = ":".join(filter(None, [extra.get("PYTHONPATH", f"{ROOT / 'src'}:{ROOT}"), inherited]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "MLFLOW_TRACKING_URI", "RSB_TRACKING", "DVC_EXP_NAME"):
+    for k in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "MLFLOW_TRACKING_URI",
+        "RSB_TRACKING",
+        "DVC_EXP_NAME",
+    ):
         env.pop(k, None)
     return {**env, **extra}

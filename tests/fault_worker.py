@@ -11,6 +11,7 @@ up. The patches only decide *when*; the stage runs its real code up to that mome
   rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
   prepare-index    in prepare, once V2's repacked tar is written into the partial folder, before the decode check
 """
+
 import os
 import runpy
 import signal
@@ -38,8 +39,10 @@ def arm(point: str) -> None:
                         calls["n"] += 1
                         if calls["n"] == 3:
                             die()
+
                 s.engine.step = step
             return original(s, loader, epoch, *args, **kwargs)
+
         engine.train_one_epoch = train_one_epoch
     elif point == "checkpoint-write":
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -50,6 +53,7 @@ def arm(point: str) -> None:
             save(self, state_dict, path)
             if "epoch2" in str(path):
                 die()
+
         TorchCheckpointEngine.save = killing_save
     elif point == "between-epochs":
         save = checkpoint.save
@@ -58,6 +62,7 @@ def arm(point: str) -> None:
             save(engine_, ckpt_dir, epoch, *args, **kwargs)
             if epoch == 1:
                 die()
+
         checkpoint.save = killing_save
     elif point == "evaluation":  # the stage runs as __main__ and imports `predict` then: patch it at the source
         predict = engine.predict
@@ -67,6 +72,7 @@ def arm(point: str) -> None:
             if calls["n"] == 2:
                 die()
             return predict(*args, **kwargs)
+
         engine.predict = killing_predict
     elif point == "rank1-crash":
         forward_backward = engine.forward_backward
@@ -76,6 +82,7 @@ def arm(point: str) -> None:
             if os.environ.get("RANK") == "1" and calls["n"] == 3:
                 raise RuntimeError("injected fault on this rank")
             return forward_backward(*args, **kwargs)
+
         engine.forward_backward = crashing
     elif point == "prepare-index":
         from rsb.data import archives
@@ -85,6 +92,7 @@ def arm(point: str) -> None:
         def killing_repack(*args, **kwargs):
             repack(*args, **kwargs)
             die()
+
         archives.repack_v2 = killing_repack
     else:
         sys.exit(f"unknown fault point {point!r}")

@@ -7,6 +7,7 @@ rank writes grads-rank<r>.pt. Everything else is `stages.train.main`, unchanged.
 GradScaler at s (fp16's loss scaler; the reference gets the same: tests/timm_reference.with_init_scale).
 CONV_DTYPES_OUT=file records the dtypes of every convolution's output during training (torch's global forward hook).
 """
+
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 def record_grads(into: list):
     def hook(optimizer, args, kwargs):
         into.append([p.grad.detach().float().cpu().clone() for g in optimizer.param_groups for p in g["params"]])
+
     return register_optimizer_step_pre_hook(hook)
 
 
@@ -33,8 +35,9 @@ def main(argv: list[str]) -> None:
     grads: list = []
     handle = record_grads(grads)
     dtypes: set = set()
-    conv = register_module_forward_hook(lambda m, i, o: dtypes.add(str(o.dtype)) if isinstance(
-        m, torch.nn.Conv2d) and m.training else None)
+    conv = register_module_forward_hook(
+        lambda m, i, o: dtypes.add(str(o.dtype)) if isinstance(m, torch.nn.Conv2d) and m.training else None
+    )
     try:
         train(argv)
     finally:

@@ -1,4 +1,6 @@
-"""benchmark: params and GMACs at 224 equal the published values; the JSON carries every field, positive, with device."""
+"""benchmark: params and GMACs at 224 equal the published values; the JSON carries every field, positive, with
+device."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +22,7 @@ def test_params_and_gmacs_match_the_reference(arch):
 
 def test_stage_json_fields(tmp_path, prepared, monkeypatch):
     from conftest import write_params
+
     from stages.benchmark import main
 
     monkeypatch.chdir(tmp_path)
@@ -55,15 +58,20 @@ def test_gpu_rehearsal_on_a_clean_clone(tmp_path):
     tmp = Path(tempfile.mkdtemp(prefix="rsb-t-"))
     try:
         env = {k: v for k, v in clean_env(TMPDIR=str(tmp)).items() if k != "PYTHONPATH"}
-        out = subprocess.run(["bash", "-c", "bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse out"],
-                             cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
+        out = subprocess.run(
+            ["bash", "-c", "bash bench/gpu_wheels.sh && bash bench/gpu.sh --rehearse out"],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
         assert sorted(p.name for p in tmp.iterdir()) == [], "left in the temp folder"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wheels = sorted(p.name.split("-")[0] for p in (clone / ".whl").glob("*.whl"))
-    assert wheels == ["annotated_types", "deepspeed", "hjson", "pydantic", "pydantic_core", "timm",
-                      "typing_inspection"]
+    assert wheels == ["annotated_types", "deepspeed", "hjson", "pydantic", "pydantic_core", "timm", "typing_inspection"]
     assert "6 skipped" in (clone / "out/gpu-tests.log").read_text()
     stage = json.loads((clone / "out/stage.json").read_text())
     assert stage["devices"] == 2 and [s["rc"] for s in stage["steps"]] == [0, 0, 0, 0]

@@ -1,6 +1,7 @@
 """rsb.checkpoint: what a checkpoint must match to be resumed (the resume digest), and the checks before DeepSpeed's
 full unpickler runs (tampered, crafted, truncated, another run's); a divergence keeps the last good checkpoint.
 Kill -9 and resume, bit for bit: test_reliability.py (the fault matrix)."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_params
 
 from rsb import checkpoint
 from rsb.config import load_params
-
-from conftest import write_params
 
 NAME = "test_resnet-a1"
 
@@ -37,6 +37,7 @@ def test_a_real_divergence_stops_with_the_last_good_checkpoint(tmp_path, prepare
         if seen["steps"] >= 11:
             for g in optimizer.param_groups:
                 g["lr"] = 1e30
+
     handle = register_optimizer_step_pre_hook(huge_lr_from_update_11)
     try:
         with pytest.raises(NonFiniteLoss, match=r"non-finite loss nan at update 12 \(epoch 1\)"):
@@ -59,8 +60,12 @@ def tiny_engine(tmp_path: Path):
     from rsb.models import create_model
     from rsb.training import create_optimizer
 
-    r = resolve(load_params(write_params(tmp_path / "tiny.yaml", tmp_path, {"train.precision": "fp32"})),
-                "test_resnet", "a1", world_size=1)
+    r = resolve(
+        load_params(write_params(tmp_path / "tiny.yaml", tmp_path, {"train.precision": "fp32"})),
+        "test_resnet",
+        "a1",
+        world_size=1,
+    )
     model = create_model(r, 20)
     return distributed.initialize(model, create_optimizer(model, r), r)
 
@@ -95,6 +100,7 @@ def test_a_crafted_checkpoint_is_never_unpickled_on_resume(saved, tmp_path):
     class Payload:
         def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
+
     torch.save({"module": Payload()}, model)
     meta = json.loads((ckpt / "epoch1" / "rsb.json").read_text())
     meta["files"][model.name] = hashlib.sha256(model.read_bytes()).hexdigest()
@@ -127,7 +133,6 @@ def test_resume_digest_follows_recipe_code_and_versions(tmp_path, monkeypatch):
     import shutil
 
     from rsb import checkpoint
-
     from rsb import code as rsb_code
 
     src = tmp_path / "src"

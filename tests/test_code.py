@@ -1,5 +1,6 @@
 """rsb.code: the one list of what a stage depends on, derived from the imports; the DVC deps of every stage and the
 training's resume digest both follow it (the digest's side: test_checkpoint.py)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, clean_env
+
 from rsb import code
 
 
@@ -17,9 +18,17 @@ def test_the_derived_list_is_what_python_imports():
     """The AST walk against Python itself: every rsb module a training job's import loads (tracking aside) is in the
     list, compat.py included (it patches timm's posterize at import, so it changes what training does)."""
     for job in code.JOBS.values():
-        probe = f"import sys, {job}; print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith('rsb'))))"
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             env=clean_env(PYTHONPATH=str(ROOT / "src")), cwd=ROOT)
+        probe = (
+            f"import sys, {job}; print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith('rsb'))))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=clean_env(PYTHONPATH=str(ROOT / "src")),
+            cwd=ROOT,
+        )
         loaded = {m for m in json.loads(out.stdout) if not m.startswith("rsb.tracking")}
         assert loaded <= set(code.modules(job)), loaded - set(code.modules(job))
         assert {"rsb.compat", "rsb.training", "rsb.engine", "rsb.loader", "rsb.hardware"} <= set(code.modules(job))
@@ -52,8 +61,10 @@ def test_evaluate_follows_config_and_prepare_imports_none_of_it():
     assert not {"src/rsb/config.py", "src/rsb/hardware.py", "src/rsb/engine.py"} & set(prepare), prepare
 
 
-@pytest.mark.parametrize("stage, module", [("train", "src/rsb/compat.py"), ("evaluate", "src/rsb/config.py"),
-                                           ("prepare", "src/rsb/paramfile.py")])
+@pytest.mark.parametrize(
+    "stage, module",
+    [("train", "src/rsb/compat.py"), ("evaluate", "src/rsb/config.py"), ("prepare", "src/rsb/paramfile.py")],
+)
 def test_a_stage_missing_a_module_is_caught(tmp_path, stage, module):
     """The check above can fail: dvc.yaml with a module dropped from a stage is rewritten with it."""
     text = (ROOT / "dvc.yaml").read_text()
@@ -61,7 +72,7 @@ def test_a_stage_missing_a_module_is_caught(tmp_path, stage, module):
     line = f"      - {module}\n"
     cut = text.index(line, at)
     broken = tmp_path / "dvc.yaml"
-    broken.write_text(text[:cut] + text[cut + len(line):])
+    broken.write_text(text[:cut] + text[cut + len(line) :])
     assert code.synced(broken) != broken.read_text()
     assert code.synced(broken) == text
 
@@ -73,8 +84,10 @@ def test_imports_inside_functions_count_and_type_only_ones_do_not(tmp_path):
     (pkg / "data").mkdir(parents=True)
     for f in ("__init__.py", "data/__init__.py", "late.py", "typed.py", "data/leaf.py", "tracking.py"):
         (pkg / f).write_text("")
-    (pkg / "job.py").write_text("from typing import TYPE_CHECKING\nfrom rsb.data import leaf\nimport rsb.tracking\n"
-                                "if TYPE_CHECKING:\n    from rsb import typed\n\n"
-                                "def f():\n    from rsb import late\n")
+    (pkg / "job.py").write_text(
+        "from typing import TYPE_CHECKING\nfrom rsb.data import leaf\nimport rsb.tracking\n"
+        "if TYPE_CHECKING:\n    from rsb import typed\n\n"
+        "def f():\n    from rsb import late\n"
+    )
     code.modules.cache_clear()
     assert code.modules("rsb.job", tmp_path) == ("rsb", "rsb.data", "rsb.data.leaf", "rsb.job", "rsb.late")

@@ -1,5 +1,6 @@
 """params.yaml: every key checked against its declared domain when loaded, one line per error (file, dotted key,
 value, domain); every value inside a domain accepted, in the paper's profile and the mini default's."""
+
 from __future__ import annotations
 
 import copy
@@ -8,11 +9,10 @@ import math
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from rsb import domains as D
 from rsb.config import ConfigError, Params, check_timm, domains_markdown, load_params, parse_params
-
-from conftest import ROOT
 
 MINI = yaml.safe_load((ROOT / "params.yaml").read_text())
 PAPER = copy.deepcopy(MINI)  # the README's paper command, as `dvc exp run -S` would set it
@@ -21,8 +21,11 @@ PAPER["scale"].update(epochs=1, min_epochs=1, img_size=224, batch_size=2048, lr_
 PAPER["train"].update(devices=8, micro_batch=256, workers=10)
 PROFILES = {"mini": MINI, "paper": PAPER}
 # keys whose domain is bounded by another key: to test a key's edges, its dependents move out of the way
-MAKE_ROOM = {"epochs": {"warmup_epochs": 0.0}, "lr": {"warmup_lr": 0.0, "min_lr": 0.0},
-             "zero_stage": {"channels_last": False}}  # ZeRO needs contiguous gradients (rsb.config)
+MAKE_ROOM = {
+    "epochs": {"warmup_epochs": 0.0},
+    "lr": {"warmup_lr": 0.0, "min_lr": 0.0},
+    "zero_stage": {"channels_last": False},
+}  # ZeRO needs contiguous gradients (rsb.config)
 
 
 def declared(obj, where: str = ""):
@@ -87,33 +90,53 @@ def test_every_value_inside_its_domain_is_accepted(profile, key, value, needs_ti
     load(with_value(PROFILES[profile], key, value))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("recipes.a1.bce_target_thresh", 1.5,
-     "p.yaml: recipes.a1.bce_target_thresh = 1.5: must be null (no threshold) or a finite number in (0, 1) (timm BinaryCrossEntropy"),
-    ("recipes.a1.lr", float("nan"), "p.yaml: recipes.a1.lr = nan: must be a finite number > 0"),
-    ("models", ["resnet18", "resnet18"], "p.yaml: models = ['resnet18', 'resnet18']: must be a non-empty list of "
-                                          "distinct items"),
-    ("recipes.a1.epochs", 600.5, "p.yaml: recipes.a1.epochs = 600.5: must be an int"),
-    ("recipes.a1.min_lr", 0.01, "p.yaml: recipes.a1.min_lr = 0.01: must be a finite number in [0, lr]"),
-    ("recipes.a1.warmup_epochs", 600, "p.yaml: recipes.a1.warmup_epochs = 600.0: must be a finite number in "
-                                      "[0, epochs)"),
-    ("recipes.a1.aa", "rand-m7-mstd0.5-inc1x", "p.yaml: recipes.a1.aa = 'rand-m7-mstd0.5-inc1x': must be null "
-                                               "(none: train.py's colour jitter 0.4 instead) or a timm auto-augment "
-                                               "string"),
-    ("models", ["resnet5"], "p.yaml: models: 'resnet5' is not a timm architecture"),
-    ("experiment", "", "p.yaml: experiment = '': must be a non-empty string"),
-    ("train.zero_stage", 3, "p.yaml: train.zero_stage = 3: must be one of 0, 1, 2 (DeepSpeed ZeRO 1/2 partitions"),
-    ("recipes.a1.opt", "adamww", "p.yaml: recipes.a1.opt = 'adamww': must be a timm optimizer"),
-    ("recipes.t2.sched", "step", "p.yaml: recipes.t2.sched = 'step': this pipeline runs timm's cosine schedule"),
-    ("recipes.t2.bce_target_thresh", 1.0, "p.yaml: recipes.t2.bce_target_thresh = 1.0: must be null (no "
-                                          "threshold) or a finite number in (0, 1)"),
-    # keys that take `auto` or a value: a value of neither type is named with the key's domain
-    ("train.prefetcher", "yes", "p.yaml: train.prefetcher = 'yes': must be auto or true or false (timm train.py"),
-    ("train.prefetcher", 3, "p.yaml: train.prefetcher = 3: must be auto or true or false"),
-    ("train.workers", 2.5, "p.yaml: train.workers = 2.5: must be auto or an integer >= 0 (DataLoader workers"),
-    ("train.workers", True, "p.yaml: train.workers = True: must be auto or an integer >= 0"),
-    ("train.workers", [2], "p.yaml: train.workers = [2]: must be int or str"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "recipes.a1.bce_target_thresh",
+            1.5,
+            "p.yaml: recipes.a1.bce_target_thresh = 1.5: must be null (no threshold) or a finite number in (0, 1) "
+            "(timm BinaryCrossEntropy",
+        ),
+        ("recipes.a1.lr", float("nan"), "p.yaml: recipes.a1.lr = nan: must be a finite number > 0"),
+        (
+            "models",
+            ["resnet18", "resnet18"],
+            "p.yaml: models = ['resnet18', 'resnet18']: must be a non-empty list of distinct items",
+        ),
+        ("recipes.a1.epochs", 600.5, "p.yaml: recipes.a1.epochs = 600.5: must be an int"),
+        ("recipes.a1.min_lr", 0.01, "p.yaml: recipes.a1.min_lr = 0.01: must be a finite number in [0, lr]"),
+        (
+            "recipes.a1.warmup_epochs",
+            600,
+            "p.yaml: recipes.a1.warmup_epochs = 600.0: must be a finite number in [0, epochs)",
+        ),
+        (
+            "recipes.a1.aa",
+            "rand-m7-mstd0.5-inc1x",
+            "p.yaml: recipes.a1.aa = 'rand-m7-mstd0.5-inc1x': must be null "
+            "(none: train.py's colour jitter 0.4 instead) or a timm auto-augment "
+            "string",
+        ),
+        ("models", ["resnet5"], "p.yaml: models: 'resnet5' is not a timm architecture"),
+        ("experiment", "", "p.yaml: experiment = '': must be a non-empty string"),
+        ("train.zero_stage", 3, "p.yaml: train.zero_stage = 3: must be one of 0, 1, 2 (DeepSpeed ZeRO 1/2 partitions"),
+        ("recipes.a1.opt", "adamww", "p.yaml: recipes.a1.opt = 'adamww': must be a timm optimizer"),
+        ("recipes.t2.sched", "step", "p.yaml: recipes.t2.sched = 'step': this pipeline runs timm's cosine schedule"),
+        (
+            "recipes.t2.bce_target_thresh",
+            1.0,
+            "p.yaml: recipes.t2.bce_target_thresh = 1.0: must be null (no threshold) or a finite number in (0, 1)",
+        ),
+        # keys that take `auto` or a value: a value of neither type is named with the key's domain
+        ("train.prefetcher", "yes", "p.yaml: train.prefetcher = 'yes': must be auto or true or false (timm train.py"),
+        ("train.prefetcher", 3, "p.yaml: train.prefetcher = 3: must be auto or true or false"),
+        ("train.workers", 2.5, "p.yaml: train.workers = 2.5: must be auto or an integer >= 0 (DataLoader workers"),
+        ("train.workers", True, "p.yaml: train.workers = True: must be auto or an integer >= 0"),
+        ("train.workers", [2], "p.yaml: train.workers = [2]: must be int or str"),
+    ],
+)
 def test_messages_say_file_key_value_and_domain_once(key, value, message):
     with pytest.raises(ConfigError) as e:
         load(with_value(MINI, key, value))
@@ -144,13 +167,14 @@ def test_every_key_has_a_domain_and_the_readme_lists_them():
                     yield from leaves(rec, f"{where}{k}.{name}.")
             else:
                 yield f"{where}{k}"
+
     assert set(leaves(MINI)) == keys
     readme = (ROOT / "README.md").read_text()
     assert domains_markdown() in readme, "README's params table is stale: python -m rsb.config --readme README.md"
 
 
 def test_nan_and_infinity_are_refused_everywhere_a_number_is_read():
-    for key, holder, domain in declared(parse_params(MINI)):
+    for key, _holder, domain in declared(parse_params(MINI)):
         if domain.text.startswith("a finite number"):
             for bad in (math.nan, math.inf):
                 with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,5 +1,6 @@
 """rsb.engine's scoring: top-k and ReaL counts against crafted cases and against timm's validate.py scorer. (The
 training step against train.py: test_train.py; a non-finite loss: test_checkpoint.py.)"""
+
 from __future__ import annotations
 
 import pytest
@@ -10,11 +11,15 @@ from rsb.evaluation import real_correct
 
 
 def test_real_scoring_on_crafted_cases():
-    top = torch.tensor([[3, 1, 2, 0, 4],   # top-1 in a multi-label list
-                        [1, 2, 3, 4, 5],   # unscored (empty list): counts nowhere
-                        [9, 8, 7, 6, 5],   # only the 5th prediction is listed: top-5 hit, top-1 miss
-                        [0, 1, 2, 3, 4],   # nothing listed
-                        [2, 0, 1, 3, 4]])  # second label of a multi-label list
+    top = torch.tensor(
+        [
+            [3, 1, 2, 0, 4],  # top-1 in a multi-label list
+            [1, 2, 3, 4, 5],  # unscored (empty list): counts nowhere
+            [9, 8, 7, 6, 5],  # only the 5th prediction is listed: top-5 hit, top-1 miss
+            [0, 1, 2, 3, 4],  # nothing listed
+            [2, 0, 1, 3, 4],
+        ]
+    )  # second label of a multi-label list
     real = [[3, 7], [], [5], [9], [1, 2]]
     assert real_correct(top, real) == {"top1": 2, "top5": 3, "count": 4}
 
@@ -26,6 +31,7 @@ def test_topk_scoring():
 
 class Logits(torch.nn.Module):
     """A model that returns given logits, batch after batch."""
+
     num_classes = 6
 
     def __init__(self, logits):
@@ -33,7 +39,7 @@ class Logits(torch.nn.Module):
         self.logits, self.at = logits, 0
 
     def forward(self, x):
-        out = self.logits[self.at:self.at + len(x)]
+        out = self.logits[self.at : self.at + len(x)]
         self.at += len(x)
         return out
 
@@ -45,11 +51,15 @@ def test_scores_equal_an_independent_count_with_ties_and_multi_label_real():
 
     from rsb.engine import predict
 
-    logits = torch.tensor([[5., 1, 1, 0, 0, 0],    # label 0: top-1
-                           [1., 3, 3, 0, 0, 0],    # tie for first between 1 and 2; label 2
-                           [0., 0, 0, 0, 1, 2],    # label 0 ties with 1, 2, 3 for 3rd-5th: whichever topk picks
-                           [9., 8, 7, 6, 5, 4],    # label 4: exactly 5th, a top-5 hit
-                           [0., 0, 9, 0, 0, 0]])   # label 3
+    logits = torch.tensor(
+        [
+            [5.0, 1, 1, 0, 0, 0],  # label 0: top-1
+            [1.0, 3, 3, 0, 0, 0],  # tie for first between 1 and 2; label 2
+            [0.0, 0, 0, 0, 1, 2],  # label 0 ties with 1, 2, 3 for 3rd-5th: whichever topk picks
+            [9.0, 8, 7, 6, 5, 4],  # label 4: exactly 5th, a top-5 hit
+            [0.0, 0, 9, 0, 0, 0],
+        ]
+    )  # label 3
     labels = torch.tensor([0, 2, 0, 4, 3])
     loader = [(torch.zeros(3, 1), labels[:3]), (torch.zeros(2, 1), labels[3:])]
     top, y = predict(Logits(logits), loader, torch.device("cpu"), None, channels_last=False, k=5)

@@ -1,6 +1,7 @@
 """evaluate: the published numbers (val, ReaL, V2; top-1, top-5, counts) equal timm's validate.py on the same
 weights (tests/timm_reference.py), and so does the validation between epochs; ReaL scoring rules, V2's folder-index
 labels through evaluation, the paper's eval transform."""
+
 from __future__ import annotations
 
 import csv
@@ -11,18 +12,17 @@ from pathlib import Path
 
 import pytest
 import timm
+import timm_reference as ref
 import torch
 import yaml
+from conftest import write_params
 from torchvision import transforms as T
 
-import timm_reference as ref
 from rsb import loader as loaders
 from rsb.data.datasets import Split
 from rsb.errors import InputError
-from rsb.io import save_weights
 from rsb.evaluation import evaluate_model, real_labels
-
-from conftest import write_params
+from rsb.io import save_weights
 
 
 @pytest.mark.parametrize("size, crop_pct, resize", [(224, 0.95, 235), (64, 0.95, 67), (160, 0.875, 182)])
@@ -35,11 +35,13 @@ def test_eval_transform_is_the_papers(size, crop_pct, resize):
     assert norm.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
     assert norm.std.tolist() == pytest.approx([0.229, 0.224, 0.225])
     from PIL import Image
+
     assert tf(Image.new("RGB", (300, 250))).shape == (3, size, size)
 
 
 class FolderOracle(torch.nn.Module):
     """A 'model' that predicts the class an image was stored under: it reads the label smuggled in the pixels."""
+
     num_classes = 20
 
     def forward(self, x):
@@ -53,8 +55,11 @@ def test_v2_folder_index_maps_through_evaluation(prepared, monkeypatch):
 
     def getitem(self, i):
         path, label = self.samples[i]
-        truth = int(path.parent.name) if self.split == "v2" else \
-            json.loads((self.root / "classes.json").read_text())[label]["index"]
+        truth = (
+            int(path.parent.name)
+            if self.split == "v2"
+            else json.loads((self.root / "classes.json").read_text())[label]["index"]
+        )
         return torch.full((3, 8, 8), float(truth)), label
 
     monkeypatch.setattr(datasets.Split, "__getitem__", getitem)
@@ -68,17 +73,30 @@ def test_v2_folder_index_maps_through_evaluation(prepared, monkeypatch):
 
 def test_stage_writes_and_logs(tmp_path, prepared, monkeypatch):
     from conftest import write_params
+
     from stages.evaluate import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSB_TRACKING", "off")
     p = write_params(tmp_path / "params.yaml", prepared)
     (tmp_path / "models").mkdir()
-    save_weights(tmp_path / "models/test_resnet-a3.safetensors", timm.create_model("test_resnet", num_classes=20).state_dict())
+    save_weights(
+        tmp_path / "models/test_resnet-a3.safetensors", timm.create_model("test_resnet", num_classes=20).state_dict()
+    )
     m = main(["--arch", "test_resnet", "--recipe", "a3", "--params", str(p)])
     saved = json.loads((tmp_path / "metrics/eval/test_resnet-a3.json").read_text())
-    for key in ("val/top1", "val/top5", "real/top1", "real/top5", "v2/top1", "v2/top5", "val/count", "real/count",
-                "v2/count", "transform"):
+    for key in (
+        "val/top1",
+        "val/top5",
+        "real/top1",
+        "real/top5",
+        "v2/top1",
+        "v2/top5",
+        "val/count",
+        "real/count",
+        "v2/count",
+        "transform",
+    ):
         assert key in saved
     assert saved["transform"]["crop"] == 32 and saved["transform"]["resize_shorter"] == 33
     assert m["val/top1"] == saved["val/top1"]
@@ -86,6 +104,7 @@ def test_stage_writes_and_logs(tmp_path, prepared, monkeypatch):
 
 def test_missing_weights_name_the_stage(tmp_path, prepared, monkeypatch):
     from conftest import write_params
+
     from stages.evaluate import main
 
     monkeypatch.chdir(tmp_path)
@@ -119,13 +138,12 @@ def test_eval_transform_equals_timms_on_real_images(prepared):
 def test_a3_is_evaluated_at_its_test_size(tmp_path, prepared):
     """A3 trains at 160 but is evaluated at 224 (the paper's table); scaled alike in the mini run."""
     from conftest import write_params
+
     from rsb.config import load_params, resolve
 
     paper = load_params(write_params(tmp_path / "p.yaml", prepared, {"scale.img_size": 224}))
     r = resolve(paper, "resnet18", "a3", world_size=1)
     assert (r.img_size, r.test_img_size) == (160, 224)
-
-
 
 
 # --- the published numbers are validate.py's ------------------------------------------------------------------------
@@ -172,11 +190,11 @@ def validate_py(d: Path, extracted: Path, precision: str, prefetcher: bool = Fal
     raw = yaml.safe_load((d / "params.yaml").read_text())
     args = ref.args_for(raw, "a3", "test_resnet", 20, 8, 1, raw["scale"]["batch_size"] // 8, precision)
     weights, batch = d / "models" / f"{NAME}.safetensors", raw["evaluate"]["batch_size"]
-    val = ref.validate_py(ref.validate_py_args(args, extracted / "val", weights, batch, extracted / "real.json",
-                                               prefetcher))
+    val = ref.validate_py(
+        ref.validate_py_args(args, extracted / "val", weights, batch, extracted / "real.json", prefetcher)
+    )
     v2 = ref.validate_py(ref.validate_py_args(args, extracted / "v2", weights, batch, prefetcher=prefetcher))
-    return {"val": val, "real": {k.removeprefix("real_"): v for k, v in val.items() if k.startswith("real_")},
-            "v2": v2}
+    return {"val": val, "real": {k.removeprefix("real_"): v for k, v in val.items() if k.startswith("real_")}, "v2": v2}
 
 
 def differences(ours: dict, theirs: dict, images: int = 0) -> list[str]:
@@ -192,17 +210,24 @@ def differences(ours: dict, theirs: dict, images: int = 0) -> list[str]:
             mine = ours[f"{split}/{k}"]
             correct = round(mine * n / 100)
             if abs(correct - t[f"{k}_correct"]) > images or (images == 0 and round(mine, 4) != t[k]):
-                out.append(f"{split}/{k}: {mine} ({correct} of {n}), validate.py {t[k]} ({t[f'{k}_correct']} of "
-                           f"{t['count']})")
+                out.append(
+                    f"{split}/{k}: {mine} ({correct} of {n}), validate.py {t[k]} ({t[f'{k}_correct']} of {t['count']})"
+                )
     tf, v = ours["transform"], theirs["val"]
-    if (tf["crop"], tf["crop_pct"], tf["interpolation"], tf["mean"], tf["std"]) != \
-            (v["img_size"], v["crop_pct"], v["interpolation"], pytest.approx(v["mean"]), pytest.approx(v["std"])):
+    if (tf["crop"], tf["crop_pct"], tf["interpolation"], tf["mean"], tf["std"]) != (
+        v["img_size"],
+        v["crop_pct"],
+        v["interpolation"],
+        pytest.approx(v["mean"]),
+        pytest.approx(v["std"]),
+    ):
         out.append(f"transform {tf}, validate.py {v}")
     return out
 
 
-def test_published_numbers_equal_timms_validate_py_on_the_same_weights(trained, prepared, extracted, tmp_path,
-                                                                       monkeypatch):
+def test_published_numbers_equal_timms_validate_py_on_the_same_weights(
+    trained, prepared, extracted, tmp_path, monkeypatch
+):
     """fp32 on the CPU: val, ReaL and V2, top-1, top-5 and counts of the evaluate stage equal what timm's
     validate.py computes from the same weights file (--img-size 32 --crop-pct 0.95 --interpolation bicubic,
     --real-labels for ReaL, V2's folders through timm's own folder reader), on both of validate.py's data paths
@@ -219,8 +244,7 @@ def test_published_numbers_equal_timms_validate_py_on_the_same_weights(trained, 
     assert 0 < ours["val/top1"] < 100 and 0 < ours["v2/top5"] < 100, "weights that score neither none nor all"
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("rsb").experiment_id],
-                                "tags.`rsb.evaluated` = 'true'")
+    (run,) = client.search_runs([client.get_experiment_by_name("rsb").experiment_id], "tags.`rsb.evaluated` = 'true'")
     report(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "reports")])
     with open(tmp_path / "reports/figure4.csv") as f:
         (row,) = list(csv.DictReader(f))
@@ -238,8 +262,9 @@ def test_validation_between_epochs_equals_the_evaluate_stage(trained, prepared, 
     is the evaluate stage's val top-1/top-5 on the saved weights, and so validate.py's."""
     ours = evaluate_stage(trained, tmp_path, prepared, monkeypatch, "fp32")
     between = json.loads((trained / "metrics/train" / f"{NAME}.json").read_text())
-    assert {k: between[k] for k in ("val/top1", "val/top5", "val/count")} == \
-        {k: ours[k] for k in ("val/top1", "val/top5", "val/count")}
+    assert {k: between[k] for k in ("val/top1", "val/top5", "val/count")} == {
+        k: ours[k] for k in ("val/top1", "val/top5", "val/count")
+    }
     theirs = validate_py(tmp_path, extracted, "fp32")["val"]
     assert round(between["val/top1"], 4) == theirs["top1"] and round(between["val/top5"], 4) == theirs["top5"]
 

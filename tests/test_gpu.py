@@ -4,6 +4,7 @@ device is found; `bench/gpu.sh` runs these on a lent GPU machine (and its rehear
 
 Ours runs 1 process x 1 micro-batch of 16, train.py 1 process of 16: the same batches, one epoch of 10 updates.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, clean_env, run_if
 from test_train import PARITY, REORDERED, assert_same_run, launch, off, params_file, reference_run
 
@@ -52,9 +52,13 @@ def test_bf16_autocast_on_gpu_equals_train_py_amp(tmp_path, prepared, extracted)
 
     def distance(theirs) -> tuple[float, float]:
         g = max(off(a, b) for x, u in zip(ours["grads"], theirs.log) for a, b in zip(x, u["grads"]))
-        w = max(float((v - theirs.state[k]).abs().max() / theirs.state[k].abs().max().clamp_min(1e-12))
-                for k, v in ours["state"].items() if v.is_floating_point() and "running" not in k)
+        w = max(
+            float((v - theirs.state[k]).abs().max() / theirs.state[k].abs().max().clamp_min(1e-12))
+            for k, v in ours["state"].items()
+            if v.is_floating_point() and "running" not in k
+        )
         return g, w
+
     g, w = distance(reference_run(p, extracted, 1, 1, cfg, "bf16", device="cuda"))
     assert g < 1e-2 and w < 1e-2, (g, w)
     g2, w2 = distance(reference_run(p, extracted, 1, 1, cfg, "bf16", loss_scale=2.0, device="cuda"))
@@ -69,8 +73,8 @@ def test_fp16_loss_scaler_skips_the_overflows_train_py_skips(tmp_path, prepared,
     optimizer at the others, the same lr schedule (it steps through skipped updates on both sides)."""
     cfg = {**ONE_GPU, "train.precision": "fp16"}
     p = params_file(tmp_path, prepared, cfg)
-    ours = ours_on_gpu(tmp_path, p, INIT_SCALE=str(2.0 ** 24))
-    theirs = reference_run(p, extracted, 1, 1, cfg, "fp16", device="cuda", init_scale=2.0 ** 24)
+    ours = ours_on_gpu(tmp_path, p, INIT_SCALE=str(2.0**24))
+    theirs = reference_run(p, extracted, 1, 1, cfg, "fp16", device="cuda", init_scale=2.0**24)
     ran = [u["grads"] for u in theirs.log if u["grads"] is not None]
     assert 0 < len(ran) < len(theirs.log), f"{len(theirs.log) - len(ran)} of {len(theirs.log)} updates overflowed"
     assert len(ours["grads"]) == len(ran) == theirs.steps, "the same number of optimizer steps ran"
@@ -86,9 +90,14 @@ def test_evaluate_on_gpu_scores_what_the_cpu_scores(tmp_path, prepared):
     ours_on_gpu(tmp_path, p)
     tops = {}
     for accelerator in ("cuda", "cpu"):
-        out = subprocess.run([sys.executable, "-m", "stages.evaluate", "--arch", "test_resnet", "--recipe", "a1",
-                              "--params", str(p)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                             env=clean_env(RSB_TRACKING="off", DS_ACCELERATOR=accelerator))
+        out = subprocess.run(
+            [sys.executable, "-m", "stages.evaluate", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=clean_env(RSB_TRACKING="off", DS_ACCELERATOR=accelerator),
+        )
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         ev = json.loads((tmp_path / "metrics/eval/test_resnet-a1.json").read_text())
         tops[accelerator] = ev
@@ -99,14 +108,23 @@ def test_evaluate_on_gpu_scores_what_the_cpu_scores(tmp_path, prepared):
 
 def test_benchmark_peak_memory_comes_from_the_cuda_allocator():
     """profiling.throughput on CUDA reports torch.cuda.max_memory_allocated, at least the weights' size."""
-    code = "\n".join([
-        "import json, timm, torch",
-        "from rsb import profiling",
-        "m = timm.create_model('resnet18')",
-        "r = profiling.throughput(m, 8, 64, torch.device('cuda'), None, True, 1, 2)",
-        "print(json.dumps({**r, 'weights_mb': sum(p.numel() * 4 for p in m.parameters()) / 2**20}))"])
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(DS_ACCELERATOR="cuda"),
-                         capture_output=True, text=True, timeout=300)
+    code = "\n".join(
+        [
+            "import json, timm, torch",
+            "from rsb import profiling",
+            "m = timm.create_model('resnet18')",
+            "r = profiling.throughput(m, 8, 64, torch.device('cuda'), None, True, 1, 2)",
+            "print(json.dumps({**r, 'weights_mb': sum(p.numel() * 4 for p in m.parameters()) / 2**20}))",
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean_env(DS_ACCELERATOR="cuda"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["peak_mem_kind"] == "cuda max_memory_allocated" and r["peak_mem_mb"] >= r["weights_mb"], r
@@ -120,8 +138,9 @@ def test_nccl_world_of_two_equals_one_gpu_accumulating(tmp_path, prepared):
     (tmp_path / "one").mkdir()
     one = launch(tmp_path / "one", params_file(tmp_path / "one", prepared, cfg), 1, accelerator="cuda")
     (tmp_path / "two").mkdir()
-    two = launch(tmp_path / "two", params_file(tmp_path / "two", prepared, {**cfg, "train.devices": 2}), 2,
-                 accelerator="cuda")
+    two = launch(
+        tmp_path / "two", params_file(tmp_path / "two", prepared, {**cfg, "train.devices": 2}), 2, accelerator="cuda"
+    )
     assert one["lr"] == two["lr"] and len(one["grads"]) == len(two["grads"]) == 10
     early, late, state = REORDERED
     for n, (a, b) in enumerate(zip(two["grads"], one["grads"]), 1):

@@ -3,6 +3,7 @@ reader checks what it reads; an expected failure is one `error: <file or key>: .
 
 Each case is a kind of slip (RELIABILITY.md, "Bad input"), tried on every stage it applies to; inputs are compared
 byte for byte (sha256 of every file) before and after."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, clean_env, write_params
+
 from rsb import errors
 from rsb.data import folder
 from rsb.data.archives import ArchiveError
@@ -31,13 +32,22 @@ from rsb.io import load_weights, read_json, save_weights
 
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file under `root` (links followed) -> its sha256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(cwd: Path, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(RSB_TRACKING="off", **env))
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(RSB_TRACKING="off", **env),
+    )
 
 
 def one_line(out: subprocess.CompletedProcess, *says: str) -> str:
@@ -53,20 +63,31 @@ def one_line(out: subprocess.CompletedProcess, *says: str) -> str:
 
 # --- inputs are never touched ------------------------------------------------------------------------------------
 
+
 def _slips(raw: Path, tmp: Path) -> dict[str, Path]:
     """data.prepared values that overlap data.raw, as a user might type them; symlinks resolved."""
     (tmp / "link-to-raw").symlink_to(raw)
     (tmp / "link-to-parent").symlink_to(raw.parent)
-    return {"equal": raw, "contains": raw.parent, "inside": raw / "prepared", "inside-deep": raw / "a" / "b",
-            "symlink-equal": tmp / "link-to-raw", "symlink-inside": tmp / "link-to-raw" / "prepared",
-            "symlink-contains": tmp / "link-to-parent", "dot-dot": raw / "x" / ".." / ".."}
+    return {
+        "equal": raw,
+        "contains": raw.parent,
+        "inside": raw / "prepared",
+        "inside-deep": raw / "a" / "b",
+        "symlink-equal": tmp / "link-to-raw",
+        "symlink-inside": tmp / "link-to-raw" / "prepared",
+        "symlink-contains": tmp / "link-to-parent",
+        "dot-dot": raw / "x" / ".." / "..",
+    }
 
 
-@pytest.mark.parametrize("slip", ["equal", "contains", "inside", "inside-deep", "symlink-equal", "symlink-inside",
-                                  "symlink-contains", "dot-dot"])
+@pytest.mark.parametrize(
+    "slip",
+    ["equal", "contains", "inside", "inside-deep", "symlink-equal", "symlink-inside", "symlink-contains", "dot-dot"],
+)
 @pytest.mark.parametrize("source", ["mini", "folder"])
-def test_prepare_refuses_an_output_overlapping_the_archives_and_leaves_them_intact(release, extracted, tmp_path,
-                                                                                   slip, source):
+def test_prepare_refuses_an_output_overlapping_the_archives_and_leaves_them_intact(
+    release, extracted, tmp_path, slip, source
+):
     from rsb.data.prepare import build
 
     raw = tmp_path / "datasets" / "imagenet"
@@ -146,8 +167,11 @@ def test_a_start_never_overwrites_its_own_source(tmp_path, prepared, monkeypatch
     src.parent.mkdir(parents=True)
     save_weights(src, {"w": torch.ones(2)})
     before = src.read_bytes()
-    p = write_params(tmp_path / "params.yaml", prepared, {"transfer.weights": {"a1": str(src)},
-                                                          "transfer.starts": ["a1"], "transfer.arch": "test_resnet"})
+    p = write_params(
+        tmp_path / "params.yaml",
+        prepared,
+        {"transfer.weights": {"a1": str(src)}, "transfer.starts": ["a1"], "transfer.arch": "test_resnet"},
+    )
     with pytest.raises(InputError, match=r"is the input transfer.weights.a1"):
         main(["--name", "a1", "--params", str(p)])
     assert src.read_bytes() == before
@@ -175,8 +199,9 @@ def test_reports_are_never_written_into_what_they_read(tmp_path, prepared, monke
     (tmp_path / "metrics" / "eval").mkdir(parents=True)
     p = write_params(tmp_path / "params.yaml", prepared)
     with pytest.raises(InputError, match=r"--out = metrics: is the input"):
-        report(["--params", str(p), "--out", "metrics"]) if stage == "report" else \
-            studies(["seeds", "--params", str(p), "--out", "metrics"])
+        report(["--params", str(p), "--out", "metrics"]) if stage == "report" else studies(
+            ["seeds", "--params", str(p), "--out", "metrics"]
+        )
     assert [x.name for x in (tmp_path / "metrics").rglob("*")] == ["eval"]
 
 
@@ -192,6 +217,7 @@ def test_overlap_is_decided_on_resolved_paths(tmp_path):
 
 
 # --- one error path ------------------------------------------------------------------------------------------------
+
 
 def test_a_worker_side_failure_is_unwrapped_to_the_file(extracted, tmp_path):
     """An image removed, and one damaged, after indexing (folder source): the DataLoader worker's failure reaches
@@ -229,8 +255,11 @@ def test_a_training_whose_image_vanished_is_one_line(extracted, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(extracted, raw)
     build(raw, tmp_path / "prepared", "folder", False)
-    p = write_params(tmp_path / "params.yaml", tmp_path / "prepared", {"data.raw": str(raw), "data.source": "folder",
-                                                                         "train.workers": 1})
+    p = write_params(
+        tmp_path / "params.yaml",
+        tmp_path / "prepared",
+        {"data.raw": str(raw), "data.source": "folder", "train.workers": 1},
+    )
     for name in Split(tmp_path / "prepared", "train").samples_names():
         (raw / "train" / name).write_bytes(b"not an image")
         break
@@ -251,10 +280,22 @@ def test_a_temp_folder_too_long_for_worker_sockets_is_one_line_not_a_hang(tmp_pa
         import timm
 
         (tmp_path / "models").mkdir()
-        save_weights(tmp_path / "models" / "test_resnet-a1.safetensors",
-                     timm.create_model("test_resnet", num_classes=20).state_dict())
-    out = cli(tmp_path, f"stages.{stage}", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p),
-              timeout=120, TMPDIR=str(tmp))
+        save_weights(
+            tmp_path / "models" / "test_resnet-a1.safetensors",
+            timm.create_model("test_resnet", num_classes=20).state_dict(),
+        )
+    out = cli(
+        tmp_path,
+        f"stages.{stage}",
+        "--arch",
+        "test_resnet",
+        "--recipe",
+        "a1",
+        "--params",
+        str(p),
+        timeout=120,
+        TMPDIR=str(tmp),
+    )
     one_line(out, f"TMPDIR = {tmp}: loader workers hand batches over a Unix socket", "set TMPDIR to a shorter")
 
 
@@ -270,9 +311,11 @@ def test_a_json_file_the_project_wrote_and_something_broke_is_named(prepared, tm
     copy = tmp_path / "prepared"
     shutil.copytree(prepared, copy)
     text = (copy / "info.json").read_text()
-    broken = {"not-json": text[: len(text) // 2],
-              "merge-conflict": f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> theirs\n",
-              "binary": None}[damage]
+    broken = {
+        "not-json": text[: len(text) // 2],
+        "merge-conflict": f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> theirs\n",
+        "binary": None,
+    }[damage]
     if broken is None:
         (copy / "info.json").write_bytes(b"\xff\xfe\x00garbage")
     else:
@@ -320,9 +363,13 @@ def test_weights_are_checked_wherever_they_enter(tmp_path, damage):
         torch.save(state, w)
     elif damage == "missing":
         w.unlink()
-    says = {"nan": "tensor conv.weight holds NaN or infinite values", "inf": "tensor conv.weight holds NaN",
-            "truncated": "not a readable safetensors", "pickle": "not a readable safetensors",
-            "missing": "no such"}[damage]
+    says = {
+        "nan": "tensor conv.weight holds NaN or infinite values",
+        "inf": "tensor conv.weight holds NaN",
+        "truncated": "not a readable safetensors",
+        "pickle": "not a readable safetensors",
+        "missing": "no such",
+    }[damage]
     with pytest.raises(RsbError, match=f"{w}: {says}"):
         load_weights(w)
     with pytest.raises(RsbError, match=rf"{w}: ({says}|not a weights file this can read)"):
@@ -364,12 +411,15 @@ def test_an_occupied_ui_port_is_refused_before_mlflow_starts(tmp_path):
         one_line(cli(tmp_path, "rsb.tracking", "ui", "--port", str(port)), f"--port={port}: in use on this node")
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--devices", "0"], "--devices 0: must be an integer >= 1"),
-    (["--nodes", "-1"], "--nodes -1: must be an integer >= 1"),
-    (["--master-port", "70000"], "--master-port 70000: must be an integer in [0, 65535]"),
-    (["--launcher", "ssh"], "--launcher 'ssh': must be one of pdsh, no_ssh, slurm"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--devices", "0"], "--devices 0: must be an integer >= 1"),
+        (["--nodes", "-1"], "--nodes -1: must be an integer >= 1"),
+        (["--master-port", "70000"], "--master-port 70000: must be an integer in [0, 65535]"),
+        (["--launcher", "ssh"], "--launcher 'ssh': must be one of pdsh, no_ssh, slurm"),
+    ],
+)
 def test_launcher_options_go_through_their_keys_domains(tmp_path, args, says):
     one_line(cli(tmp_path, "rsb.launch", *args, "stages.train", "--arch", "x"), says)
 
@@ -398,6 +448,7 @@ def test_an_unreachable_mlflow_server_fails_in_seconds_naming_the_url(tmp_path):
 
 # --- no network call the user did not configure ------------------------------------------------------------------
 
+
 def test_dvc_sends_no_analytics_and_checks_no_updates(tmp_path):
     """The committed .dvc/config turns DVC's analytics (a report file in the temp folder, then a send) and its
     update check off: a `dvc` command leaves nothing in TMPDIR."""
@@ -413,16 +464,22 @@ def test_dvc_sends_no_analytics_and_checks_no_updates(tmp_path):
 
 def test_mlflow_telemetry_and_job_runner_are_off_wherever_the_project_starts_mlflow():
     """As MLflow reads them, in a process that imported rsb.tracking (and so in the `mlflow ui` it starts)."""
-    code = ("import os, rsb.tracking; from mlflow.telemetry.utils import is_telemetry_disabled; "
-            "from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION as jobs; "
-            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], is_telemetry_disabled(), jobs.get())")
-    env = {k: v for k, v in clean_env().items()
-           if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION")}
+    code = (
+        "import os, rsb.tracking; from mlflow.telemetry.utils import is_telemetry_disabled; "
+        "from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION as jobs; "
+        "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], is_telemetry_disabled(), jobs.get())"
+    )
+    env = {
+        k: v
+        for k, v in clean_env().items()
+        if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION")
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["true", "True", "False"], out.stderr[-2000:]
 
 
 # --- every reader checks what it reads --------------------------------------------------------------------------
+
 
 def _val_tar_with(raw: Path, edit: str) -> None:
     """Rewrite the val tar with one member repeated, dropped, or added beyond the devkit's ground truth."""
@@ -444,11 +501,14 @@ def _val_tar_with(raw: Path, edit: str) -> None:
             t.addfile(info, __import__("io").BytesIO(data))
 
 
-@pytest.mark.parametrize("edit, says", [
-    ("repeated", "appears more than once"),
-    ("missing", "val image(s) of the devkit's ground truth missing (first: ILSVRC2012_val_00000006.JPEG)"),
-    ("extra", "member ILSVRC2012_val_00000081.JPEG has no ground truth in the devkit"),
-])
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ("repeated", "appears more than once"),
+        ("missing", "val image(s) of the devkit's ground truth missing (first: ILSVRC2012_val_00000006.JPEG)"),
+        ("extra", "member ILSVRC2012_val_00000081.JPEG has no ground truth in the devkit"),
+    ],
+)
 def test_val_members_are_the_devkits_ids_exactly(release_copy, tmp_path, edit, says):
     from rsb.data.prepare import build
 
@@ -458,11 +518,14 @@ def test_val_members_are_the_devkits_ids_exactly(release_copy, tmp_path, edit, s
     assert not (tmp_path / "prepared").exists()
 
 
-@pytest.mark.parametrize("edit, says", [
-    ("moved", "but the devkit's ground truth says"),
-    ("missing", "missing (first: ILSVRC2012_val_"),
-    ("renamed", "is not ILSVRC2012_val_<8 digits>.JPEG"),
-])
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ("moved", "but the devkit's ground truth says"),
+        ("missing", "missing (first: ILSVRC2012_val_"),
+        ("renamed", "is not ILSVRC2012_val_<8 digits>.JPEG"),
+    ],
+)
 def test_an_extracted_val_folder_is_checked_against_the_devkit(extracted, tmp_path, edit, says):
     from rsb.data.prepare import build
 
@@ -482,12 +545,16 @@ def test_an_extracted_val_folder_is_checked_against_the_devkit(extracted, tmp_pa
 
 # Damages to an ImageFolder split, and what both readers (prepare's folder source, a downstream dataset) do.
 FOLDER_CASES = {
-    "hidden files and folders": (lambda top, c: [(top / ".DS_Store").write_bytes(b"x"),
-                                                 (c / "._0000.JPEG").write_bytes(b"x"),
-                                                 (top / ".ipynb_checkpoints").mkdir()], None),
+    "hidden files and folders": (
+        lambda top, c: [
+            (top / ".DS_Store").write_bytes(b"x"),
+            (c / "._0000.JPEG").write_bytes(b"x"),
+            (top / ".ipynb_checkpoints").mkdir(),
+        ],
+        None,
+    ),
     "a README in a class folder": (lambda top, c: (c / "README.txt").write_text("x"), "not an image file"),
-    "a file directly under the split": (lambda top, c: (top / "notes.JPEG").write_bytes(b"x"),
-                                        "a file directly under"),
+    "a file directly under the split": (lambda top, c: (top / "notes.JPEG").write_bytes(b"x"), "a file directly under"),
     "an empty class folder": (lambda top, c: (top / "zz-empty").mkdir(), "no images"),
     "an upper-case extension": (lambda top, c: next(c.iterdir()).rename(c / "UPPER.JPG"), None),
 }
@@ -523,8 +590,9 @@ def downstream(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("aa", ["rand-m9-mstd-inc1", "rand-m9--inc1", "rand-m9-foo-mstd0.5", "original-mstd",
-                                "augmix-m5-x"])
+@pytest.mark.parametrize(
+    "aa", ["rand-m9-mstd-inc1", "rand-m9--inc1", "rand-m9-foo-mstd0.5", "original-mstd", "augmix-m5-x"]
+)
 def test_an_augmentation_segment_timm_would_skip_is_refused(tmp_path, prepared, aa):
     """timm's parsers skip a segment with no digit without a word (the run trains with the default); refused."""
     from rsb.config import ConfigError, check_timm, load_params

@@ -1,5 +1,6 @@
 """rsb.launch: one process runs the stage directly, more go through the real `deepspeed` launcher; bad hostfiles
 and device counts are refused before anything starts."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,19 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, clean_env, write_params
 
 from rsb.launch import LaunchError, command, read_hostfile
-
-from conftest import ROOT, clean_env, write_params
 
 
 def test_one_process_runs_the_module_directly(tmp_path):
     assert command(1, 1, tmp_path / "hostfile", 0, "stages.train", ["--arch", "x"]) == [
-        sys.executable, "-m", "stages.train", "--arch", "x"]
+        sys.executable,
+        "-m",
+        "stages.train",
+        "--arch",
+        "x",
+    ]
 
 
 def test_several_processes_go_through_deepspeed(tmp_path):
@@ -52,12 +57,15 @@ def test_children_extend_pythonpath(monkeypatch):
     assert clean_env(PYTHONPATH="x")["PYTHONPATH"] == "x:/tmp/site"
 
 
-@pytest.mark.parametrize("text, match", [
-    ("worker-1 slots=eight\n", r"hostfile:1: 'worker-1 slots=eight' is not `<host> slots=<n>`"),
-    ("worker-1\n", r"hostfile:1: 'worker-1' is not"),
-    ("worker-1 slots=0\n", r"n >= 1"),
-    ("worker-1 slots=8\nworker-1 slots=8\n", r"hostfile:2: host worker-1 is listed twice"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("worker-1 slots=eight\n", r"hostfile:1: 'worker-1 slots=eight' is not `<host> slots=<n>`"),
+        ("worker-1\n", r"hostfile:1: 'worker-1' is not"),
+        ("worker-1 slots=0\n", r"n >= 1"),
+        ("worker-1 slots=8\nworker-1 slots=8\n", r"hostfile:2: host worker-1 is listed twice"),
+    ],
+)
 def test_a_hostfile_that_does_not_parse_is_refused(tmp_path, text, match):
     (tmp_path / "hostfile").write_text(text)
     with pytest.raises(LaunchError, match=match):
@@ -79,19 +87,41 @@ def test_multi_node_settings_the_hostfile_cannot_serve_are_refused(tmp_path):
 
 def test_cli_reports_a_bad_hostfile_in_one_line(tmp_path):
     (tmp_path / "hostfile").write_text("worker-1 slots=x\n")
-    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--nodes", "2", "--devices", "1", "--hostfile",
-                          str(tmp_path / "hostfile"), "stages.train"], capture_output=True, text=True, env=clean_env())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rsb.launch",
+            "--nodes",
+            "2",
+            "--devices",
+            "1",
+            "--hostfile",
+            str(tmp_path / "hostfile"),
+            "stages.train",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
     assert out.returncode == 1 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
 
 
 # --- multi-node without passwordless ssh: DeepSpeed's --no_ssh, and srun inside a SLURM allocation ----------------
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
-    ("node7", ["node7"]), ("a[8-10]", ["a8", "a9", "a10"]), ("c[001-002],d[1]", ["c001", "c002", "d1"]),
-])
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+        ("node7", ["node7"]),
+        ("a[8-10]", ["a8", "a9", "a10"]),
+        ("c[001-002],d[1]", ["c001", "c002", "d1"]),
+    ],
+)
 def test_slurm_nodelists_expand_as_scontrol_does(nodelist, hosts):
     from rsb.launch import expand_nodelist
+
     assert expand_nodelist(nodelist) == hosts
 
 
@@ -115,7 +145,7 @@ def test_slurm_runs_one_no_ssh_launcher_per_node_through_srun(tmp_path, monkeypa
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the nodelist is expanded here
     cmd = command(2, 8, tmp_path / "hostfile", 0, "stages.train", ["--arch", "x"], "slurm", "auto", env)
     assert cmd[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    tail = cmd[cmd.index("rsb.launch") + 1:]
+    tail = cmd[cmd.index("rsb.launch") + 1 :]
     assert tail[tail.index("--launcher") + 1] == "no_ssh" and tail[tail.index("--master-addr") + 1] == "gpu01"
     assert int(tail[tail.index("--master-port") + 1]) > 0
     assert (tmp_path / "hostfile.slurm-77").read_text() == "gpu01 slots=8\ngpu02 slots=8\n"
@@ -130,23 +160,65 @@ def test_two_nodes_without_ssh_equal_one_process_accumulating(tmp_path, prepared
     """Two `--no_ssh` launchers on 127.0.0.1 (node rank 0 and 1, one CPU process each) train two epochs as a world
     of 2 across "2 nodes": the same lr, gradients and weights as train.py on 2 processes, and the same weights as
     one process accumulating 2 micro-batches."""
-    from rsb.net import free_port
     from test_train import PARITY, assert_same_run, off, our_run_in_process, params_file, read_outputs, reference_run
+
+    from rsb.net import free_port
 
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     port = free_port()
-    cfg = {**PARITY, "train.nodes": 2, "train.devices": 1, "train.micro_batch": 8, "train.launcher": "no_ssh",
-           "train.master_port": port, "train.master_addr": "127.0.0.1"}
+    cfg = {
+        **PARITY,
+        "train.nodes": 2,
+        "train.devices": 1,
+        "train.micro_batch": 8,
+        "train.launcher": "no_ssh",
+        "train.master_port": port,
+        "train.master_addr": "127.0.0.1",
+    }
     p = params_file(nodes, prepared, cfg)
     (nodes / "hostfile").write_text("nodeA slots=1\nnodeB slots=1\n")
-    cmd = [sys.executable, "-m", "rsb.launch", "--nodes", "2", "--devices", "1", "--hostfile", "hostfile",
-           "--master-port", str(port), "--launcher", "no_ssh", "--master-addr", "127.0.0.1", "parity_worker",
-           "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)]
-    env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(nodes / "grads"), DS_ACCELERATOR="cpu",
-                    PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}")
-    procs = [subprocess.Popen(cmd, cwd=nodes, env={**env, "RSB_NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rsb.launch",
+        "--nodes",
+        "2",
+        "--devices",
+        "1",
+        "--hostfile",
+        "hostfile",
+        "--master-port",
+        str(port),
+        "--launcher",
+        "no_ssh",
+        "--master-addr",
+        "127.0.0.1",
+        "parity_worker",
+        "--arch",
+        "test_resnet",
+        "--recipe",
+        "a1",
+        "--params",
+        str(p),
+    ]
+    env = clean_env(
+        RSB_TRACKING="off",
+        GRADS_OUT=str(nodes / "grads"),
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}",
+    )
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=nodes,
+            env={**env, "RSB_NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     run = json.loads((nodes / "runs/test_resnet-a1.json").read_text())
@@ -182,13 +254,41 @@ def test_slurm_launcher_trains_across_two_nodes_through_srun(tmp_path, prepared)
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "srun").chmod(0o755)
-    p = write_params(tmp_path / "params.yaml", prepared, {"train.nodes": 2, "train.launcher": "slurm",
-                                                          "train.master_addr": "127.0.0.1"})
-    env = clean_env(RSB_TRACKING="off", SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="5",
-                    PATH=f"{bin_dir}:{os.environ['PATH']}")
-    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--nodes", "2", "--devices", "1", "--launcher", "slurm",
-                          "--master-addr", "127.0.0.1", "stages.train", "--arch", "test_resnet", "--recipe", "a3",
-                          "--params", str(p)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    p = write_params(
+        tmp_path / "params.yaml",
+        prepared,
+        {"train.nodes": 2, "train.launcher": "slurm", "train.master_addr": "127.0.0.1"},
+    )
+    env = clean_env(
+        RSB_TRACKING="off", SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="5", PATH=f"{bin_dir}:{os.environ['PATH']}"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rsb.launch",
+            "--nodes",
+            "2",
+            "--devices",
+            "1",
+            "--launcher",
+            "slurm",
+            "--master-addr",
+            "127.0.0.1",
+            "stages.train",
+            "--arch",
+            "test_resnet",
+            "--recipe",
+            "a3",
+            "--params",
+            str(p),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())
     assert run["resolved"]["world_size"] == 2

@@ -1,18 +1,19 @@
 """rsb.loader on timm's prefetcher path: batch for batch what train.py's `create_loader(use_prefetcher=True)`
 yields (uint8 transform, FastCollateMixup as collate_fn, normalization and random erasing by timm's PrefetchLoader),
 per virtual rank, through timm's samplers, over an epoch boundary; the reference is tests/timm_reference.py."""
+
 from __future__ import annotations
 
 import pytest
 import timm
+import timm_reference as ref
 import torch
 import yaml
+from conftest import write_params
 from torchvision.datasets import ImageFolder
 
-import timm_reference as ref
-from conftest import write_params
-from rsb.config import load_params, resolve
 from rsb import loader as loaders
+from rsb.config import load_params, resolve
 from rsb.data.datasets import Split
 from rsb.models import create_model
 
@@ -22,8 +23,9 @@ VIRTUAL = 4  # one process accumulating 4 micro-batches of 4: the slots of 4 of 
 def batches(tmp_path, prepared, extracted, recipe: str, cfg: dict, epochs=(0, 1)):
     """(ours, train.py's) micro-batches per epoch: ours in the order the stage's loader yields them (update u,
     slot v), train.py's as [v][u] for each of its VIRTUAL processes."""
-    path = write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp32", "train.micro_batch": 4,
-                                                             "train.seed": 3, **cfg})
+    path = write_params(
+        tmp_path / "params.yaml", prepared, {"train.precision": "fp32", "train.micro_batch": 4, "train.seed": 3, **cfg}
+    )
     r = resolve(load_params(path), "test_resnet", recipe, world_size=1)
     assert r.train.prefetcher is (cfg.get("train.prefetcher") is True) and r.grad_accum == VIRTUAL
     args = ref.args_for(yaml.safe_load(path.read_text()), recipe, "test_resnet", 20, 4, VIRTUAL, 1, overrides=cfg)
@@ -78,11 +80,20 @@ def test_without_the_prefetcher_the_loader_yields_normalized_float_batches(tmp_p
     r = resolve(load_params(path), "test_resnet", "a1", world_size=1)
     assert r.train.prefetcher is False and loaders.mixup(r, 20) is not None
     model = create_model(r, 20)
-    x, y = next(iter(loaders.train_loader(Split(prepared, "train", loaders.train_transform(r, model)), r, 0, 0,
-                                          torch.device("cpu"))))
+    x, y = next(
+        iter(
+            loaders.train_loader(
+                Split(prepared, "train", loaders.train_transform(r, model)), r, 0, 0, torch.device("cpu")
+            )
+        )
+    )
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == (4,)
-    on = resolve(load_params(write_params(tmp_path / "on.yaml", prepared, {"train.prefetcher": True})),
-                 "test_resnet", "a1", world_size=1)
+    on = resolve(
+        load_params(write_params(tmp_path / "on.yaml", prepared, {"train.prefetcher": True})),
+        "test_resnet",
+        "a1",
+        world_size=1,
+    )
     assert loaders.mixup(on, 20) is None, "with the prefetcher the collate mixes, the step does not"
     assert on.digest() != r.digest(), "a checkpoint does not resume across the two data paths"
 
@@ -95,5 +106,6 @@ def test_erasing_leaves_the_training_steps_streams_alone():
     torch.manual_seed(1)
     first = erase(torch.zeros(2))
     assert torch.equal(torch.rand(3), expected)
-    assert torch.equal(loaders.SeededCalls(lambda x: x + torch.rand_like(x), [7], torch.device("cpu"))(
-        torch.zeros(2)), first), "the i-th call draws from its own seed"
+    assert torch.equal(
+        loaders.SeededCalls(lambda x: x + torch.rand_like(x), [7], torch.device("cpu"))(torch.zeros(2)), first
+    ), "the i-th call draws from its own seed"

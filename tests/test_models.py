@@ -1,4 +1,5 @@
 """rsb.models: the network built as train.py builds it, and rebuilt from a weights file (safetensors only)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,7 @@ def test_weights_are_safetensors_and_never_unpickled(tmp_path):
     class Payload:
         def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
+
     torch.save({"x": Payload()}, tmp_path / "evil.safetensors")
     with pytest.raises(Exception) as e:
         load_model("test_resnet", tmp_path / "evil.safetensors", 20)

@@ -1,12 +1,13 @@
 """The pipeline end to end: the real `dvc repro` in a temporary git copy of the project, on a tiny profile."""
+
 from __future__ import annotations
 
 import csv
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,18 +15,36 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, clean_env
+
 from rsb.config import override
 
 pytestmark = pytest.mark.slow
 
-TINY = {"models": ["test_resnet"], "run": ["a1", "a3"],
-        "data.mini": {"seed": 0, "classes": 20, "train_per_class": 6, "val_per_class": 3, "v2_per_class": 2,
-                      "image_size": 48},
-        "scale.epochs": 0.004, "scale.min_epochs": 1, "scale.img_size": 32, "scale.batch_size": 16,
-        "train.micro_batch": 8, "train.workers": 0, "train.threads": 1, "evaluate.workers": 0,
-        "benchmark.img_size": 64, "benchmark.batch_size": 8, "benchmark.repeats": 2, "benchmark.warmup": 1}
+TINY = {
+    "models": ["test_resnet"],
+    "run": ["a1", "a3"],
+    "data.mini": {
+        "seed": 0,
+        "classes": 20,
+        "train_per_class": 6,
+        "val_per_class": 3,
+        "v2_per_class": 2,
+        "image_size": 48,
+    },
+    "scale.epochs": 0.004,
+    "scale.min_epochs": 1,
+    "scale.img_size": 32,
+    "scale.batch_size": 16,
+    "train.micro_batch": 8,
+    "train.workers": 0,
+    "train.threads": 1,
+    "evaluate.workers": 0,
+    "benchmark.img_size": 64,
+    "benchmark.batch_size": 8,
+    "benchmark.repeats": 2,
+    "benchmark.warmup": 1,
+}
 
 
 def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -50,8 +69,13 @@ def built(tmp_path_factory) -> Path:
     """A git copy of the project's tracked files, with the tiny profile, after one full `dvc repro`, committed and
     tagged `base`."""
     repo = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for f in filter(None, files):
         if (ROOT / f).is_file() and not f.startswith(("metrics/", "plots/", "runs/", "reports/", "dvc.lock")):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +155,14 @@ def test_an_edit_to_code_training_imports_reruns_training_and_a_tracking_edit_do
     MLflow logging is records only (rsb.code): editing it reruns nothing."""
     compat = repo / "src/rsb/compat.py"
     compat.write_text(compat.read_text() + "\n# an edit\n")
-    assert changed_stages(repo) == {"train@test_resnet-a1", "train@test_resnet-a3", "evaluate@test_resnet-a1",
-                                    "evaluate@test_resnet-a3", "benchmark@test_resnet", "report"}
+    assert changed_stages(repo) == {
+        "train@test_resnet-a1",
+        "train@test_resnet-a3",
+        "evaluate@test_resnet-a1",
+        "evaluate@test_resnet-a3",
+        "benchmark@test_resnet",
+        "report",
+    }
     sh(repo, "git", "checkout", "--", "src/rsb/compat.py")
     runs = repo / "src/rsb/tracking/runs.py"
     runs.write_text(runs.read_text() + "\n# an edit\n")
@@ -145,8 +175,12 @@ def test_an_edit_to_real_scoring_reruns_evaluations_only_and_config_reruns_them_
     there makes DVC rerun the evaluate stages and no training. rsb.config decides the evaluation's test size and
     precision: an edit there reruns the evaluate stages as well (dvc.yaml's deps are derived from the imports)."""
     evaluation = repo / "src/rsb/evaluation.py"
-    evaluation.write_text(evaluation.read_text().replace('out["top5"] += any(p in labels for p in pred[:5])',
-                                                         'out["top5"] += any(p in labels for p in pred[:5])  # edit'))
+    evaluation.write_text(
+        evaluation.read_text().replace(
+            'out["top5"] += any(p in labels for p in pred[:5])',
+            'out["top5"] += any(p in labels for p in pred[:5])  # edit',
+        )
+    )
     assert changed_stages(repo) == {"evaluate@test_resnet-a1", "evaluate@test_resnet-a3"}
     sh(repo, "git", "checkout", "--", "src/rsb/evaluation.py")
     config = repo / "src/rsb/config.py"
@@ -160,8 +194,14 @@ def test_adding_an_architecture_adds_only_its_stages(repo):
     report, nothing of the first's (the report's rows in `models` order: tests/test_report.py)."""
     set_params(repo, {"models": ["test_resnet", "test_efficientnet"]})
     new = "test_efficientnet"
-    assert changed_stages(repo) == {f"train@{new}-a1", f"train@{new}-a3", f"evaluate@{new}-a1",
-                                    f"evaluate@{new}-a3", f"benchmark@{new}", "report"}
+    assert changed_stages(repo) == {
+        f"train@{new}-a1",
+        f"train@{new}-a3",
+        f"evaluate@{new}-a1",
+        f"evaluate@{new}-a3",
+        f"benchmark@{new}",
+        "report",
+    }
 
 
 def test_studies_run_with_one_command_and_rerun_only_what_changed(repo, tmp_path):
@@ -177,21 +217,47 @@ def test_studies_run_with_one_command_and_rerun_only_what_changed(repo, tmp_path
     ext.parent.mkdir()
     torch.manual_seed(5)
     torch.save(timm.create_model("test_resnet").state_dict(), ext)
-    set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2],
-                      "procedures.models": ["test_resnet", "test_vit"], "procedures.recipes": ["a1", "t2"],
-                      "transfer.arch": "test_resnet", "transfer.starts": ["a1", "scratch", "theirs"],
-                      "transfer.weights": {"a1": "models/test_resnet-a1.safetensors", "theirs": str(ext)},
-                      "transfer.datasets": ["patterns"], "transfer.epochs": 0.01})
-    commit(repo, "a seed study of two seeds; A1 against T2 on a small ResNet and a small ViT; transfer from A1, "
-                 "scratch and an outside weights file")
+    set_params(
+        repo,
+        {
+            "seeds.arch": "test_resnet",
+            "seeds.recipe": "a3",
+            "seeds.seeds": [1, 2],
+            "procedures.models": ["test_resnet", "test_vit"],
+            "procedures.recipes": ["a1", "t2"],
+            "transfer.arch": "test_resnet",
+            "transfer.starts": ["a1", "scratch", "theirs"],
+            "transfer.weights": {"a1": "models/test_resnet-a1.safetensors", "theirs": str(ext)},
+            "transfer.datasets": ["patterns"],
+            "transfer.epochs": 0.01,
+        },
+    )
+    commit(
+        repo,
+        "a seed study of two seeds; A1 against T2 on a small ResNet and a small ViT; transfer from A1, "
+        "scratch and an outside weights file",
+    )
     pairs = [f"{m}-{r}" for m in ("test_resnet", "test_vit") for r in ("a1", "t2")]
-    study = {f"studies/dvc.yaml:{s}" for s in ("seed-train@1", "seed-train@2", "seed-evaluate@1", "seed-evaluate@2",
-                                               "seeds-report", "cost", "architectures", "procedures-report",
-                                               *[f"procedures-{k}@{p}" for k in ("train", "evaluate") for p in pairs],
-                                               "transfer-data", "transfer-scratch", "transfer-start@a1",
-                                               "transfer-start@theirs",
-                                               *[f"finetune@{s}-patterns" for s in ("a1", "scratch", "theirs")],
-                                               "transfer-report")}
+    study = {
+        f"studies/dvc.yaml:{s}"
+        for s in (
+            "seed-train@1",
+            "seed-train@2",
+            "seed-evaluate@1",
+            "seed-evaluate@2",
+            "seeds-report",
+            "cost",
+            "architectures",
+            "procedures-report",
+            *[f"procedures-{k}@{p}" for k in ("train", "evaluate") for p in pairs],
+            "transfer-data",
+            "transfer-scratch",
+            "transfer-start@a1",
+            "transfer-start@theirs",
+            *[f"finetune@{s}-patterns" for s in ("a1", "scratch", "theirs")],
+            "transfer-report",
+        )
+    }
     assert changed_stages(repo, "studies/dvc.yaml") == study and changed_stages(repo) == set()
     out = sh(repo, "dvc", "repro", "studies/dvc.yaml").stdout
     assert ran(out) == study, out  # the grid's models are reused, not retrained
@@ -209,8 +275,9 @@ def test_studies_run_with_one_command_and_rerun_only_what_changed(repo, tmp_path
     # MLflow: the seed study is the parent of the two seed runs
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rsb").experiment_id
-    parent = client.search_runs([exp], "tags.`rsb.kind` = 'study' and tags.`rsb.study` = 'seeds'",
-                                order_by=["attributes.start_time DESC"])[0]
+    parent = client.search_runs(
+        [exp], "tags.`rsb.kind` = 'study' and tags.`rsb.study` = 'seeds'", order_by=["attributes.start_time DESC"]
+    )[0]
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["rsb.seed"] for r in children) == ["1", "2"]
     assert all(r.data.tags["rsb.study"] == "seeds" and "v2/top1" in r.data.metrics for r in children)
@@ -222,11 +289,13 @@ def test_studies_run_with_one_command_and_rerun_only_what_changed(repo, tmp_path
     set_params(repo, {"seeds.seeds": [1, 2, 3]})
     torch.manual_seed(6)
     torch.save(timm.create_model("test_resnet").state_dict(), ext)
-    assert changed_stages(repo, "studies/dvc.yaml") == {f"studies/dvc.yaml:{s}" for s in (
-        "seed-train@3", "seed-evaluate@3", "seeds-report", "transfer-start@theirs")}
+    assert changed_stages(repo, "studies/dvc.yaml") == {
+        f"studies/dvc.yaml:{s}" for s in ("seed-train@3", "seed-evaluate@3", "seeds-report", "transfer-start@theirs")
+    }
     ids = {r.info.run_id for r in children}
-    assert not [v for v in client.search_model_versions("name = 'rsb-test_resnet'") if v.run_id in ids], \
+    assert not [v for v in client.search_model_versions("name = 'rsb-test_resnet'") if v.run_id in ids], (
         "seed replicas are not registered models"
+    )
 
 
 def test_mlflow_run_has_training_and_evaluation(repo):
@@ -246,6 +315,7 @@ def test_mlflow_run_has_training_and_evaluation(repo):
 
 # --- experiments, the queue and a remote, as users drive them ------------------------------------------------------
 
+
 def commit(repo: Path, message: str) -> None:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
@@ -262,8 +332,11 @@ def experiments(repo: Path) -> dict[str, dict]:
         for exp in base.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev.get("data") or {}
-                out[rev["name"]] = {"rev": rev["rev"], "params": data["params"]["params.yaml"]["data"],
-                                    "metrics": {f: m["data"] for f, m in data["metrics"].items() if "data" in m}}
+                out[rev["name"]] = {
+                    "rev": rev["rev"],
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": {f: m["data"] for f, m in data["metrics"].items() if "data" in m},
+                }
                 # (a metrics file of a stage the experiment never ran, e.g. a study's, comes with an error instead)
     return out
 
@@ -293,11 +366,31 @@ def test_exp_run_temp_reruns_only_what_changed(repo):
 def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
     versions, aliases = registry(repo)
     for seed in (1, 2):
-        sh(repo, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seed={seed}",
-           "-S", "models=[test_resnet]", "-S", "run=[a3]")
+        sh(
+            repo,
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            f"seed{seed}",
+            "-S",
+            f"train.seed={seed}",
+            "-S",
+            "models=[test_resnet]",
+            "-S",
+            "run=[a3]",
+        )
     # the workers `dvc queue start` leaves behind inherit its stdout/stderr: capturing them would wait for the workers
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=clean_env(PYTHONPATH=str(repo)), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"],
+        cwd=repo,
+        env=clean_env(PYTHONPATH=str(repo)),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status").stdout):
         time.sleep(8)  # each `dvc queue status` is ~1.5 s of a core the two trainings need
@@ -322,11 +415,34 @@ def test_queued_seed_sweep_runs_two_at_once_without_mixing(repo):
     assert {k: v for k, v in aliases_now.items() if k in aliases} == aliases
     assert {aliases_now["a3-seed1"], aliases_now["a3-seed2"]} == versions_now - versions
     # until asked: promote moves the workspace alias to an experiment's model
-    out = sh(repo, sys.executable, "-m", "rsb.tracking", "promote", "--arch", "test_resnet", "--recipe", "a3",
-             "--exp", "seed2").stdout
+    out = sh(
+        repo,
+        sys.executable,
+        "-m",
+        "rsb.tracking",
+        "promote",
+        "--arch",
+        "test_resnet",
+        "--recipe",
+        "a3",
+        "--exp",
+        "seed2",
+    ).stdout
     assert registry(repo)[1]["a3"] == aliases_now["a3-seed2"], out
-    bad = sh(repo, sys.executable, "-m", "rsb.tracking", "promote", "--arch", "test_resnet", "--recipe", "a3",
-             "--exp", "nope", check=False)
+    bad = sh(
+        repo,
+        sys.executable,
+        "-m",
+        "rsb.tracking",
+        "promote",
+        "--arch",
+        "test_resnet",
+        "--recipe",
+        "a3",
+        "--exp",
+        "nope",
+        check=False,
+    )
     assert bad.returncode and "rsb-test_resnet@a3-nope" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -335,8 +451,14 @@ def test_killed_dvc_repro_recovers(repo):
     set_params(repo, {"recipes.a1.lr": 0.004, "recipes.a1.epochs": 750})  # only a1 reruns: 3 epochs at this scale
     epoch1 = lambda: set(repo.glob("checkpoints/*/*/epoch1/rsb.json"))  # noqa: E731
     before = epoch1()
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=clean_env(PYTHONPATH=str(repo)), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=clean_env(PYTHONPATH=str(repo)),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not epoch1() - before:
         time.sleep(0.1)

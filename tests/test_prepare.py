@@ -1,4 +1,6 @@
-"""prepare: the mini release has the official structure, every label maps to the right class, bad input fails clearly."""
+"""prepare: the mini release has the official structure, every label maps to the right class, bad input fails
+clearly."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io as sio
+from conftest import TINY
 
 from rsb.data import archives
 from rsb.data.archives import ArchiveError
 from rsb.data.datasets import Split
 from rsb.data.index import ARCHIVES, DEVKIT, V2_TOP
-from rsb.data.spec import WNIDS
 from rsb.data.prepare import build
-
-from conftest import TINY
+from rsb.data.spec import WNIDS
 
 
 def members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
@@ -44,14 +45,23 @@ def file_info(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
 
 # --- the release's structure -------------------------------------------------------------------------------------
 
+
 def test_devkit_has_the_real_structure(release):
     raw, _ = release
     with tarfile.open(raw / ARCHIVES["devkit"]) as tar:
         names = set(tar.getnames())
         meta = sio.loadmat(tar.extractfile(f"{DEVKIT}/data/meta.mat"), squeeze_me=True)["synsets"]
     assert f"{DEVKIT}/data/ILSVRC2012_validation_ground_truth.txt" in names
-    assert meta.dtype.names == ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-                                "wordnet_height", "num_train_images")
+    assert meta.dtype.names == (
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    )
     leaves = [m for m in meta if m["num_children"] == 0]
     assert sorted(int(m["ILSVRC2012_ID"]) for m in leaves) == list(range(1, TINY.classes + 1))
     assert any(m["num_children"] > 0 for m in meta), "the devkit also lists inner WordNet nodes"
@@ -100,6 +110,7 @@ def test_release_is_deterministic(release, tmp_path):
 
 # --- labels --------------------------------------------------------------------------------------------------------
 
+
 def test_train_labels_are_sorted_wnid_indices(prepared):
     ds = Split(prepared, "train")
     classes = json.loads((prepared / "classes.json").read_text())
@@ -134,7 +145,7 @@ def test_real_lists_map_to_val_files(prepared, release):
     real = json.loads((raw / ARCHIVES["real"]).read_text())
     ds = Split(prepared, "val")
     lists = real_labels(ds)
-    for (path, label), got in zip(ds.samples, lists):
+    for (path, _label), got in zip(ds.samples, lists):
         assert got == real[int(path.stem.split("_")[-1]) - 1]
     # most ReaL lists contain the original label; the rest are relabelled, multi-object or unscored images
     assert np.mean([label in got for (_, label), got in zip(ds.samples, lists)]) > 0.8
@@ -159,6 +170,7 @@ def test_prepare_is_idempotent(release, tmp_path):
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
+
 
 def _damage_missing(raw: Path) -> None:
     (raw / ARCHIVES["val"]).unlink()
@@ -198,15 +210,18 @@ def _damage_image(raw: Path) -> None:
     rewrite(p, items)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_damage_missing, "missing ILSVRC2012_img_val.tar"),
-    (_damage_truncated, "ILSVRC2012_img_train.tar"),
-    (_damage_corrupt, "imagenetv2-matched-frequency.tar.gz"),
-    (_damage_no_meta, "has no ILSVRC2012_devkit_t12/data/meta.mat"),
-    (_damage_v2_folder, f"class folders missing (1, first: {TINY.classes - 1})"),
-    (_damage_real_length, "79 entries, expected one label list per val image (80)"),
-    (_damage_image, "image n"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_damage_missing, "missing ILSVRC2012_img_val.tar"),
+        (_damage_truncated, "ILSVRC2012_img_train.tar"),
+        (_damage_corrupt, "imagenetv2-matched-frequency.tar.gz"),
+        (_damage_no_meta, "has no ILSVRC2012_devkit_t12/data/meta.mat"),
+        (_damage_v2_folder, f"class folders missing (1, first: {TINY.classes - 1})"),
+        (_damage_real_length, "79 entries, expected one label list per val image (80)"),
+        (_damage_image, "image n"),
+    ],
+)
 def test_bad_input_fails_clearly_and_leaves_nothing_complete(release_copy, tmp_path, damage, message):
     damage(release_copy)
     out = tmp_path / "out" / "prepared"
@@ -242,8 +257,9 @@ def test_escaping_members_are_refused(release_copy, tmp_path, kind):
         items.insert(1, (dev, b""))
     else:
         link = tarfile.TarInfo("ILSVRC2012_val_99999999.JPEG")
-        link.type, link.linkname = (tarfile.SYMTYPE, "/etc/passwd") if kind == "symlink" else \
-            (tarfile.LNKTYPE, items[0][0].name)
+        link.type, link.linkname = (
+            (tarfile.SYMTYPE, "/etc/passwd") if kind == "symlink" else (tarfile.LNKTYPE, items[0][0].name)
+        )
         items.insert(1, (link, b""))
     rewrite(p, items)
     with pytest.raises(ArchiveError, match="refusing to extract"):
@@ -265,6 +281,7 @@ def test_stage_flags_override_params(release, tmp_path):
 
 
 # --- the folder source: an extracted ImageNet, indexed in place ------------------------------------------------------
+
 
 def test_an_extracted_folder_indexes_to_the_same_data(prepared, extracted, tmp_path):
     """`data.source: folder` over the release extracted by the standard library: the same images under the same
@@ -294,7 +311,18 @@ def test_a_flat_val_folder_takes_its_labels_from_the_devkit(prepared, extracted,
 def test_prepared_is_an_index_not_a_copy(prepared, release):
     """No image is extracted: data/prepared holds a few small files, far smaller than the images it indexes."""
     files = sorted(p.name for p in prepared.iterdir())
-    assert files == [".rsb-output", "classes.json", "info.json", "real.json", "train.names.json.gz", "train.npz",
-                     "v2.names.json.gz", "v2.npz", "v2.tar", "val.names.json.gz", "val.npz"]
+    assert files == [
+        ".rsb-output",
+        "classes.json",
+        "info.json",
+        "real.json",
+        "train.names.json.gz",
+        "train.npz",
+        "v2.names.json.gz",
+        "v2.npz",
+        "v2.tar",
+        "val.names.json.gz",
+        "val.npz",
+    ]
     index = sum(p.stat().st_size for p in prepared.iterdir() if p.name != "v2.tar")
     assert index < 0.2 * sum(json.loads((prepared / "info.json").read_text())["bytes"].values())

@@ -3,6 +3,7 @@
 Faults are real: `kill -9` of the stage process at a chosen point (tests/fault_worker.py picks the moment), then the
 same command again, as `dvc repro` would run it. On the CPU the result must be bit-identical to an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, clean_env, write_params
 
 from rsb import checkpoint
 from rsb.config import ConfigError, load_params
-from rsb.io import load_weights
 from rsb.data.datasets import PreparedError, Split
-
-from conftest import ROOT, clean_env, write_params
+from rsb.io import load_weights
 
 FAULTS = ROOT / "tests" / "fault_worker.py"
 NAME = "test_resnet-a1"
@@ -34,8 +34,14 @@ def train_args(params: Path) -> list[str]:
 
 
 def run(cwd: Path, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *cmd], cwd=cwd, env=clean_env(RSB_TRACKING="off"), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *cmd],
+        cwd=cwd,
+        env=clean_env(RSB_TRACKING="off"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def killed_then_rerun(tmp: Path, prepared: Path, point: str) -> subprocess.CompletedProcess:
@@ -65,6 +71,7 @@ def assert_same_result(a: Path, b: Path) -> None:
 
 
 # --- faults: kill -9, then the same command ------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point, resumed_at", [("mid-epoch", 1), ("checkpoint-write", 1), ("between-epochs", 1)])
@@ -101,17 +108,24 @@ def test_killed_prepare_leaves_no_partial_folder_and_reruns(release, prepared, t
     assert list((tmp_path / "data").glob(".prepared.partial-*/v2.tar")) and not out.exists(), "killed mid-prepare"
     assert run(tmp_path, "-m", *args).returncode == 0
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"], "the abandoned partial is removed"
-    assert json.loads((out / "info.json").read_text())["digest"] == json.loads(
-        (prepared / "info.json").read_text())["digest"]
+    assert (
+        json.loads((out / "info.json").read_text())["digest"]
+        == json.loads((prepared / "info.json").read_text())["digest"]
+    )
 
 
 @pytest.mark.slow
 def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
     p = write_params(tmp_path / "params.yaml", prepared, {"train.devices": 2})
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", "rank1-crash",
-                          *train_args(p)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"))
+    out = subprocess.run(
+        [sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", "rank1-crash", *train_args(p)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"),
+    )
     assert out.returncode != 0
     assert time.time() - t0 < 300, "the surviving rank must not wait for the dead one"
     assert "error: rank 1 of 2 failed: RuntimeError: injected fault on this rank" in out.stdout + out.stderr
@@ -123,30 +137,40 @@ def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
 
 # --- bad input: one clear error naming the key or file, before expensive work ----------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ({"run": ["a1", "a4"]}, "run lists recipe 'a4', which is not under recipes"),
-    ({"recipes.a1.mixpu": 0.2}, "unknown key recipes.a1.mixpu"),
-    ({"scale.batchsize": 64}, "unknown key scale.batchsize"),
-    ({"recipes.a1.epochs": 0}, "recipes.a1.epochs = 0: must be an integer >= 1"),
-    ({"recipes.a2.epochs": -5}, "recipes.a2.epochs = -5: must be an integer >= 1"),
-    ({"scale.epochs": 0.0}, "scale.epochs = 0.0: must be a finite number > 0"),
-    ({"recipes.a1.lr": "fast"}, "recipes.a1.lr = 'fast': must be a float"),
-    ({"models": []}, "models = []: must be a non-empty list"),
-    ({"train.zero_stage": 3}, "zero_stage"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"run": ["a1", "a4"]}, "run lists recipe 'a4', which is not under recipes"),
+        ({"recipes.a1.mixpu": 0.2}, "unknown key recipes.a1.mixpu"),
+        ({"scale.batchsize": 64}, "unknown key scale.batchsize"),
+        ({"recipes.a1.epochs": 0}, "recipes.a1.epochs = 0: must be an integer >= 1"),
+        ({"recipes.a2.epochs": -5}, "recipes.a2.epochs = -5: must be an integer >= 1"),
+        ({"scale.epochs": 0.0}, "scale.epochs = 0.0: must be a finite number > 0"),
+        ({"recipes.a1.lr": "fast"}, "recipes.a1.lr = 'fast': must be a float"),
+        ({"models": []}, "models = []: must be a non-empty list"),
+        ({"train.zero_stage": 3}, "zero_stage"),
+    ],
+)
 def test_bad_params_name_the_key(tmp_path, prepared, override, message):
     p = write_params(tmp_path / "params.yaml", prepared, override)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_params(p)
 
 
-@pytest.mark.parametrize("override, arch, message", [
-    ({}, "resnet5", "architecture 'resnet5' is not under models"),
-    ({"models": ["resnet5"]}, "resnet5", "models: 'resnet5' is not a timm architecture"),
-    ({"scale.batch_size": 24, "train.micro_batch": 16}, "test_resnet",
-     "scale.batch_size=24 is not micro_batch x devices x accumulation"),
-    ({"train.micro_batch": 5, "scale.batch_size": 15}, "test_resnet", "Mixup/CutMix need an even batch"),
-])
+@pytest.mark.parametrize(
+    "override, arch, message",
+    [
+        ({}, "resnet5", "architecture 'resnet5' is not under models"),
+        ({"models": ["resnet5"]}, "resnet5", "models: 'resnet5' is not a timm architecture"),
+        (
+            {"scale.batch_size": 24, "train.micro_batch": 16},
+            "test_resnet",
+            "scale.batch_size=24 is not micro_batch x devices x accumulation",
+        ),
+        ({"train.micro_batch": 5, "scale.batch_size": 15}, "test_resnet", "Mixup/CutMix need an even batch"),
+    ],
+)
 def test_bad_training_setups_fail_before_any_work(tmp_path, prepared, override, arch, message):
     from stages.train import main
 
@@ -189,11 +213,14 @@ def test_an_archive_changed_after_preparation_is_refused(release_copy, tmp_path,
         val.write_bytes(data[:-1024])
     elif edit == "same-size":  # one byte of an image in the last 64 KiB (the tail is zero padding)
         at = len(data) - 30_000
-        val.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+        val.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
     else:
         val.unlink()
-    with pytest.raises(PreparedError, match=r"ILSVRC2012_img_val.tar: changed since `prepare` indexed it.*"
-                                            r"dvc repro prepare"):
+    with pytest.raises(
+        PreparedError,
+        match=r"ILSVRC2012_img_val.tar: changed since `prepare` indexed it.*"
+        r"dvc repro prepare",
+    ):
         Split(out, "val")
     Split(out, "train")  # the untouched archive still loads
 

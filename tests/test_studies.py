@@ -1,5 +1,6 @@
 """The studies (seed study, cost vs accuracy, recipes across architectures): statistics on hand-made inputs, the
 reports' scale statement and published numbers, the parent/child runs in a real MLflow store, a killed seed run."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,13 @@ import signal
 import statistics
 
 import pytest
+from conftest import write_params
 
 from rsb import tracking
-from rsb.studies import common, procedures, seeds
 from rsb.config import ConfigError, load_params
 from rsb.data.datasets import Split
 from rsb.outputs import Outputs
-
-from conftest import write_params
+from rsb.studies import common, procedures, seeds
 
 
 def rows(*values) -> list[dict]:
@@ -23,6 +23,7 @@ def rows(*values) -> list[dict]:
 
 
 # --- statistics -----------------------------------------------------------------------------------------------------
+
 
 def test_statistics_match_the_standard_library_on_hand_made_values():
     data = rows((1, 79.8, 85.0, 68.1), (2, 80.0, 85.3, 67.9), (3, 79.7, 85.1, 68.4), (4, 79.9, 85.2, 68.0))
@@ -34,8 +35,9 @@ def test_statistics_match_the_standard_library_on_hand_made_values():
         assert got["std"] == pytest.approx(statistics.stdev(vals))  # sample std, n - 1
         assert (got["min"], got["max"]) == (min(vals), max(vals))
     assert s["splits"]["val"]["seed_of_max"] == 2 and s["splits"]["v2"]["seed_of_max"] == 3
-    assert s["pearson_val_v2"] == pytest.approx(statistics.correlation([r["val"] for r in data],
-                                                                       [r["v2"] for r in data]))
+    assert s["pearson_val_v2"] == pytest.approx(
+        statistics.correlation([r["val"] for r in data], [r["v2"] for r in data])
+    )
     assert s["missing"] == []
     assert common.binomial_se(80.0, 50_000) == pytest.approx(100 * (0.8 * 0.2 / 50_000) ** 0.5)
     assert common.binomial_se(80.0, None) is None
@@ -79,6 +81,7 @@ def test_the_seed_table_carries_the_papers_published_statistics_and_nothing_inve
 
 # --- reports state their scale --------------------------------------------------------------------------------------
 
+
 def test_every_study_report_states_its_scale(tmp_path, prepared, monkeypatch):
     """A study run on the mini data says so in each report; the paper's settings say "Paper scale"."""
     from stages import studies as stage
@@ -98,7 +101,10 @@ def test_every_study_report_states_its_scale(tmp_path, prepared, monkeypatch):
     seeds = (tmp_path / "reports/seeds.md").read_text()
     assert "not evaluated: 4, 5, 6, 7, 8" in seeds and "| ImageNet-val | 3 | 32.00 | 1.000 |" in seeds
     cost = (tmp_path / "reports/cost.md").read_text()
-    assert "| test_resnet | a1 | 3 | 1 | cpu: test | " in cost and "| resnet50 | a1 | 600 | 4 | V100 32GB | 110.4 | 441.6 |" in cost
+    assert (
+        "| test_resnet | a1 | 3 | 1 | cpu: test | " in cost
+        and "| resnet50 | a1 | 600 | 4 | V100 32GB | 110.4 | 441.6 |" in cost
+    )
     arch = (tmp_path / "reports/architectures.md").read_text()
     assert "| test_resnet | 50.00 () | 40.00 () | a1 () | 84 |" in arch  # (40 s train + 2 s evaluate) x 2 recipes
 
@@ -106,24 +112,31 @@ def test_every_study_report_states_its_scale(tmp_path, prepared, monkeypatch):
 def test_scale_text_names_the_paper_scale_only_at_paper_scale(tmp_path, prepared):
     from rsb.report import scale_text
 
-    paper = load_params(write_params(tmp_path / "p.yaml", prepared, {"scale.epochs": 1.0, "scale.img_size": 224,
-                                                                      "scale.batch_size": 2048}))
+    paper = load_params(
+        write_params(
+            tmp_path / "p.yaml", prepared, {"scale.epochs": 1.0, "scale.img_size": 224, "scale.batch_size": 2048}
+        )
+    )
     assert scale_text(paper, {"source": "imagenet"}).startswith("Paper scale")
     assert "NOT comparable" in scale_text(paper, {"source": "mini", "classes": 20})
 
 
 def _fake(o: Outputs, top1: float) -> None:
     """The JSON outputs of one trained and evaluated model, as the train and evaluate stages write them."""
-    for path, data in ((o.train_metrics, {"epochs": 3, "devices": 1, "train/wall_s": 36.0, "device_hours": 0.01,
-                                          "train/stage_s": 40.0}),
-                       (o.eval_metrics, {"val/top1": top1, "real/top1": top1 + 5, "v2/top1": top1 - 10,
-                                         "eval_s": 2.0}),
-                       (o.run_file, {"run_id": None, "tags": {"rsb.device": "cpu: test"}})):
+    for path, data in (
+        (
+            o.train_metrics,
+            {"epochs": 3, "devices": 1, "train/wall_s": 36.0, "device_hours": 0.01, "train/stage_s": 40.0},
+        ),
+        (o.eval_metrics, {"val/top1": top1, "real/top1": top1 + 5, "v2/top1": top1 - 10, "eval_s": 2.0}),
+        (o.run_file, {"run_id": None, "tags": {"rsb.device": "cpu: test"}}),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data))
 
 
 # --- MLflow: one parent run per study, its trainings as children ----------------------------------------------------
+
 
 def test_a_studys_trainings_are_children_of_its_parent_run_in_a_real_store(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
@@ -146,8 +159,9 @@ def test_a_studys_trainings_are_children_of_its_parent_run_in_a_real_store(tmp_p
         assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == first
     # a second study (after a change: one seed retrained) is a new parent; the first keeps its record
     retrained = client.create_run(exp, run_name="r18-a3-seed3").info.run_id
-    second = tracking.study_run("rsb", "seeds", "r18-a3, 3 seeds", {"seeds/val_std": 0.3}, [report],
-                                [*seeds[:2], retrained], "h", None)
+    second = tracking.study_run(
+        "rsb", "seeds", "r18-a3, 3 seeds", {"seeds/val_std": 0.3}, [report], [*seeds[:2], retrained], "h", None
+    )
     assert second != first and client.get_run(retrained).data.tags["mlflow.parentRunId"] == second
     assert client.get_run(seeds[2]).data.tags["mlflow.parentRunId"] == first
     assert client.get_run(first).data.tags["rsb.children"].split(",") == seeds
@@ -156,6 +170,7 @@ def test_a_studys_trainings_are_children_of_its_parent_run_in_a_real_store(tmp_p
 
 
 # --- params -------------------------------------------------------------------------------------------------------
+
 
 def test_a_seed_study_of_an_unknown_recipe_or_architecture_is_refused(tmp_path, prepared):
     from rsb.config import check_timm
@@ -176,16 +191,16 @@ def test_a_seed_study_of_an_unknown_recipe_or_architecture_is_refused(tmp_path, 
 
 # --- a killed seed run resumes --------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_killed_seed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, prepared):
     """kill -9 between epochs of `stages.train --study seeds --seed 3`, then the same command (what `dvc repro
     studies/dvc.yaml` reruns): it resumes from epoch 1 and ends bit-identical to a straight seed-3 run, which differs
     from seed 4's (the seed reaches the training)."""
     import torch
+    from test_reliability import FAULTS, run
 
     from rsb.io import load_weights
-
-    from test_reliability import FAULTS, run
 
     over = {"scale.min_epochs": 3, "train.workers": 1, "seeds.arch": "test_resnet", "seeds.recipe": "a1"}
     weights = {}
@@ -193,8 +208,19 @@ def test_a_killed_seed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, pre
         d = tmp_path / case
         d.mkdir()
         p = write_params(d / "params.yaml", prepared, over)
-        args = ["stages.train", "--arch", "test_resnet", "--recipe", "a1", "--study", "seeds", "--seed", str(seed),
-                "--params", str(p)]
+        args = [
+            "stages.train",
+            "--arch",
+            "test_resnet",
+            "--recipe",
+            "a1",
+            "--study",
+            "seeds",
+            "--seed",
+            str(seed),
+            "--params",
+            str(p),
+        ]
         o = Outputs.of("test_resnet", "a1", "seeds", seed, root=d)
         if fault:
             out = run(d, str(FAULTS), fault, *args)
@@ -236,20 +262,30 @@ def test_a_seed_run_trains_with_its_seed_into_the_studys_folders(tmp_path, prepa
 
 # --- the recipe/architecture paradox (A2 vs T2) ---------------------------------------------------------------------
 
+
 def test_the_procedures_report_says_whether_the_ordering_flips(tmp_path, prepared, monkeypatch):
     from stages import studies as stage
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSB_TRACKING", "off")
-    p = write_params(tmp_path / "params.yaml", prepared, {"procedures.models": ["resnet50", "deit_small_patch16_224"],
-                                                          "procedures.recipes": ["a2", "t2"]})
-    cells = {("resnet50", "a2"): 30.0, ("resnet50", "t2"): 25.0, ("deit_small_patch16_224", "a2"): 28.0,
-             ("deit_small_patch16_224", "t2"): 27.0}
+    p = write_params(
+        tmp_path / "params.yaml",
+        prepared,
+        {"procedures.models": ["resnet50", "deit_small_patch16_224"], "procedures.recipes": ["a2", "t2"]},
+    )
+    cells = {
+        ("resnet50", "a2"): 30.0,
+        ("resnet50", "t2"): 25.0,
+        ("deit_small_patch16_224", "a2"): 28.0,
+        ("deit_small_patch16_224", "t2"): 27.0,
+    }
     for (arch, recipe), top1 in cells.items():
         _fake(Outputs.of(arch, recipe, "procedures"), top1)
     stage.main(["procedures", "--params", str(p)])
     md = (tmp_path / "reports/procedures.md").read_text()
-    assert "| resnet50 | 30.00 (79.8) | 25.00 () |" in md and "| deit_small_patch16_224 | 28.00 () | 27.00 (79.9) |" in md
+    assert (
+        "| resnet50 | 30.00 (79.8) | 25.00 () |" in md and "| deit_small_patch16_224 | 28.00 () | 27.00 (79.9) |" in md
+    )
     assert "Ours: under a2 resnet50 wins; under t2 deit_small_patch16_224 wins: **the ordering flips**." in md
     assert "Published: undecided (a cell is missing)." in md, "unverified cells stay empty, so no published verdict"
     assert "NOT comparable to the paper's ImageNet numbers" in md
@@ -257,11 +293,14 @@ def test_the_procedures_report_says_whether_the_ordering_flips(tmp_path, prepare
     stage.main(["procedures", "--params", str(p)])
     assert "resnet50 wins: the same architecture wins" in (tmp_path / "reports/procedures.md").read_text()
     # with a split's size known, a lead under two binomial standard errors of the difference is a tie, not a flip
-    rows = [{"arch": a, "recipe": rc, "val_top1": v, "val_count": 500} for a, rc, v in
-            (("r", "a2", 23.8), ("d", "a2", 5.0), ("r", "t2", 5.0), ("d", "t2", 5.4))]
+    rows = [
+        {"arch": a, "recipe": rc, "val_top1": v, "val_count": 500}
+        for a, rc, v in (("r", "a2", 23.8), ("d", "a2", 5.0), ("r", "t2", 5.0), ("d", "t2", 5.4))
+    ]
     assert procedures.winners(rows, "val_top1") == {"a2": "r", "t2": procedures.TIE}
-    md = procedures.procedures_markdown([{**r, "v2_top1": None, "paper_val_top1": None, "paper_source": None}
-                                      for r in rows], "c")
+    md = procedures.procedures_markdown(
+        [{**r, "v2_top1": None, "paper_val_top1": None, "paper_source": None} for r in rows], "c"
+    )
     assert "under t2 a tie within noise: no ordering to compare" in md and "flips" not in md
 
 

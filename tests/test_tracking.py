@@ -1,4 +1,5 @@
 """tracking: one store for every run of the project, credentials never shown, an outage never stops training."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import ROOT, clean_env
 
 from rsb import tracking
+from rsb.net import free_port
 from rsb.tracking import ui as tracking_ui
 from rsb.tracking.backfill import backfill
-from rsb.net import free_port
-
-from conftest import ROOT, clean_env
 
 
 def test_project_root_sees_through_dvc_temp_runs(tmp_path):
@@ -67,9 +67,9 @@ def test_server_down_disables_tracking_with_one_warning(monkeypatch):
 
 
 def test_training_finishes_without_a_server_and_backfill_logs_it(tmp_path, prepared, monkeypatch):
+    from conftest import write_params
     from mlflow.tracking import MlflowClient
 
-    from conftest import write_params
     from stages.train import main
 
     monkeypatch.chdir(tmp_path)
@@ -88,8 +88,9 @@ def test_training_finishes_without_a_server_and_backfill_logs_it(tmp_path, prepa
     assert backfill("rsb", Path(".")) == [], "idempotent"
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("rsb").experiment_id])
-    assert run.data.params["recipe.aa"] == "rand-m6-mstd0.5-inc1" and run.data.tags["rsb.stage"] == \
-        "train@test_resnet-a3"
+    assert (
+        run.data.params["recipe.aa"] == "rand-m6-mstd0.5-inc1" and run.data.tags["rsb.stage"] == "train@test_resnet-a3"
+    )
     assert len(client.get_metric_history(run.info.run_id, "train/loss_step")) == metrics["updates"]
     assert run.data.metrics["train/loss"] == pytest.approx(metrics["train/loss"])
 
@@ -102,12 +103,30 @@ def mlflow_server(tmp_path):
     procs = []
 
     def start():
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
-             str(store / "artifacts")], stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "a"),
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runner (8 processes)
-            start_new_session=True))  # the server runs uvicorn in a child: stop them together
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{store / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(store / "artifacts"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(store / "server.log", "a"),
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runner (8 processes)
+                start_new_session=True,
+            )
+        )  # the server runs uvicorn in a child: stop them together
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -137,10 +156,10 @@ def _get(url: str, endpoint: str, **query) -> dict:
 
 @pytest.mark.slow
 def test_runs_read_back_from_a_real_server(tmp_path, prepared, monkeypatch, mlflow_server):
+    from conftest import write_params
+
     from stages.evaluate import main as evaluate
     from stages.train import main as train
-
-    from conftest import write_params
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RSB_TRACKING", raising=False)
@@ -161,7 +180,8 @@ def test_runs_read_back_from_a_real_server(tmp_path, prepared, monkeypatch, mlfl
     assert tags["rsb.data_digest"] == json.loads((prepared / "info.json").read_text())["digest"]
     assert len(tags["rsb.params_hash"]) == 16 and tags["mlflow.source.git.commit"]
     assert values["v2/top1"] == pytest.approx(ev["v2/top1"]) and values["train/loss"] == pytest.approx(
-        metrics["train/loss"])
+        metrics["train/loss"]
+    )
     history = _get(mlflow_server.url, "metrics/get-history", run_id=run_id, metric_key="train/loss_step")
     assert len(history["metrics"]) == metrics["updates"]
     files = _get(mlflow_server.url, "artifacts/list", run_id=run_id, path="weights")["files"]
@@ -170,15 +190,19 @@ def test_runs_read_back_from_a_real_server(tmp_path, prepared, monkeypatch, mlfl
 
 @pytest.mark.slow
 def test_server_dying_mid_run_then_backfill_loses_nothing(tmp_path, prepared, mlflow_server):
-    from mlflow.tracking import MlflowClient
-
     from conftest import write_params
+    from mlflow.tracking import MlflowClient
 
     p = write_params(tmp_path / "params.yaml", prepared, {"scale.min_epochs": 20, "train.eval_every": 1})
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--arch", "test_resnet", "--recipe", "a3",
-                             "--params", str(p)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "--arch", "test_resnet", "--recipe", "a3", "--params", str(p)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     client = MlflowClient(mlflow_server.url)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill the server once the first epoch is logged
@@ -198,25 +222,38 @@ def test_server_dying_mid_run_then_backfill_loses_nothing(tmp_path, prepared, ml
     mlflow_server.restart()
     assert client.get_run(run_id).info.status == "RUNNING"
     assert len(history("train/loss")) < metrics["epochs"], "the server died before the run ended"
-    out = subprocess.run([sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "back-filled 1 run(s)" in out.stdout, out.stdout + out.stderr
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] == pytest.approx(metrics["train/loss"])
     assert history("train/loss") == list(range(1, metrics["epochs"] + 1)), "every epoch once, none twice"
     assert sorted(history("train/loss_step")) == list(range(1, metrics["updates"] + 1))
-    again = subprocess.run([sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "rsb.tracking", "backfill", "--params", str(p)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "none needed" in again.stdout, again.stdout
 
 
 # --- models as MLflow models, datasets as inputs, the UI ----------------------------------------------------------
 
+
 def _train_and_evaluate(cwd: Path, prepared: Path, recipe: str = "a3") -> dict:
+    from conftest import write_params
+
     from stages.evaluate import main as evaluate
     from stages.train import main as train
-
-    from conftest import write_params
 
     os.chdir(cwd)
     p = str(write_params(cwd / "params.yaml", prepared))
@@ -228,8 +265,8 @@ def _predictions_equal_evaluates(model, cwd: Path, prepared: Path) -> None:
     """The registered model's top-5 on the whole val split equals the evaluate stage's, image for image."""
     import torch
 
-    from rsb.config import load_params, resolve
     from rsb import loader as loaders
+    from rsb.config import load_params, resolve
     from rsb.data.datasets import Split
     from rsb.engine import predict
     from rsb.models import load_model
@@ -272,12 +309,20 @@ def test_each_trained_network_is_a_registered_mlflow_model(tmp_path, prepared, m
     _predictions_equal_evaluates(mlflow.pytorch.load_model("models:/rsb-test_resnet@a3"), tmp_path / "ws", prepared)
 
     digest = json.loads((prepared / "info.json").read_text())["digest"][:16]
-    inputs = {(i.dataset.name, tuple(t.value for t in i.tags)) for i in client.get_run(run_id).inputs.dataset_inputs
-              if i.dataset.digest == digest}
-    assert inputs == {("mini train", ("training",)), ("mini val", ("evaluation",)),
-                      ("mini val (ReaL labels)", ("evaluation",)), ("mini ImageNetV2 matched-frequency", ("evaluation",))}
+    inputs = {
+        (i.dataset.name, tuple(t.value for t in i.tags))
+        for i in client.get_run(run_id).inputs.dataset_inputs
+        if i.dataset.digest == digest
+    }
+    assert inputs == {
+        ("mini train", ("training",)),
+        ("mini val", ("evaluation",)),
+        ("mini val (ReaL labels)", ("evaluation",)),
+        ("mini ImageNetV2 matched-frequency", ("evaluation",)),
+    }
 
     from stages.evaluate import main as evaluate
+
     evaluate(["--arch", "test_resnet", "--recipe", "a3", "--params", str(tmp_path / "ws/params.yaml")])
     assert len(client.search_model_versions("name = 'rsb-test_resnet'")) == 1, "nothing new for the same model"
 
@@ -368,9 +413,13 @@ def test_the_compare_view_a_user_opens_shows_each_recipe(tmp_path, prepared, mon
     client = MlflowClient(store)
     # the command a user runs: a fresh browser on the link it prints opens the runs table (not GenAI's overview)
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "rsb.tracking", "ui", "--port", str(port)], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": ":".join(
-                              filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))})
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "rsb.tracking", "ui", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ":".join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))},
+    )
     try:
         line = next(line for line in ui.stdout if line.startswith("MLflow UI on "))  # mlflow ui logs there too
         url = re.search(r"http://127\.0\.0\.1:\d+/\S+", line).group(0)

@@ -4,6 +4,7 @@ on every world shape; the sampler is timm's per virtual rank; precision is what 
 
 The reference borrows nothing from rsb: its recipes are the paper's table, its seeds docs/seeds.md's.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,23 +17,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import timm_reference as ref
 import torch
 import yaml
+from conftest import ROOT, clean_env, write_params
 from PIL import Image
 from timm.layers import DropPath
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision.datasets import ImageFolder
 
-import timm_reference as ref
-from rsb.config import ConfigError, load_params, resolve
 from rsb import loader as loaders
+from rsb.config import ConfigError, load_params, resolve
 from rsb.data.datasets import Split
 from rsb.io import load_weights
 from rsb.models import create_model
 from rsb.net import free_port
 from rsb.training import create_loss, create_optimizer, create_scheduler
-
-from conftest import ROOT, clean_env, write_params
 
 RECIPES = ("a1", "a2", "a3", "t2", "ft")  # the paper's three, DeiT's (T2, for A2 vs T2) and the transfer fine-tune
 NAME = "test_resnet-a1"
@@ -46,12 +46,22 @@ def both_sides(path: Path, recipe: str, arch: str = "resnet18", world: int = 1, 
     """(rsb's resolved recipe, train.py's args) for the same params file; the recipe keys of `overrides` (those the
     file was written with) go to train.py too."""
     r = resolve(load_params(path), arch, recipe, world_size=world)
-    args = ref.args_for(yaml.safe_load(path.read_text()), recipe, arch, 20, r.micro_batch, world, r.grad_accum,
-                        r.train.precision, overrides=overrides)
+    args = ref.args_for(
+        yaml.safe_load(path.read_text()),
+        recipe,
+        arch,
+        20,
+        r.micro_batch,
+        world,
+        r.grad_accum,
+        r.train.precision,
+        overrides=overrides,
+    )
     return r, args
 
 
 # --- 1. each recipe component is train.py's ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_model_optimizer_schedule_equal_train_py(tmp_path, prepared, recipe):
@@ -60,8 +70,9 @@ def test_model_optimizer_schedule_equal_train_py(tmp_path, prepared, recipe):
     ours, theirs = create_model(r, 20), ref.model_of_rank(args)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
-    assert [m.drop_prob for m in ours.modules() if isinstance(m, DropPath)] == \
-        [m.drop_prob for m in theirs.modules() if isinstance(m, DropPath)]
+    assert [m.drop_prob for m in ours.modules() if isinstance(m, DropPath)] == [
+        m.drop_prob for m in theirs.modules() if isinstance(m, DropPath)
+    ]
     assert r.lr == args.lr  # train.py's lr_base rule (here `none`: the recipe's lr) x the mini run's factor
 
     o, t = create_optimizer(ours, r), ref.create_optimizer(theirs, args)
@@ -69,8 +80,11 @@ def test_model_optimizer_schedule_equal_train_py(tmp_path, prepared, recipe):
     names = {id(p): n for n, p in ours.named_parameters()} | {id(p): n for n, p in theirs.named_parameters()}
 
     def groups(opt):
-        return [({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
-                for g in opt.param_groups]
+        return [
+            ({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
+            for g in opt.param_groups
+        ]
+
     assert groups(o) == groups(t)
 
     updates_per_epoch = 7
@@ -121,8 +135,12 @@ def test_mixup_loss_transform_equal_train_py(tmp_path, prepared, extracted, reci
 def test_losses_without_mixup_are_train_pys(tmp_path, prepared, smoothing, bce):
     """A recipe without Mixup/CutMix: no Mixup object (train.py hands the loss class indices) and train.py's loss
     for the smoothing and BCE settings (LabelSmoothingCrossEntropy, CrossEntropyLoss, smoothed BCE)."""
-    cfg = {"recipes.a3.mixup": 0.0, "recipes.a3.cutmix": 0.0, "recipes.a3.smoothing": smoothing,
-           "recipes.a3.bce_loss": bce}
+    cfg = {
+        "recipes.a3.mixup": 0.0,
+        "recipes.a3.cutmix": 0.0,
+        "recipes.a3.smoothing": smoothing,
+        "recipes.a3.bce_loss": bce,
+    }
     r, args = both_sides(params_file(tmp_path, prepared, cfg), "a3", overrides=cfg)
     assert loaders.mixup(r, 20) is None and ref.create_mixup(args) is None
     lo, lt = create_loss(r), ref.create_loss(args)
@@ -143,6 +161,7 @@ def test_transforms_take_the_models_own_normalization(tmp_path, prepared):
 
 def timm_model(arch: str):
     import timm
+
     return timm.create_model(arch, num_classes=20)
 
 
@@ -189,6 +208,7 @@ def test_warmup_ramps_linearly_then_cosine(tmp_path, prepared):
 
 # --- 2. the sampler is timm's, per virtual rank ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("recipe, repeats", [("a1", 3), ("a3", 0)])
 def test_micro_batches_are_timms_sampler_per_virtual_rank(tmp_path, prepared, recipe, repeats):
     """The recipe's repeated augmentation (the paper's: A1 3 copies, A3 none) through MicroBatchSampler, per world
@@ -211,7 +231,7 @@ def test_micro_batches_are_timms_sampler_per_virtual_rank(tmp_path, prepared, re
                 sampler.set_epoch(epoch)
                 for i, batch in enumerate(sampler):
                     u, v = i // accum, rank * accum + i % accum
-                    assert [idx for idx, *_ in batch] == streams[v][u * micro:(u + 1) * micro], (world, accum, u, v)
+                    assert [idx for idx, *_ in batch] == streams[v][u * micro : (u + 1) * micro], (world, accum, u, v)
                     updates.setdefault(u, []).extend(idx for idx, *_ in batch)
             per_shape[(world, accum)] = {u: sorted(x) for u, x in updates.items()}
         assert per_shape[(1, 4)] == per_shape[(2, 2)] == per_shape[(4, 1)]
@@ -234,6 +254,7 @@ def test_streams_and_augmentation_seeds(prepared):
         s = loaders.MicroBatchSampler(ds, 4, 2, 1, 0, 3, seed=seed)
         s.set_epoch(e)
         return list(s)
+
     assert epoch(0) != epoch(1) and epoch(1) == epoch(1)
     seeds = [s for batch in epoch(0) for _, s, _ in batch]
     assert len(set(seeds)) == len(seeds)
@@ -247,28 +268,59 @@ def test_streams_and_augmentation_seeds(prepared):
 
 # --- 3. the stage's loop equals train.py's: per update, per gradient, final weights --------------------------------
 
-PARITY = {"models": ["test_resnet"], "scale.epochs": 0.001, "scale.min_epochs": 2, "recipes.a1.warmup_epochs": 120,
-          "train.eval_every": 1, "train.seed": 3}
+PARITY = {
+    "models": ["test_resnet"],
+    "scale.epochs": 0.001,
+    "scale.min_epochs": 2,
+    "recipes.a1.warmup_epochs": 120,
+    "train.eval_every": 1,
+    "train.seed": 3,
+}
 # two epochs of 10 updates with an evaluation after each; warmup = 4 updates, then cosine; a seed that is not the
 # default, so a stage that ignored train.seed anywhere would draw other numbers than train.py
 
 
-def reference_run(path: Path, extracted: Path, world: int, accum: int, cfg: dict | None = None,
-                  precision: str = "fp32", loss_scale: float = 1.0, recipe: str = "a1", arch: str = "test_resnet",
-                  epochs: int | None = None, device: str = "cpu", init_scale: float | None = None) -> ref.Result:
+def reference_run(
+    path: Path,
+    extracted: Path,
+    world: int,
+    accum: int,
+    cfg: dict | None = None,
+    precision: str = "fp32",
+    loss_scale: float = 1.0,
+    recipe: str = "a1",
+    arch: str = "test_resnet",
+    epochs: int | None = None,
+    device: str = "cpu",
+    init_scale: float | None = None,
+) -> ref.Result:
     """train.py on `world x accum` real processes for the params file's run; `cfg` is the override dict the test
     gave params_file (the recipe keys in it go to train.py too: the recipe itself is the paper's). Cached per
     test session: the resume test reuses the uninterrupted run's."""
     raw = yaml.safe_load(path.read_text())
-    key = (path.read_text(), world, accum, repr(sorted((cfg or {}).items())), precision, loss_scale, recipe, arch,
-           epochs, device, init_scale)
+    key = (
+        path.read_text(),
+        world,
+        accum,
+        repr(sorted((cfg or {}).items())),
+        precision,
+        loss_scale,
+        recipe,
+        arch,
+        epochs,
+        device,
+        init_scale,
+    )
     if key not in _REFERENCE_RUNS:
         micro = raw["scale"]["batch_size"] // (world * accum)
         args = ref.args_for(raw, recipe, arch, 20, micro, world * accum, 1, precision, overrides=cfg)
-        plant = {**({"loss_scale": loss_scale} if loss_scale != 1.0 else {}),
-                 **({"init_scale": init_scale} if init_scale else {})}
-        _REFERENCE_RUNS[key] = ref.run(args, extracted / "train", world * accum, epochs, extracted / "val",
-                                       plant or None, device=device)
+        plant = {
+            **({"loss_scale": loss_scale} if loss_scale != 1.0 else {}),
+            **({"init_scale": init_scale} if init_scale else {}),
+        }
+        _REFERENCE_RUNS[key] = ref.run(
+            args, extracted / "train", world * accum, epochs, extracted / "val", plant or None, device=device
+        )
     return _REFERENCE_RUNS[key]
 
 
@@ -290,8 +342,9 @@ def our_run_in_process(tmp_path: Path, path: Path, monkeypatch, recipe: str = "a
 def recorded_grads():
     """Every gradient the optimizer is handed, per update (torch's global optimizer step pre-hook, not a patch)."""
     grads: list = []
-    handle = register_optimizer_step_pre_hook(lambda opt, a, k: grads.append(
-        [p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]]))
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, a, k: grads.append([p.grad.detach().float().clone() for g in opt.param_groups for p in g["params"]])
+    )
     try:
         yield grads
     finally:
@@ -303,9 +356,13 @@ def read_outputs(d: Path, grads: list, name: str = NAME) -> dict:
         rows = list(csv.DictReader(f))
     with open(d / "plots/train" / f"{name}.csv") as f:
         epochs = list(csv.DictReader(f))
-    return {"loss": [float(r["loss"]) for r in rows], "lr": [float(r["lr"]) for r in rows], "grads": grads,
-            "state": load_weights(d / "models" / f"{name}.safetensors"),
-            "val": [float(e["val_top1"]) for e in epochs if e.get("val_top1")]}
+    return {
+        "loss": [float(r["loss"]) for r in rows],
+        "lr": [float(r["lr"]) for r in rows],
+        "grads": grads,
+        "state": load_weights(d / "models" / f"{name}.safetensors"),
+        "val": [float(e["val_top1"]) for e in epochs if e.get("val_top1")],
+    }
 
 
 # Tolerances, per tensor (relative norm): gradients of the first 3 updates, of later ones, final state.
@@ -356,7 +413,9 @@ def assert_same_state(ours: dict, theirs: dict, tol: float = 1e-3) -> None:
 
 def off(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
-    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
+    return float(
+        torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30)
+    )
 
 
 def test_updates_equal_train_py_on_one_process_accumulating(tmp_path, prepared, extracted, monkeypatch, world):
@@ -380,19 +439,24 @@ def test_updates_equal_train_py_with_its_prefetcher(tmp_path, prepared, extracte
 @pytest.mark.slow  # 10 s; the fast suite keeps 1 x 2, 2 x 1 and the resume; CI runs this
 def test_updates_equal_train_py_on_one_process_accumulating_4(tmp_path, prepared, extracted, monkeypatch, world):
     """World 1 x accumulation 4 against train.py on 4 processes, one epoch of 10 updates (REORDERED: see there)."""
-    cfg = {**PARITY, "train.micro_batch": 4, "scale.min_epochs": 1, "train.eval_every": 0,
-           "recipes.a1.warmup_epochs": 240}
+    cfg = {
+        **PARITY,
+        "train.micro_batch": 4,
+        "scale.min_epochs": 1,
+        "train.eval_every": 0,
+        "recipes.a1.warmup_epochs": 240,
+    }
     p = params_file(tmp_path, prepared, cfg)
-    assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, extracted, 1, 4, cfg), 10,
-                    REORDERED)
+    assert_same_run(our_run_in_process(tmp_path, p, monkeypatch), reference_run(p, extracted, 1, 4, cfg), 10, REORDERED)
 
 
 class StopAfterEpoch(Exception):
     """Ends the stage right after epoch 1's checkpoint is published (the process's training state dies with it)."""
 
 
-def test_a_run_resumed_in_a_fresh_process_equals_train_pys_uninterrupted_run(tmp_path, prepared, extracted,
-                                                                              monkeypatch, world):
+def test_a_run_resumed_in_a_fresh_process_equals_train_pys_uninterrupted_run(
+    tmp_path, prepared, extracted, monkeypatch, world
+):
     """One process accumulating 2 trains epoch 1 and stops after its checkpoint; a fresh process (rsb.launch, as
     dvc.yaml runs it) resumes and trains epoch 2. Together they equal train.py's uninterrupted two epochs on 2
     processes: lr, loss and gradients at every update (so the optimizer's moments, the update count and the
@@ -407,16 +471,36 @@ def test_a_run_resumed_in_a_fresh_process_equals_train_pys_uninterrupted_run(tmp
     def save_then_stop(engine, ckpt_dir, epoch, client_state):
         save(engine, ckpt_dir, epoch, client_state)
         raise StopAfterEpoch
+
     monkeypatch.setattr(checkpoint, "save", save_then_stop)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSB_TRACKING", "off")
     with recorded_grads() as first, pytest.raises(StopAfterEpoch):
         main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
     assert len(first) == 10 and not (tmp_path / "models" / f"{NAME}.safetensors").exists()
-    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", "1", "parity_worker", "--arch",
-                          "test_resnet", "--recipe", "a1", "--params", str(p)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600, env=clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"),
-                                                               PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rsb.launch",
+            "--devices",
+            "1",
+            "parity_worker",
+            "--arch",
+            "test_resnet",
+            "--recipe",
+            "a1",
+            "--params",
+            str(p),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(
+            RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"
+        ),
+    )
     assert out.returncode == 0 and "resumed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     second = torch.load(tmp_path / "grads" / "grads-rank0.pt")
     assert len(second) == 10
@@ -449,15 +533,47 @@ def test_t2_on_a_vit_equals_train_py(tmp_path, prepared, extracted, monkeypatch)
     assert_same_run(ours, theirs)
 
 
-def launch(tmp_path: Path, path: Path, devices: int, accelerator: str = "cpu", recipe: str = "a1",
-           same_grads: bool = True, **env_extra: str) -> dict:
+def launch(
+    tmp_path: Path,
+    path: Path,
+    devices: int,
+    accelerator: str = "cpu",
+    recipe: str = "a1",
+    same_grads: bool = True,
+    **env_extra: str,
+) -> dict:
     """The stage through the real launcher (rsb.launch -> deepspeed for more than one process)."""
-    env = clean_env(RSB_TRACKING="off", GRADS_OUT=str(tmp_path / "grads"), DS_ACCELERATOR=accelerator,
-                    PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}", **env_extra)
+    env = clean_env(
+        RSB_TRACKING="off",
+        GRADS_OUT=str(tmp_path / "grads"),
+        DS_ACCELERATOR=accelerator,
+        PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}",
+        **env_extra,
+    )
     port = free_port()
-    out = subprocess.run([sys.executable, "-m", "rsb.launch", "--devices", str(devices), "--master-port", str(port),
-                          "parity_worker", "--arch", "test_resnet", "--recipe", recipe, "--params", str(path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rsb.launch",
+            "--devices",
+            str(devices),
+            "--master-port",
+            str(port),
+            "parity_worker",
+            "--arch",
+            "test_resnet",
+            "--recipe",
+            recipe,
+            "--params",
+            str(path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # DeepSpeed's CPU shm op makes a 66 MB /dev/shm segment per rank, named by uid, address, port and rank, and never
     # unlinks it; rsb.distributed.release_shm does once every rank has mapped them (nothing left in RAM after a run)
@@ -478,8 +594,11 @@ def test_updates_equal_train_py_on_two_processes(tmp_path, prepared, extracted, 
     if accum > 1:
         cfg.update({"scale.min_epochs": 1, "train.eval_every": 0, "recipes.a1.warmup_epochs": 240})
     p = params_file(tmp_path, prepared, cfg)
-    assert_same_run(launch(tmp_path, p, 2), reference_run(p, extracted, 2, accum, cfg),
-                    *((20, EXACT) if accum == 1 else (10, REORDERED)))
+    assert_same_run(
+        launch(tmp_path, p, 2),
+        reference_run(p, extracted, 2, accum, cfg),
+        *((20, EXACT) if accum == 1 else (10, REORDERED)),
+    )
     cost = json.loads((tmp_path / "metrics/train/test_resnet-a1.json").read_text())
     assert cost["devices"] == 2 and cost["device_hours"] == pytest.approx(2 * cost["train/wall_s"] / 3600)
 
@@ -489,8 +608,14 @@ def test_t2_with_zero_on_two_processes_equals_train_py(tmp_path, prepared, extra
     """T2 (AdamW) with ZeRO stage 2 through rsb.launch -> deepspeed on 2 processes against train.py on 2 processes:
     lr and loss at every update and the final weights. (The gradient each rank's optimizer sees is its ZeRO shard,
     so gradients are compared through their effect: the weights.)"""
-    cfg = {**PARITY, "recipes.t2.warmup_epochs": 60, "train.devices": 2, "train.micro_batch": 8,
-           "train.zero_stage": 2, "train.channels_last": False}
+    cfg = {
+        **PARITY,
+        "recipes.t2.warmup_epochs": 60,
+        "train.devices": 2,
+        "train.micro_batch": 8,
+        "train.zero_stage": 2,
+        "train.channels_last": False,
+    }
     p = params_file(tmp_path, prepared, cfg)
     ours = launch(tmp_path, p, 2, recipe="t2", same_grads=False)
     theirs = reference_run(p, extracted, 2, 1, cfg, recipe="t2")
@@ -515,9 +640,13 @@ def test_bf16_autocast_equals_train_py_amp(tmp_path, prepared, extracted, monkey
 
     def distance(theirs: ref.Result) -> tuple[float, float]:
         g = max(off(a, b) for x, u in zip(ours["grads"], theirs.log) for a, b in zip(x, u["grads"]))
-        w = max(float((v - theirs.state[k]).abs().max() / theirs.state[k].abs().max().clamp_min(1e-12))
-                for k, v in ours["state"].items() if v.is_floating_point() and "running" not in k)
+        w = max(
+            float((v - theirs.state[k]).abs().max() / theirs.state[k].abs().max().clamp_min(1e-12))
+            for k, v in ours["state"].items()
+            if v.is_floating_point() and "running" not in k
+        )
         return g, w
+
     g, w = distance(reference_run(p, extracted, 1, 2, cfg, "bf16"))
     assert g < 1e-2 and w < 1e-2, (g, w)
     g2, w2 = distance(reference_run(p, extracted, 1, 2, cfg, "bf16", loss_scale=2.0))
@@ -528,10 +657,14 @@ def test_bf16_autocast_equals_train_py_amp(tmp_path, prepared, extracted, monkey
 
 # --- 4. precision is what the params say -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision, amp, expect", [("bf16", True, torch.bfloat16), ("fp32", True, torch.float32),
-                                                    ("bf16", False, torch.float32)])
-def test_the_stage_trains_in_the_precision_the_params_say(tmp_path, prepared, monkeypatch, world, precision, amp,
-                                                          expect):
+
+@pytest.mark.parametrize(
+    "precision, amp, expect",
+    [("bf16", True, torch.bfloat16), ("fp32", True, torch.float32), ("bf16", False, torch.float32)],
+)
+def test_the_stage_trains_in_the_precision_the_params_say(
+    tmp_path, prepared, monkeypatch, world, precision, amp, expect
+):
     """Activations of every convolution during training have the dtype the params say; weights stay fp32;
     `recipes.*.amp: false` is fp32 whatever train.precision says."""
     from torch.nn.modules.module import register_module_forward_hook
@@ -540,14 +673,18 @@ def test_the_stage_trains_in_the_precision_the_params_say(tmp_path, prepared, mo
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSB_TRACKING", "off")
-    p = params_file(tmp_path, prepared, {**PARITY, "scale.min_epochs": 1, "train.eval_every": 0,
-                                         "train.precision": precision, "recipes.a1.amp": amp})
+    p = params_file(
+        tmp_path,
+        prepared,
+        {**PARITY, "scale.min_epochs": 1, "train.eval_every": 0, "train.precision": precision, "recipes.a1.amp": amp},
+    )
     seen, weights = Counter(), set()
 
     def hook(module, inputs, output):
         if isinstance(module, torch.nn.Conv2d) and module.training:
             seen[output.dtype] += 1
             weights.add(module.weight.dtype)
+
     handle = register_module_forward_hook(hook)
     try:
         main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
@@ -559,6 +696,7 @@ def test_the_stage_trains_in_the_precision_the_params_say(tmp_path, prepared, mo
 
 
 # --- 5. the stage's outputs, the MLflow run, and bad setups --------------------------------------------------------
+
 
 def test_stage_outputs_and_mlflow_run(tmp_path, prepared, extracted, monkeypatch, world):
     from mlflow.tracking import MlflowClient
@@ -616,8 +754,9 @@ def test_zero_is_refused_with_lamb_and_allowed_with_adamw(tmp_path, prepared):
     does not. Refused at resolve (the stage's start, before any work), for the recipe being trained."""
     with pytest.raises(ConfigError, match=r"train.zero_stage = 1 with train.channels_last = true: DeepSpeed's ZeRO"):
         load_params(write_params(tmp_path / "c.yaml", prepared, {"train.zero_stage": 1}))
-    params = load_params(write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2,
-                                                                      "train.channels_last": False}))
+    params = load_params(
+        write_params(tmp_path / "p.yaml", prepared, {"train.zero_stage": 2, "train.channels_last": False})
+    )
     with pytest.raises(ConfigError, match=r"train.zero_stage = 2 with recipes.a1.opt = 'lamb': ZeRO partitions"):
         resolve(params, "resnet18", "a1", world_size=1)
     assert resolve(params, "resnet18", "t2", world_size=1).train.zero_stage == 2
@@ -656,7 +795,9 @@ def test_the_reference_recipes_are_the_paper_table():
     """The reference reads the copied table (the paper's A1/A2/A3) itself: a few cells by hand."""
     assert ref.recipe("a1")["aa"] == "rand-m7-mstd0.5-inc1" and ref.recipe("a3")["aa"] == "rand-m6-mstd0.5-inc1"
     assert (ref.recipe("a1")["epochs"], ref.recipe("a2")["epochs"], ref.recipe("a3")["epochs"]) == (600, 300, 100)
-    assert ref.recipe("a3")["lr"] == 0.008 and ref.recipe("a3")["img_size"] == 160 and ref.recipe("a3")["aug_repeats"] == 0
+    assert (
+        ref.recipe("a3")["lr"] == 0.008 and ref.recipe("a3")["img_size"] == 160 and ref.recipe("a3")["aug_repeats"] == 0
+    )
     assert ref.recipe("a1", {"recipes.a1.warmup_epochs": 9, "recipes.a2.lr": 1.0})["warmup_epochs"] == 9
     assert ref.DEIT_MAIN_PY["lr"] == pytest.approx(5e-4 * 2048 / 512)
 
@@ -689,15 +830,20 @@ def test_train_py_grad_accum_steps_is_another_run_than_our_accumulation(tmp_path
             scheduler.step_update(num_updates=u)
             out.append(optimizer.param_groups[0]["lr"])
         return out
+
     n = updates.pop()
     o, t = create_optimizer(create_model(r, 20), r), ref.create_optimizer(ref.create_model(theirs_args), theirs_args)
-    assert lrs(create_scheduler(o, r, n), o, r.epochs * n) == \
-        lrs(ref.create_scheduler(t, theirs_args, n), t, r.epochs * n)
+    assert lrs(create_scheduler(o, r, n), o, r.epochs * n) == lrs(
+        ref.create_scheduler(t, theirs_args, n), t, r.epochs * n
+    )
 
     def per_update(batches):
-        return [sorted(i for rank in batches for b in rank[u * accum:(u + 1) * accum] for i in b) for u in range(n)]
-    micro_sets = {side: {tuple(sorted(b)) for rank in batches for b in rank} for side, batches in
-                  (("ours", ours), ("theirs", theirs))}
+        return [sorted(i for rank in batches for b in rank[u * accum : (u + 1) * accum] for i in b) for u in range(n)]
+
+    micro_sets = {
+        side: {tuple(sorted(b)) for rank in batches for b in rank}
+        for side, batches in (("ours", ours), ("theirs", theirs))
+    }
     assert micro_sets["ours"] != micro_sets["theirs"], "the same micro-batches"
     assert all(len(set(b)) == len(b) for rank in ours for b in rank), "copies of an image share a micro-batch here"
     assert per_update(ours) == per_update(theirs)

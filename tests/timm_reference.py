@@ -24,6 +24,7 @@ and computes the scaled epochs, warmup and image size itself; the lr goes throug
 Processes are forked from a fork server that has imported this module once per test session (~7 s on 2 cores), so
 a run costs its training, not a fresh interpreter per process.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,7 @@ import multiprocessing
 import random
 import tempfile
 from argparse import Namespace
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -72,8 +73,10 @@ def _posterize_as_pillow_before_13() -> None:
     original = auto_augment.posterize
 
     def posterize(img, bits_to_keep, **kwargs):
-        return img.point([0] * 256 * len(img.getbands())) if bits_to_keep <= 0 else original(img, bits_to_keep,
-                                                                                               **kwargs)
+        return (
+            img.point([0] * 256 * len(img.getbands())) if bits_to_keep <= 0 else original(img, bits_to_keep, **kwargs)
+        )
+
     for name, op in list(auto_augment.NAME_TO_OP.items()):
         if op is original:
             auto_augment.NAME_TO_OP[name] = posterize
@@ -90,18 +93,62 @@ PAPER_TABLE = Path(__file__).parent / "reference" / "rsb_recipes.csv"
 TRAIN_PY_2021 = {"warmup_lr": 1e-4, "min_lr": 1e-6, "hflip": 0.5, "train_interpolation": "random", "amp": True}
 # facebookresearch/deit main.py, get_args_parser() defaults (read 2026-11-29), in timm train.py option names, at the
 # paper's batch 2048 (lr: main.py's linear rule 5e-4 x batch / 512); the paper's T2 has no EMA.
-DEIT_MAIN_PY = {"epochs": 300, "img_size": 224, "test_img_size": 224, "crop_pct": 0.875, "batch_size": 2048,
-                "opt": "adamw", "lr": 5e-4 * 2048 / 512, "weight_decay": 0.05, "sched": "cosine", "warmup_epochs": 5,
-                "warmup_lr": 1e-6, "min_lr": 1e-5, "bce_loss": False, "bce_target_thresh": None, "smoothing": 0.1,
-                "drop_path": 0.1, "aug_repeats": 3, "aa": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
-                "reprob": 0.25, "hflip": 0.5, "model_ema": False, "amp": True, "train_interpolation": "bicubic"}
+DEIT_MAIN_PY = {
+    "epochs": 300,
+    "img_size": 224,
+    "test_img_size": 224,
+    "crop_pct": 0.875,
+    "batch_size": 2048,
+    "opt": "adamw",
+    "lr": 5e-4 * 2048 / 512,
+    "weight_decay": 0.05,
+    "sched": "cosine",
+    "warmup_epochs": 5,
+    "warmup_lr": 1e-6,
+    "min_lr": 1e-5,
+    "bce_loss": False,
+    "bce_target_thresh": None,
+    "smoothing": 0.1,
+    "drop_path": 0.1,
+    "aug_repeats": 3,
+    "aa": "rand-m9-mstd0.5-inc1",
+    "mixup": 0.8,
+    "cutmix": 1.0,
+    "reprob": 0.25,
+    "hflip": 0.5,
+    "model_ema": False,
+    "amp": True,
+    "train_interpolation": "bicubic",
+}
 # The transfer study's fine-tune is this project's own procedure (no published values could be read); pinned here so
 # that an unintended change of params.yaml's `recipes.ft` fails a test.
-FT = {"epochs": 100, "img_size": 224, "test_img_size": 224, "crop_pct": 0.875, "batch_size": 512, "opt": "sgd",
-      "lr": 0.01, "weight_decay": 1e-4, "sched": "cosine", "warmup_epochs": 2, "warmup_lr": 1e-5, "min_lr": 0.0,
-      "bce_loss": False, "bce_target_thresh": None, "smoothing": 0.1, "drop_path": 0.0, "aug_repeats": 0, "aa": None,
-      "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "hflip": 0.5, "model_ema": False, "amp": True,
-      "train_interpolation": "bilinear"}
+FT = {
+    "epochs": 100,
+    "img_size": 224,
+    "test_img_size": 224,
+    "crop_pct": 0.875,
+    "batch_size": 512,
+    "opt": "sgd",
+    "lr": 0.01,
+    "weight_decay": 1e-4,
+    "sched": "cosine",
+    "warmup_epochs": 2,
+    "warmup_lr": 1e-5,
+    "min_lr": 0.0,
+    "bce_loss": False,
+    "bce_target_thresh": None,
+    "smoothing": 0.1,
+    "drop_path": 0.0,
+    "aug_repeats": 0,
+    "aa": None,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "reprob": 0.0,
+    "hflip": 0.5,
+    "model_ema": False,
+    "amp": True,
+    "train_interpolation": "bilinear",
+}
 
 
 def _value(text: str):
@@ -128,34 +175,115 @@ RECIPES = {**paper_recipes(), "t2": DEIT_MAIN_PY, "ft": FT}
 def recipe(name: str, overrides: dict | None = None) -> dict:
     """A recipe by name, with the test's `recipes.<name>.<key>` overrides (the same ones its params file has)."""
     prefix = f"recipes.{name}."
-    return {**RECIPES[name], **{k[len(prefix):]: v for k, v in (overrides or {}).items() if k.startswith(prefix)}}
+    return {**RECIPES[name], **{k[len(prefix) :]: v for k, v in (overrides or {}).items() if k.startswith(prefix)}}
 
 
 # --- train.py's args --------------------------------------------------------------------------------------------------
 
 # train.py's argparse defaults, for the options its components read (train.py: "Model parameters" ... "Misc").
 TRAIN_PY_DEFAULTS = dict(
-    model="resnet50", pretrained=False, pretrained_path=None, initial_checkpoint="", num_classes=None, gp=None, img_size=None,
-    in_chans=None, input_size=None, crop_pct=None, mean=None, std=None, interpolation="", batch_size=128,
-    grad_accum_steps=1, model_kwargs={}, torchscript=False,
-    opt="sgd", opt_eps=None, opt_betas=None, momentum=0.9, weight_decay=2e-5, clip_grad=None, clip_mode="norm",
-    layer_decay=None, opt_kwargs={},
-    sched="cosine", sched_on_updates=False, lr=None, lr_base=0.1, lr_base_size=256, lr_base_scale="",
-    lr_noise=None, lr_noise_pct=0.67, lr_noise_std=1.0, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
-    lr_k_decay=1.0, warmup_lr=1e-5, min_lr=0.0, epochs=300, decay_milestones=[90, 180, 270], decay_epochs=90,
-    warmup_epochs=5, warmup_prefix=False, cooldown_epochs=0, patience_epochs=10, decay_rate=0.1,
-    no_aug=False, scale=[0.08, 1.0], ratio=[3.0 / 4.0, 4.0 / 3.0], hflip=0.5, vflip=0.0, color_jitter=0.4, aa=None,
-    aug_repeats=0, aug_splits=0, jsd_loss=False, bce_loss=False, bce_target_thresh=None, reprob=0.0,
-    remode="pixel", recount=1, resplit=False, mixup=0.0, cutmix=0.0, cutmix_minmax=None, mixup_prob=1.0,
-    mixup_switch_prob=0.5, mixup_mode="batch", mixup_off_epoch=0, smoothing=0.1, train_interpolation="random",
-    drop=0.0, drop_path=None, drop_block=None, bn_momentum=None, bn_eps=None, dist_bn="reduce",
-    model_ema=False, seed=42, amp=False, amp_dtype="float16", channels_last=False, eval_metric="top1",
+    model="resnet50",
+    pretrained=False,
+    pretrained_path=None,
+    initial_checkpoint="",
+    num_classes=None,
+    gp=None,
+    img_size=None,
+    in_chans=None,
+    input_size=None,
+    crop_pct=None,
+    mean=None,
+    std=None,
+    interpolation="",
+    batch_size=128,
+    grad_accum_steps=1,
+    model_kwargs={},
+    torchscript=False,
+    opt="sgd",
+    opt_eps=None,
+    opt_betas=None,
+    momentum=0.9,
+    weight_decay=2e-5,
+    clip_grad=None,
+    clip_mode="norm",
+    layer_decay=None,
+    opt_kwargs={},
+    sched="cosine",
+    sched_on_updates=False,
+    lr=None,
+    lr_base=0.1,
+    lr_base_size=256,
+    lr_base_scale="",
+    lr_noise=None,
+    lr_noise_pct=0.67,
+    lr_noise_std=1.0,
+    lr_cycle_mul=1.0,
+    lr_cycle_decay=0.5,
+    lr_cycle_limit=1,
+    lr_k_decay=1.0,
+    warmup_lr=1e-5,
+    min_lr=0.0,
+    epochs=300,
+    decay_milestones=[90, 180, 270],
+    decay_epochs=90,
+    warmup_epochs=5,
+    warmup_prefix=False,
+    cooldown_epochs=0,
+    patience_epochs=10,
+    decay_rate=0.1,
+    no_aug=False,
+    scale=[0.08, 1.0],
+    ratio=[3.0 / 4.0, 4.0 / 3.0],
+    hflip=0.5,
+    vflip=0.0,
+    color_jitter=0.4,
+    aa=None,
+    aug_repeats=0,
+    aug_splits=0,
+    jsd_loss=False,
+    bce_loss=False,
+    bce_target_thresh=None,
+    reprob=0.0,
+    remode="pixel",
+    recount=1,
+    resplit=False,
+    mixup=0.0,
+    cutmix=0.0,
+    cutmix_minmax=None,
+    mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+    mixup_mode="batch",
+    mixup_off_epoch=0,
+    smoothing=0.1,
+    train_interpolation="random",
+    drop=0.0,
+    drop_path=None,
+    drop_block=None,
+    bn_momentum=None,
+    bn_eps=None,
+    dist_bn="reduce",
+    model_ema=False,
+    seed=42,
+    amp=False,
+    amp_dtype="float16",
+    channels_last=False,
+    eval_metric="top1",
 )
 NOT_TRAIN_PY = {"test_img_size"}  # recipe keys that are validate.py's (the eval size), not train.py's
 
 
-def args_for(params: dict, recipe_name: str, arch: str, num_classes: int, micro_batch: int, world: int, accum: int,
-             precision: str = "fp32", pretrained_path: str | None = None, overrides: dict | None = None) -> Namespace:
+def args_for(
+    params: dict,
+    recipe_name: str,
+    arch: str,
+    num_classes: int,
+    micro_batch: int,
+    world: int,
+    accum: int,
+    precision: str = "fp32",
+    pretrained_path: str | None = None,
+    overrides: dict | None = None,
+) -> Namespace:
     """train.py's `args` for one recipe on `world` processes with `--grad-accum-steps accum`; with `pretrained_path`,
     the transfer study's fine-tune: `--pretrained --pretrained-path`, and transfer.epochs / transfer.lr_factor in
     place of scale's (where not null). `params` (the test's params file, plain YAML) gives only the scale, the seed
@@ -192,17 +320,23 @@ def args_for(params: dict, recipe_name: str, arch: str, num_classes: int, micro_
     if scale["lr_rule"] == "none":
         args.lr = rec["lr"]
     else:
-        args.lr, args.lr_base, args.lr_base_size, args.lr_base_scale = None, rec["lr"], rec["batch_size"], scale["lr_rule"]
+        args.lr, args.lr_base, args.lr_base_size, args.lr_base_scale = (
+            None,
+            rec["lr"],
+            rec["batch_size"],
+            scale["lr_rule"],
+        )
         global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
         batch_ratio = global_batch_size / args.lr_base_size
         if args.lr_base_scale == "sqrt":
-            batch_ratio = batch_ratio ** 0.5
+            batch_ratio = batch_ratio**0.5
         args.lr = args.lr_base * batch_ratio
     args.lr *= scale.get("lr_factor", 1.0)  # the mini run's own factor (1 = the paper)
     return args
 
 
-# --- the components, as train.py builds them ---------------------------------------------------------------------------
+# --- the components, as train.py builds them -------------------------------------------------------------------
+
 
 def model_of_rank(args: Namespace, rank: int = 0) -> torch.nn.Module:
     """train.py: `utils.random_seed(args.seed, args.rank)`, then create_model (DDP then broadcasts rank 0's)."""
@@ -214,11 +348,22 @@ def create_model(args: Namespace) -> torch.nn.Module:
     factory_kwargs = {}
     if args.pretrained_path:  # train.py: "merge with pretrained_cfg of model, 'file' has priority over 'url'"
         factory_kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)  # head adaptation
-    return timm.create_model(args.model, pretrained=args.pretrained, in_chans=3, num_classes=args.num_classes,
-                             drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
-                             global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
-                             scriptable=args.torchscript, checkpoint_path=args.initial_checkpoint,
-                             **factory_kwargs, **args.model_kwargs)
+    return timm.create_model(
+        args.model,
+        pretrained=args.pretrained,
+        in_chans=3,
+        num_classes=args.num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        scriptable=args.torchscript,
+        checkpoint_path=args.initial_checkpoint,
+        **factory_kwargs,
+        **args.model_kwargs,
+    )
 
 
 def create_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.Optimizer:
@@ -235,9 +380,16 @@ def mixup_active(args: Namespace) -> bool:
 
 
 def mixup_args(args: Namespace) -> dict:
-    return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                label_smoothing=args.smoothing, num_classes=args.num_classes)
+    return dict(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=args.num_classes,
+    )
 
 
 def create_mixup(args: Namespace, prefetcher: bool = False) -> Mixup | None:
@@ -263,25 +415,49 @@ def create_prefetch_loader(args: Namespace, dataset, model: torch.nn.Module, dev
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config["interpolation"]
     distributed = dist.is_available() and dist.is_initialized()
-    return create_loader(dataset, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=True,
-                         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                         re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-                         num_aug_repeats=args.aug_repeats if distributed else 0, num_aug_splits=0,
-                         interpolation=train_interpolation, mean=data_config["mean"], std=data_config["std"],
-                         num_workers=1, distributed=distributed,
-                         collate_fn=FastCollateMixup(**mixup_args(args)) if mixup_active(args) else None,
-                         pin_memory=False, img_dtype=torch.float32, device=device, use_prefetcher=True)
+    return create_loader(
+        dataset,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        re_split=args.resplit,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats if distributed else 0,
+        num_aug_splits=0,
+        interpolation=train_interpolation,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=1,
+        distributed=distributed,
+        collate_fn=FastCollateMixup(**mixup_args(args)) if mixup_active(args) else None,
+        pin_memory=False,
+        img_dtype=torch.float32,
+        device=device,
+        use_prefetcher=True,
+    )
 
 
 def create_loss(args: Namespace) -> torch.nn.Module:
     """train.py's branch (no JSD): with Mixup active, smoothing is handled by the Mixup target transform."""
     if mixup_active(args):
-        return BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else SoftTargetCrossEntropy()
+        return (
+            BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss else SoftTargetCrossEntropy()
+        )
     if args.smoothing:
-        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
-            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        return (
+            BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
+            if args.bce_loss
+            else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        )
     return torch.nn.CrossEntropyLoss()
 
 
@@ -291,19 +467,41 @@ def train_transform(args: Namespace, model: torch.nn.Module):
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config["interpolation"]
-    return create_transform(data_config["input_size"], is_training=True, no_aug=args.no_aug, scale=args.scale,
-                            ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-                            auto_augment=args.aa, interpolation=train_interpolation, mean=data_config["mean"],
-                            std=data_config["std"], re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                            re_num_splits=0, use_prefetcher=False, separate=False)
+    return create_transform(
+        data_config["input_size"],
+        is_training=True,
+        no_aug=args.no_aug,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation=train_interpolation,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        re_num_splits=0,
+        use_prefetcher=False,
+        separate=False,
+    )
 
 
 def eval_transform(args: Namespace, model: torch.nn.Module):
     """validate.py at the paper's eval: `--img-size <test size> --crop-pct <recipe's> --interpolation bicubic`."""
-    cfg = resolve_data_config({"img_size": args.test_img_size, "crop_pct": args.crop_pct,
-                               "interpolation": "bicubic"}, model=model)
-    return create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
-                            crop_pct=cfg["crop_pct"], mean=cfg["mean"], std=cfg["std"])
+    cfg = resolve_data_config(
+        {"img_size": args.test_img_size, "crop_pct": args.crop_pct, "interpolation": "bicubic"}, model=model
+    )
+    return create_transform(
+        cfg["input_size"],
+        is_training=False,
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+    )
 
 
 def create_sampler(dataset, args: Namespace, num_replicas: int, rank: int):
@@ -322,17 +520,20 @@ def with_init_scale(init_scale: float) -> None:
     def init(self, *a, **k):
         k.setdefault("init_scale", init_scale)
         original(self, *a, **k)
+
     torch.amp.GradScaler.__init__ = init
 
 
 def amp_autocast(args: Namespace, device: torch.device):
     if not args.amp:
         return suppress
-    return partial(torch.autocast, device_type=device.type,
-                   dtype=torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16)
+    return partial(
+        torch.autocast, device_type=device.type, dtype=torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    )
 
 
 # --- the seed contract (docs/seeds.md), implemented from its specification -------------------------------------------
+
 
 def stream_seed(seed: int, epoch: int, process: int) -> int:
     """docs/seeds.md, rule 2: (seed x 1,000,003 + process x 10,007 + epoch) mod 2^31."""
@@ -405,9 +606,12 @@ def prefetch_epoch(prefetcher, original, sampler, micro_batch: int, stream: int)
     dataset with timm's uint8 transform, its collate_fn) over the contract's micro-batches of timm's sampler, one
     worker, and its erasing seeded per micro-batch."""
     prefetcher.loader = torch.utils.data.DataLoader(
-        SeededPositions(original.dataset, stream, carry=True), batch_sampler=micro_batches(sampler, micro_batch),
-        collate_fn=MixSeededCollate(original.collate_fn, stream, micro_batch), num_workers=1,
-        multiprocessing_context="fork")
+        SeededPositions(original.dataset, stream, carry=True),
+        batch_sampler=micro_batches(sampler, micro_batch),
+        collate_fn=MixSeededCollate(original.collate_fn, stream, micro_batch),
+        num_workers=1,
+        multiprocessing_context="fork",
+    )
     if prefetcher.random_erasing is not None:
         erase = getattr(prefetcher.random_erasing, "erase", prefetcher.random_erasing)
         prefetcher.random_erasing = EraseSeeded(erase, stream)
@@ -417,24 +621,35 @@ def prefetch_epoch(prefetcher, original, sampler, micro_batch: int, stream: int)
 def micro_batches(sampler, micro_batch: int) -> list[list[tuple[int, int]]]:
     """create_loader's training batches (drop_last) over the sampler's epoch order, each sample with its position."""
     order = list(enumerate(sampler))
-    return [[(i, p) for p, i in order[b * micro_batch:(b + 1) * micro_batch]] for b in range(len(order) // micro_batch)]
+    return [
+        [(i, p) for p, i in order[b * micro_batch : (b + 1) * micro_batch]] for b in range(len(order) // micro_batch)
+    ]
 
 
 # --- a run: train.py's main() on `world` processes -------------------------------------------------------------------
 
+
 @dataclass
 class Result:
     args: Namespace
-    log: list[dict]            # per update: loss (mean over the global batch), lr used, gradients handed to step()
-                               # (None where fp16's scaler skipped the step)
-    state: dict                # rank 0's final state_dict (BatchNorm statistics after distribute_bn)
+    log: list[dict]  # per update: loss (mean over the global batch), lr used, gradients handed to step()
+    # (None where fp16's scaler skipped the step)
+    state: dict  # rank 0's final state_dict (BatchNorm statistics after distribute_bn)
     val: list[float] = field(default_factory=list)  # top-1 (%) after each epoch, when a val folder was given
-    info: dict = field(default_factory=dict)        # loss and optimizer classes, updates per epoch
-    steps: int = 0                                  # optimizer steps that ran (fp16: updates minus skipped ones)
+    info: dict = field(default_factory=dict)  # loss and optimizer classes, updates per epoch
+    steps: int = 0  # optimizer steps that ran (fp16: updates minus skipped ones)
 
 
-def run(args: Namespace, train_dir: Path, world: int, epochs: int | None = None, val_dir: Path | None = None,
-        plant: dict | None = None, timeout: float = 600, device: str = "cpu") -> Result:
+def run(
+    args: Namespace,
+    train_dir: Path,
+    world: int,
+    epochs: int | None = None,
+    val_dir: Path | None = None,
+    plant: dict | None = None,
+    timeout: float = 600,
+    device: str = "cpu",
+) -> Result:
     """train.py on `world` processes for `epochs` (default: all of them), on the CPU or (one process) on `device`
     "cuda". `plant` is for tests that show a bug would be seen: {"loss_scale": f} multiplies the loss;
     {"init_scale": s} starts fp16's loss scaler at s (both sides of a test get it: a forced overflow)."""
@@ -442,9 +657,16 @@ def run(args: Namespace, train_dir: Path, world: int, epochs: int | None = None,
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     with tempfile.TemporaryDirectory(prefix="timm-ref-") as tmp:
-        cfg = dict(args=args, train_dir=str(train_dir), val_dir=str(val_dir) if val_dir else None,
-                   epochs=epochs or args.epochs, store=f"{tmp}/store", out=f"{tmp}/result.pt", plant=plant or {},
-                   device=device)
+        cfg = dict(
+            args=args,
+            train_dir=str(train_dir),
+            val_dir=str(val_dir) if val_dir else None,
+            epochs=epochs or args.epochs,
+            store=f"{tmp}/store",
+            out=f"{tmp}/result.pt",
+            plant=plant or {},
+            device=device,
+        )
         procs = [ctx.Process(target=_process, args=(rank, world, cfg)) for rank in range(world)]
         for p in procs:
             p.start()
@@ -469,11 +691,15 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     if "init_scale" in cfg["plant"]:
         with_init_scale(cfg["plant"]["init_scale"])
     steps: list = []  # the gradients handed to each optimizer step that ran (a loss scaler skips overflows)
-    register_optimizer_step_pre_hook(lambda opt, a, k: steps.append(
-        [p.grad.detach().float().cpu().clone() for g in opt.param_groups for p in g["params"]]))
+    register_optimizer_step_pre_hook(
+        lambda opt, a, k: steps.append(
+            [p.grad.detach().float().cpu().clone() for g in opt.param_groups for p in g["params"]]
+        )
+    )
     if args.distributed:
-        dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=300))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world, timeout=timedelta(seconds=300)
+        )
     model = model_of_rank(args, rank).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -494,10 +720,12 @@ def _process(rank: int, world: int, cfg: dict) -> None:
         inner, factor = loss_fn, cfg["plant"]["loss_scale"]
         loss_fn = lambda out, y: inner(out, y) * factor  # noqa: E731
     # train.py: `loss_scaler = NativeScaler()` for float16 autocast on CUDA only (bfloat16 needs none)
-    scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == "float16" and device.type == "cuda" \
-        else None
-    ctx = Epoch(model, optimizer, scheduler, loss_fn, mixup_fn, amp_autocast(args, device), args, world, device,
-                scaler, steps)
+    scaler = (
+        NativeScaler(device=device.type) if args.amp and args.amp_dtype == "float16" and device.type == "cuda" else None
+    )
+    ctx = Epoch(
+        model, optimizer, scheduler, loss_fn, mixup_fn, amp_autocast(args, device), args, world, device, scaler, steps
+    )
     log, val = [], []
     for epoch in range(cfg["epochs"]):
         sampler.set_epoch(epoch)  # train.py: loader_train.sampler.set_epoch(epoch)
@@ -505,9 +733,12 @@ def _process(rank: int, world: int, cfg: dict) -> None:
         if prefetcher:
             loader = prefetch_epoch(loader_train, original, sampler, args.batch_size, stream)
         else:
-            loader = torch.utils.data.DataLoader(SeededPositions(train_set, stream),
-                                                 batch_sampler=micro_batches(sampler, args.batch_size), num_workers=1,
-                                                 multiprocessing_context="fork")  # a worker, as train.py decodes
+            loader = torch.utils.data.DataLoader(
+                SeededPositions(train_set, stream),
+                batch_sampler=micro_batches(sampler, args.batch_size),
+                num_workers=1,
+                multiprocessing_context="fork",
+            )  # a worker, as train.py decodes
         log += ctx.train_one_epoch(epoch, loader, stream)
         if args.distributed:
             distribute_bn(model, world, reduce=True)  # train.py --dist-bn reduce
@@ -515,11 +746,20 @@ def _process(rank: int, world: int, cfg: dict) -> None:
             val.append(validate(model, val_set, args, ctx.autocast, world, rank))
     if rank == 0:
         unwrapped = model.module if args.distributed else model
-        torch.save({"log": log, "state": {k: v.cpu().clone() for k, v in unwrapped.state_dict().items()},
-                    "val": val, "steps": len(steps),
-                    "info": {"loss": type(ctx.loss_fn).__name__ if not cfg["plant"] else "planted",
-                             "optimizer": type(optimizer).__name__, "updates_per_epoch": updates_per_epoch}},
-                   cfg["out"])
+        torch.save(
+            {
+                "log": log,
+                "state": {k: v.cpu().clone() for k, v in unwrapped.state_dict().items()},
+                "val": val,
+                "steps": len(steps),
+                "info": {
+                    "loss": type(ctx.loss_fn).__name__ if not cfg["plant"] else "planted",
+                    "optimizer": type(optimizer).__name__,
+                    "updates_per_epoch": updates_per_epoch,
+                },
+            },
+            cfg["out"],
+        )
     if args.distributed:
         dist.destroy_process_group()
 
@@ -528,6 +768,7 @@ def _process(rank: int, world: int, cfg: dict) -> None:
 class Epoch:
     """train.py's train_one_epoch, recording what each update hands the optimizer. With the prefetcher the batch
     arrives on the device, normalized, erased and mixed (`mixup_fn` is None), as train.py then skips both steps."""
+
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -563,7 +804,7 @@ class Epoch:
                 input, target = self.mixup_fn(input, target)
             if args.channels_last:
                 input = input.contiguous(memory_format=torch.channels_last)
-            sync = suppress() if need_update or self.world == 1 else model.no_sync()
+            sync = nullcontext() if need_update or self.world == 1 else model.no_sync()
             with sync:
                 with self.autocast():
                     loss = self.loss_fn(model(input), target)
@@ -587,8 +828,9 @@ class Epoch:
             optimizer.zero_grad()
             mean = torch.stack(losses).mean()
             losses = []
-            log.append({"loss": (reduce_tensor(mean, self.world) if self.world > 1 else mean).item(), "lr": lr,
-                        "grads": grads})
+            log.append(
+                {"loss": (reduce_tensor(mean, self.world) if self.world > 1 else mean).item(), "lr": lr, "grads": grads}
+            )
             self.scheduler.step_update(num_updates=num_updates)
         return log
 
@@ -617,28 +859,85 @@ def validate(model, dataset, args: Namespace, autocast, world: int, rank: int) -
 
 # validate.py's argparse defaults, for the options `validate(args)` reads (pytorch-image-models validate.py, timm 1.x).
 VALIDATE_PY_DEFAULTS = dict(
-    data_dir=None, dataset="", split="validation", num_samples=None, class_map="", input_img_mode=None,
-    input_key=None, target_key=None, model="resnet50", pretrained=False, workers=4, batch_size=256, img_size=None,
-    in_chans=None, input_size=None, use_train_size=False, crop_pct=None, crop_mode=None, crop_border_pixels=None,
-    mean=None, std=None, interpolation="", num_classes=None, gp=None, checkpoint="", test_pool=False,
-    no_prefetcher=False, pin_mem=False, channels_last=False, device="cuda", amp=False, amp_dtype="float16",
-    model_dtype=None, use_ema=False, model_kwargs={}, real_labels="", valid_labels="", seed=42, torchscript=False,
+    data_dir=None,
+    dataset="",
+    split="validation",
+    num_samples=None,
+    class_map="",
+    input_img_mode=None,
+    input_key=None,
+    target_key=None,
+    model="resnet50",
+    pretrained=False,
+    workers=4,
+    batch_size=256,
+    img_size=None,
+    in_chans=None,
+    input_size=None,
+    use_train_size=False,
+    crop_pct=None,
+    crop_mode=None,
+    crop_border_pixels=None,
+    mean=None,
+    std=None,
+    interpolation="",
+    num_classes=None,
+    gp=None,
+    checkpoint="",
+    test_pool=False,
+    no_prefetcher=False,
+    pin_mem=False,
+    channels_last=False,
+    device="cuda",
+    amp=False,
+    amp_dtype="float16",
+    model_dtype=None,
+    use_ema=False,
+    model_kwargs={},
+    real_labels="",
+    valid_labels="",
+    seed=42,
+    torchscript=False,
 )
 
 
-def validate_py_args(train_args: Namespace, data_dir: Path, checkpoint: Path, batch_size: int,
-                     real_labels: Path | None = None, prefetcher: bool = False, device: str = "cpu") -> Namespace:
+def validate_py_args(
+    train_args: Namespace,
+    data_dir: Path,
+    checkpoint: Path,
+    batch_size: int,
+    real_labels: Path | None = None,
+    prefetcher: bool = False,
+    device: str = "cpu",
+) -> Namespace:
     """validate.py's command line for the weights of the run `train_args` describes, at the paper's eval:
     `--data-dir D --model M --num-classes K --checkpoint W --img-size <test size> --crop-pct <recipe's>
     --interpolation bicubic -b B -j 0 [--channels-last] [--amp --amp-dtype bfloat16] [--real-labels real.json]
     [--no-prefetcher] [--model-kwargs img_size=<train size>] --device D`. The mean and std are the model's own
     (validate.py resolves them from its pretrained config)."""
-    return Namespace(**{**copy.deepcopy(VALIDATE_PY_DEFAULTS), **dict(
-        data_dir=str(data_dir), model=train_args.model, num_classes=train_args.num_classes,
-        checkpoint=str(checkpoint), img_size=train_args.test_img_size, crop_pct=train_args.crop_pct,
-        interpolation="bicubic", batch_size=batch_size, workers=0, channels_last=train_args.channels_last,
-        amp=train_args.amp, amp_dtype=train_args.amp_dtype, real_labels=str(real_labels) if real_labels else "",
-        no_prefetcher=not prefetcher, model_kwargs=dict(train_args.model_kwargs), device=device)})
+    return Namespace(
+        **{
+            **copy.deepcopy(VALIDATE_PY_DEFAULTS),
+            **dict(
+                data_dir=str(data_dir),
+                model=train_args.model,
+                num_classes=train_args.num_classes,
+                checkpoint=str(checkpoint),
+                img_size=train_args.test_img_size,
+                crop_pct=train_args.crop_pct,
+                interpolation="bicubic",
+                batch_size=batch_size,
+                workers=0,
+                channels_last=train_args.channels_last,
+                amp=train_args.amp,
+                amp_dtype=train_args.amp_dtype,
+                real_labels=str(real_labels) if real_labels else "",
+                no_prefetcher=not prefetcher,
+                model_kwargs=dict(train_args.model_kwargs),
+                device=device,
+            ),
+        }
+    )
 
 
 @torch.inference_mode()
@@ -656,29 +955,62 @@ def validate_py(args: Namespace) -> dict:
     from timm.utils import AverageMeter, accuracy
 
     device = torch.device(args.device)
-    amp_autocast = partial(torch.autocast, device_type=device.type,
-                           dtype=torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16) if args.amp \
+    amp_autocast = (
+        partial(
+            torch.autocast,
+            device_type=device.type,
+            dtype=torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16,
+        )
+        if args.amp
         else suppress
+    )
     random_seed(args.seed)
-    model = timm.create_model(**resolve_model_input_args(args.model, vars(args), pretrained=args.pretrained,
-                                                         num_classes=args.num_classes, global_pool=args.gp,
-                                                         scriptable=args.torchscript, **args.model_kwargs))
+    model = timm.create_model(
+        **resolve_model_input_args(
+            args.model,
+            vars(args),
+            pretrained=args.pretrained,
+            num_classes=args.num_classes,
+            global_pool=args.gp,
+            scriptable=args.torchscript,
+            **args.model_kwargs,
+        )
+    )
     load_checkpoint(model, args.checkpoint, args.use_ema)
     data_config = resolve_input_data_config(model, vars(args), use_test_size=not args.use_train_size)
     model = model.to(device=device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dataset = create_dataset(root=args.data_dir, name=args.dataset, split=args.split, class_map=args.class_map,
-                             num_samples=args.num_samples, input_key=args.input_key, target_key=args.target_key,
-                             input_img_mode="RGB", seed=args.seed)
-    real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels) \
-        if args.real_labels else None
-    loader = create_loader(dataset, input_size=data_config["input_size"], batch_size=args.batch_size,
-                           use_prefetcher=not args.no_prefetcher, interpolation=data_config["interpolation"],
-                           mean=data_config["mean"], std=data_config["std"], num_workers=args.workers,
-                           crop_pct=data_config["crop_pct"], crop_mode=data_config["crop_mode"],
-                           crop_border_pixels=args.crop_border_pixels, pin_memory=args.pin_mem, device=device,
-                           img_dtype=torch.float32)
+    dataset = create_dataset(
+        root=args.data_dir,
+        name=args.dataset,
+        split=args.split,
+        class_map=args.class_map,
+        num_samples=args.num_samples,
+        input_key=args.input_key,
+        target_key=args.target_key,
+        input_img_mode="RGB",
+        seed=args.seed,
+    )
+    real_labels = (
+        RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels) if args.real_labels else None
+    )
+    loader = create_loader(
+        dataset,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        use_prefetcher=not args.no_prefetcher,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config["crop_mode"],
+        crop_border_pixels=args.crop_border_pixels,
+        pin_memory=args.pin_mem,
+        device=device,
+        img_dtype=torch.float32,
+    )
     top1, top5 = AverageMeter(), AverageMeter()
     correct = torch.zeros(2, dtype=torch.int64)
     model.eval()
@@ -696,13 +1028,24 @@ def validate_py(args: Namespace) -> dict:
         top1.update(acc1.item(), output.shape[0])
         top5.update(acc5.item(), output.shape[0])
         correct += torch.tensor([round(a.item() * output.shape[0] / 100) for a in (acc1, acc5)])
-    out = {"top1": round(top1.avg, 4), "top5": round(top5.avg, 4), "count": len(dataset),
-           "top1_correct": int(correct[0]), "top5_correct": int(correct[1]),
-           "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
-           "interpolation": data_config["interpolation"], "mean": list(data_config["mean"]),
-           "std": list(data_config["std"])}
+    out = {
+        "top1": round(top1.avg, 4),
+        "top5": round(top5.avg, 4),
+        "count": len(dataset),
+        "top1_correct": int(correct[0]),
+        "top5_correct": int(correct[1]),
+        "img_size": data_config["input_size"][-1],
+        "crop_pct": data_config["crop_pct"],
+        "interpolation": data_config["interpolation"],
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+    }
     if real_labels is not None:
-        out.update(real_top1=round(real_labels.get_accuracy(k=1), 4), real_top5=round(real_labels.get_accuracy(k=5), 4),
-                   real_count=len(real_labels.is_correct[1]), real_top1_correct=int(sum(real_labels.is_correct[1])),
-                   real_top5_correct=int(sum(real_labels.is_correct[5])))
+        out.update(
+            real_top1=round(real_labels.get_accuracy(k=1), 4),
+            real_top5=round(real_labels.get_accuracy(k=5), 4),
+            real_count=len(real_labels.is_correct[1]),
+            real_top1_correct=int(sum(real_labels.is_correct[1])),
+            real_top5_correct=int(sum(real_labels.is_correct[5])),
+        )
     return out

@@ -8,6 +8,7 @@ checkpoint whose write was interrupted is never the one that is loaded. rsb.json
 before DeepSpeed loads a checkpoint (with a full unpickler) each file must match its hash and load with
 `torch.load(weights_only=True)`, so a truncated, edited or crafted checkpoint is refused, never executed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,18 +83,24 @@ def verify(tag_dir: Path) -> None:
     files = read_json(tag_dir / "rsb.json").get("files")
     present = {f.name for f in tag_dir.iterdir() if f.name != "rsb.json"}
     if not files or set(files) != present:
-        raise CheckpointMismatch(f"{tag_dir}: files {sorted(present)} are not the ones written ({sorted(files or [])})"
-                                 "; the checkpoint is incomplete or was edited. Move it away to start fresh")
+        raise CheckpointMismatch(
+            f"{tag_dir}: files {sorted(present)} are not the ones written ({sorted(files or [])})"
+            "; the checkpoint is incomplete or was edited. Move it away to start fresh"
+        )
     for name, digest in files.items():
         if sha256(tag_dir / name) != digest:
-            raise CheckpointMismatch(f"{tag_dir / name}: content differs from what was written (sha256); the "
-                                     "checkpoint is damaged or was tampered with. Move it away to start fresh")
+            raise CheckpointMismatch(
+                f"{tag_dir / name}: content differs from what was written (sha256); the "
+                "checkpoint is damaged or was tampered with. Move it away to start fresh"
+            )
         try:
             with torch.serialization.safe_globals(_deepspeed_state_classes()):
                 torch.load(tag_dir / name, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means: do not hand it to a full unpickler
-            raise CheckpointMismatch(f"{tag_dir / name}: does not load with weights_only=True ({type(e).__name__}: "
-                                     f"{str(e)[:200]}); refusing to unpickle it") from None
+            raise CheckpointMismatch(
+                f"{tag_dir / name}: does not load with weights_only=True ({type(e).__name__}: "
+                f"{str(e)[:200]}); refusing to unpickle it"
+            ) from None
 
 
 def _deepspeed_state_classes() -> list:
@@ -110,11 +117,13 @@ def load(engine, ckpt_dir: Path, digest: str) -> dict | None:
     """Resume from `latest` if there is one; returns the client state, or None to start fresh."""
     tag = latest_tag(ckpt_dir)
     if dist.is_initialized():  # every rank must agree on what to load
-        tags = [None] * dist.get_world_size()
+        tags: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(tags, tag)
         if len(set(tags)) > 1:
-            raise CheckpointMismatch(f"{ckpt_dir}: ranks see different latest checkpoints {tags}; the folder must "
-                                     "be on a filesystem shared by all nodes")
+            raise CheckpointMismatch(
+                f"{ckpt_dir}: ranks see different latest checkpoints {tags}; the folder must "
+                "be on a filesystem shared by all nodes"
+            )
     if tag is None:
         return None
     meta = Path(ckpt_dir) / tag / "rsb.json"
@@ -122,11 +131,15 @@ def load(engine, ckpt_dir: Path, digest: str) -> dict | None:
     if written_for != digest:
         raise CheckpointMismatch(
             f"{ckpt_dir}/{tag}: written for recipe digest {written_for}, but this run's resolved recipe has digest "
-            f"{digest}; it is another run's checkpoint. Move it away to start fresh")
+            f"{digest}; it is another run's checkpoint. Move it away to start fresh"
+        )
     verify(Path(ckpt_dir) / tag)
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    _, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if client is None or client.get("digest") != digest:
-        raise CheckpointMismatch(f"{ckpt_dir}/{tag}: its client state does not match {meta}; the checkpoint is "
-                                 "damaged or was edited. Move it away to start fresh")
+        raise CheckpointMismatch(
+            f"{ckpt_dir}/{tag}: its client state does not match {meta}; the checkpoint is "
+            "damaged or was edited. Move it away to start fresh"
+        )
     return client

@@ -12,13 +12,14 @@ edit imports less (prepare reads its params section through rsb.paramfile, not r
 Left out by rule, and only it: `rsb.tracking`, which records numbers and changes none (its failures are caught and
 turn tracking off; the resume digest must not make an MLflow fix restart a week of training).
 """
+
 from __future__ import annotations
 
 import argparse
 import ast
 import re
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,13 @@ def _file(module: str, src: Path = SRC) -> Path | None:
         if f.is_file():
             return f
     return None
+
+
+def _path(module: str, src: Path = SRC) -> Path:
+    """The file of a module `modules` found (it exists)."""
+    f = _file(module, src)
+    assert f is not None, module
+    return f
 
 
 def _excluded(module: str) -> bool:
@@ -62,7 +70,7 @@ def _imports(path: Path, src: Path) -> set[str]:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def modules(root: str, src: Path = SRC) -> tuple[str, ...]:
     """`root` and every rsb module it imports, transitively, with each parent package; sorted (`src`: the folder
     holding the `rsb` package)."""
@@ -75,13 +83,13 @@ def modules(root: str, src: Path = SRC) -> tuple[str, ...]:
             if name in seen or _excluded(name) or _file(name, src) is None:
                 continue
             seen.add(name)
-            todo.extend(_imports(_file(name, src), src))
+            todo.extend(_imports(_path(name, src), src))
     return tuple(sorted(seen))
 
 
 def files(root: str, src: Path = SRC) -> list[Path]:
     """The source files of `modules(root)`."""
-    return [_file(m, src) for m in modules(root, Path(src))]
+    return [_path(m, src) for m in modules(root, Path(src))]
 
 
 def repo_paths(root: str) -> list[str]:
@@ -99,7 +107,7 @@ def command_code(cmd: str) -> list[str]:
     an `rsb.<x>` module of the command (the launcher) imports; stage files first, then src/ sorted."""
     roots = [tok for tok in cmd.split() if MODULE.match(tok)]
     stage_files = [f"stages/{m.split('.', 1)[1]}.py" for m in roots if m.startswith("stages.")]
-    rsb = set()
+    rsb: set[str] = set()
     for f in stage_files:
         rsb.update(m for m in _imports(SRC.parent / f, SRC) if not _excluded(m))
     rsb.update(m for m in roots if m.startswith("rsb."))
@@ -118,7 +126,8 @@ def _stages(dvc_file: Path) -> dict[str, str]:
 def synced(dvc_file: Path) -> str:
     """`dvc_file`'s text with each stage's code deps replaced by `command_code` of its cmd (other deps, order of the
     rest and comments kept): the code deps sit where the stage listed its first one."""
-    cmds, out, stage, done = _stages(dvc_file), [], None, False
+    cmds, stage, done = _stages(dvc_file), None, False
+    out: list[str] = []
     for line in Path(dvc_file).read_text().splitlines():
         head = re.match(r"^  ([\w-]+):\s*$", line)
         if head:  # a stage's first line: its code deps are rewritten (a stage running no project code: kept)

@@ -1,4 +1,5 @@
 """Where this project's library versions disagree with the ones timm's recipes were written against."""
+
 from __future__ import annotations
 
 
@@ -26,7 +27,7 @@ def posterize_with_zero_bits() -> None:
             return img.point([0] * 256 * len(img.getbands()))
         return original(img, bits_to_keep, **kwargs)
 
-    posterize.rsb_zero_bits = True
+    posterize.rsb_zero_bits = True  # type: ignore[attr-defined]  # the mark that it is installed
     auto_augment.posterize = posterize
     for name, op in list(auto_augment.NAME_TO_OP.items()):
         if op is original:

@@ -5,6 +5,7 @@ kept: no ZeRO (LAMB's trust ratio is per tensor), the timm scheduler stays out o
 with the wrong unit), and mixed precision is `torch_autocast` (fp32 weights; bf16, or fp16 with a GradScaler), which
 is what timm's `--amp` does.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from rsb.config import Resolved
 from rsb.hardware import deepspeed_precision
 from rsb.net import free_port
 
+
 def init(timeout_s: int = 1800) -> tuple[int, int, int]:
     """Join (or, outside a launcher, create) the process group; returns (rank, local_rank, world_size)."""
     import datetime
@@ -23,8 +25,14 @@ def init(timeout_s: int = 1800) -> tuple[int, int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain `python -m stages.train` or a test: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     if not torch.distributed.is_initialized():
         # The timeout bounds how long a rank waits for a peer that died: it fails instead of hanging forever.
         deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
@@ -34,8 +42,10 @@ def init(timeout_s: int = 1800) -> tuple[int, int, int]:
 
 def shm_segment(rank: int) -> Path:
     """The POSIX shared-memory segment DeepSpeed's CPU shm op creates for a rank (its csrc/cpu/comm/shm.cpp)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    return Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    )
 
 
 def release_shm() -> None:

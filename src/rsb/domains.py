@@ -6,25 +6,27 @@ domain's values `inside` (must be accepted) and `outside` (must be refused). Dom
 (architecture names, RandAugment strings, optimizer and scheduler names) are marked `timm=True` and checked by
 `rsb.config.check_timm`, which the stages that do expensive work call before it (importing timm costs seconds).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable
+from typing import Any
 
-Check = Callable[[Any, Any], bool]     # (value, the object that holds it)
-Values = Callable[[Any], list]         # the holder -> example values
+Check = Callable[[Any, Any], bool]  # (value, the object that holds it)
+Values = Callable[[Any], list]  # the holder -> example values
 
 
 @dataclass(frozen=True)
 class Domain:
-    text: str                          # how the README and the errors say it: "in (0, 1)", "one of mini, imagenet"
+    text: str  # how the README and the errors say it: "in (0, 1)", "one of mini, imagenet"
     ok: Check
     inside: Values = lambda holder: []
     outside: Values = lambda holder: []
-    timm: bool = False                 # decided by timm's own parser (rsb.config.check_timm)
+    timm: bool = False  # decided by timm's own parser (rsb.config.check_timm)
 
 
 def param(default=MISSING, *, domain: Domain, source: str = "", factory=MISSING):
@@ -39,16 +41,28 @@ def _real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-           hi_field: str | None = None, integer: bool = False) -> Domain:
+def number(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hi_field: str | None = None,
+    integer: bool = False,
+) -> Domain:
     """A finite number in an interval; `hi_field` bounds it by another key of the same section (min_lr <= lr)."""
+
     def top(h):
         return getattr(h, hi_field) if hi_field else hi
 
     def ok(v, h):
         t = top(h)
-        return _real(v) and (not integer or isinstance(v, int)) and \
-            (lo is None or (v > lo if lo_open else v >= lo)) and (t is None or (v < t if hi_open else v <= t))
+        return (
+            _real(v)
+            and (not integer or isinstance(v, int))
+            and (lo is None or (v > lo if lo_open else v >= lo))
+            and (t is None or (v < t if hi_open else v <= t))
+        )
 
     upper = hi_field or (None if hi is None else _fmt(hi))
     if lo is not None and upper is not None:
@@ -76,16 +90,22 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
         if t is not None:
             vals.append(t if hi_open else (t + 1 if integer else t * 1.5 + 1))
         return [int(v) if integer and math.isfinite(v) else v for v in vals]
+
     return Domain(text, ok, inside, outside)
 
 
 def one_of(*choices) -> Domain:
+    bad: object
     if all(isinstance(c, bool) for c in choices):
         bad = not choices[0]
     else:
         bad = max(choices) + 1 if all(isinstance(c, int) for c in choices) else f"{choices[0]}x"
-    return Domain("one of " + ", ".join(str(c) for c in choices), lambda v, h: v in choices,
-                  lambda h: list(choices), lambda h: [bad])
+    return Domain(
+        "one of " + ", ".join(str(c) for c in choices),
+        lambda v, h: v in choices,
+        lambda h: list(choices),
+        lambda h: [bad],
+    )
 
 
 def flag() -> Domain:
@@ -94,8 +114,12 @@ def flag() -> Domain:
 
 def auto_or(d: Domain) -> Domain:
     """`auto` (decided for the machine when the run is resolved) or a value of `d`."""
-    return Domain(f"auto or {d.text}", lambda v, h: v == "auto" or d.ok(v, h), lambda h: ["auto", *d.inside(h)],
-                  lambda h: ["automatic", *d.outside(h)])
+    return Domain(
+        f"auto or {d.text}",
+        lambda v, h: v == "auto" or d.ok(v, h),
+        lambda h: ["auto", *d.inside(h)],
+        lambda h: ["automatic", *d.outside(h)],
+    )
 
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
@@ -104,38 +128,58 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
 def name() -> Domain:
     """Names that become DVC stage names (train@<arch>-<recipe>), file names and MLflow run names: no '-' (it joins
     arch and recipe), no '@', '/', ':' or spaces."""
-    return Domain("a name of letters, digits, '_' and '.' (not starting with '.')",
-                  lambda v, h: isinstance(v, str) and NAME.fullmatch(v) is not None,
-                  lambda h: ["a1", "resnet50.a1_in1k"], lambda h: ["a-1", "a b", "", ".x"])
+    return Domain(
+        "a name of letters, digits, '_' and '.' (not starting with '.')",
+        lambda v, h: isinstance(v, str) and NAME.fullmatch(v) is not None,
+        lambda h: ["a1", "resnet50.a1_in1k"],
+        lambda h: ["a-1", "a b", "", ".x"],
+    )
 
 
 def text() -> Domain:
-    return Domain("a non-empty string without surrounding spaces",
-                  lambda v, h: isinstance(v, str) and v != "" and v == v.strip(),
-                  lambda h: ["rsb", "data/prepared"], lambda h: ["", " rsb"])
+    return Domain(
+        "a non-empty string without surrounding spaces",
+        lambda v, h: isinstance(v, str) and v != "" and v == v.strip(),
+        lambda h: ["rsb", "data/prepared"],
+        lambda h: ["", " rsb"],
+    )
 
 
 def optional(inner: Domain, why: str) -> Domain:
     """null (YAML `null`: timm's None, the option unset) or a value in `inner`."""
-    return Domain(f"null ({why}) or {inner.text}", lambda v, h: v is None or inner.ok(v, h),
-                  lambda h: [None, *inner.inside(h)], inner.outside, timm=inner.timm)
+    return Domain(
+        f"null ({why}) or {inner.text}",
+        lambda v, h: v is None or inner.ok(v, h),
+        lambda h: [None, *inner.inside(h)],
+        inner.outside,
+        timm=inner.timm,
+    )
 
 
 def unique(element: Domain, example: str) -> Domain:
     """A non-empty list of distinct elements, each in `element` (`example`: one that is valid in context)."""
+
     def ok(v, h):
         return bool(v) and len(set(v)) == len(v) and all(element.ok(x, h) for x in v)
-    return Domain(f"a non-empty list of distinct items, each {element.text}", ok, lambda h: [(example,)],
-                  lambda h: [(), (example, example), *[(x,) for x in element.outside(h)]], timm=element.timm)
+
+    return Domain(
+        f"a non-empty list of distinct items, each {element.text}",
+        ok,
+        lambda h: [(example,)],
+        lambda h: [(), (example, example), *[(x,) for x in element.outside(h)]],
+        timm=element.timm,
+    )
 
 
-def timm_name(kind: str, parse: Callable[[str], bool], good: str, bad: str) -> Domain:
+def timm_name(kind: str, parse: Callable[[str], object], good: str, bad: str) -> Domain:
     """A string that timm's own code accepts (`parse` returns False or raises otherwise)."""
+
     def ok(v, h):
         try:
             return isinstance(v, str) and bool(parse(v))
         except Exception:  # noqa: BLE001 - whatever timm's parser raises means: not a valid value
             return False
+
     return Domain(kind, ok, lambda h: [good], lambda h: [bad], timm=True)
 
 
@@ -158,7 +202,7 @@ def domain_table(root: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if "domain" in f.metadata:
             d = f.metadata["domain"]
             rows.append((key, d.text + (" (timm decides)" if d.timm else ""), f.metadata["source"]))
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows += domain_table(tp, key + ".")
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             rows += domain_table(typing.get_args(tp)[1], key + ".<name>.")

@@ -1,11 +1,13 @@
 """The two loops: `train_one_epoch` and `evaluate`, each returning a dict of averaged numbers."""
+
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +25,13 @@ class NonFiniteLoss(RsbError, FloatingPointError):
 @dataclass
 class Step:
     """What one training step needs, built once per run."""
-    engine: object                   # deepspeed.DeepSpeedEngine
+
+    engine: Any  # deepspeed.DeepSpeedEngine
     loss_fn: Callable
     mixup_fn: Callable | None
-    scheduler: object                # timm scheduler, stepped per update here (never by DeepSpeed)
+    scheduler: Any  # timm scheduler, stepped per update here (never by DeepSpeed)
     device: torch.device
-    dtype: torch.dtype | None        # autocast dtype; None = fp32
+    dtype: torch.dtype | None  # autocast dtype; None = fp32
     channels_last: bool = True
     num_updates: int = 0
     log_every: int = 10
@@ -88,8 +91,11 @@ class Slots:
     def reduce_bn(self) -> None:
         if self.saved_bn is not None:
             for i, b in enumerate(self.bn):
-                b.copy_(torch.stack([saved[i] for saved in self.saved_bn]).mean(0) if i < self.reduced
-                        else self.saved_bn[0][i])
+                b.copy_(
+                    torch.stack([saved[i] for saved in self.saved_bn]).mean(0)
+                    if i < self.reduced
+                    else self.saved_bn[0][i]
+                )
 
 
 def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -106,8 +112,9 @@ def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_
     """Micro-batch i is slot i % accum: it runs with that slot's random streams and BatchNorm statistics."""
     s.engine.train()
     losses, rows, seen, t0 = [], [], 0, time.perf_counter()
-    bar = tqdm(total=len(loader) // accum, desc=f"epoch {epoch}", disable=not show_progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(loader) // accum, desc=f"epoch {epoch}", disable=not show_progress, leave=False, dynamic_ncols=True
+    )
     try:  # closed on a failure too, so an error line is not printed after the bar
         for i, (images, labels) in enumerate(loader):
             slots.enter(i % accum)
@@ -124,7 +131,7 @@ def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_
             s.scheduler.step_update(num_updates=s.num_updates)
             rows.append({"step": s.num_updates, "lr": lr, "loss": torch.stack(losses[-accum:]).mean()})
             if len(rows) % s.log_every == 0:
-                _flush(s, rows[-s.log_every:], epoch, bar, seen / (time.perf_counter() - t0))
+                _flush(s, rows[-s.log_every :], epoch, bar, seen / (time.perf_counter() - t0))
             bar.update(1)
         if tail := len(rows) % s.log_every:
             _flush(s, rows[-tail:], epoch, bar, seen / (time.perf_counter() - t0))
@@ -132,8 +139,13 @@ def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_
         bar.close()
     slots.reduce_bn()
     elapsed = time.perf_counter() - t0
-    return {"train/loss": sum(r["loss"] for r in rows) / max(1, len(rows)), "train/lr": rows[-1]["lr"] if rows else 0.0,
-            "train/img_per_s": seen / elapsed, "train/epoch_s": elapsed, "train/updates": len(rows)}
+    return {
+        "train/loss": sum(r["loss"] for r in rows) / max(1, len(rows)),
+        "train/lr": rows[-1]["lr"] if rows else 0.0,
+        "train/img_per_s": seen / elapsed,
+        "train/epoch_s": elapsed,
+        "train/updates": len(rows),
+    }
 
 
 def _flush(s: Step, rows: list[dict], epoch: int, bar, img_per_s: float) -> None:
@@ -143,19 +155,22 @@ def _flush(s: Step, rows: list[dict], epoch: int, bar, img_per_s: float) -> None
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
         values /= dist.get_world_size()
-    values = values.cpu().tolist()
-    for r, v in zip(rows, values):
+    numbers = values.cpu().tolist()
+    for r, v in zip(rows, numbers):
         r["loss"] = v
         if not math.isfinite(v):
-            raise NonFiniteLoss(f"non-finite loss {v} at update {r['step']} (epoch {epoch}); the last good "
-                                "checkpoint is kept. Lower the lr or use precision fp32/bf16")
-    bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{rows[-1]['lr']:.2e}", img_s=f"{img_per_s:.0f}")
+            raise NonFiniteLoss(
+                f"non-finite loss {v} at update {r['step']} (epoch {epoch}); the last good "
+                "checkpoint is kept. Lower the lr or use precision fp32/bf16"
+            )
+    bar.set_postfix(loss=f"{numbers[-1]:.4f}", lr=f"{rows[-1]['lr']:.2e}", img_s=f"{img_per_s:.0f}")
     s.on_log(rows)
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-            channels_last: bool, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool, k: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k class indices and labels for every sample of `loader`, in order."""
     model.eval()
     tops, labels = [], []
@@ -177,8 +192,9 @@ def topk_correct(top: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
     return {"top1": int(hit[:, :1].any(1).sum()), "top5": int(hit[:, :5].any(1).sum()), "count": len(labels)}
 
 
-def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-             channels_last: bool) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool
+) -> dict[str, float]:
     """Top-1/top-5 in percent over `loader`; summed over ranks when each rank holds a shard."""
     top, labels = predict(model, loader, device, dtype, channels_last, k=min(5, _num_classes(model)))
     c = topk_correct(top, labels)

@@ -7,12 +7,13 @@ an `OSError` (a file missing, unreadable, a port taken) is expected too and is n
 DataLoader worker reaches the main process wrapped by torch ("Caught X in DataLoader worker process 0. Original
 Traceback ..."): `message` unwraps it to the worker's own line, which names the file that failed.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class RsbError(Exception):
@@ -39,9 +40,11 @@ def message(e: BaseException) -> str:
     """The one line to print for an expected failure."""
     text = str(e)
     if stalled := _STALLED.match(text):
-        text = (f"train.workers: the loader workers delivered no batch in {stalled.group(1)} s (a worker that cannot "
-                "hand its batch over, e.g. /dev/shm or memory full, never delivers it); check `df -h /dev/shm` and "
-                "free memory, or set train.workers: 0 (evaluate.workers for evaluation)")
+        text = (
+            f"train.workers: the loader workers delivered no batch in {stalled.group(1)} s (a worker that cannot "
+            "hand its batch over, e.g. /dev/shm or memory full, never delivers it); check `df -h /dev/shm` and "
+            "free memory, or set train.workers: 0 (evaluate.workers for evaluation)"
+        )
     elif _WRAPPED.match(text):  # torch re-raises a worker's exception with the worker's traceback as its message
         last = text.rstrip().splitlines()[-1]
         m = _LAST.match(last)

@@ -4,6 +4,7 @@ CUDA where it is (unless DeepSpeed's accelerator is forced to the CPU), with tim
 the paper's mixed precision where the hardware has it; `autocast` is the one context every forward pass runs under
 (timm's `--amp`: weights stay fp32); `deepspeed_precision` is the same choice in DeepSpeed's config.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,11 +59,15 @@ def checked_precision(precision: str, device: torch.device) -> str:
     """`auto` resolved and the choice checked against the device; `AUTOCAST[...]` of it is the autocast dtype."""
     precision = auto_precision() if precision == "auto" else precision
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision=fp16 is not supported on the CPU (no fp16 autocast kernels for "
-                         "convolutions there); use bf16 or fp32")
+        raise ValueError(
+            "train.precision=fp16 is not supported on the CPU (no fp16 autocast kernels for "
+            "convolutions there); use bf16 or fp32"
+        )
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"train.precision=bf16 is not supported on {torch.cuda.get_device_name(device)}; "
-                         "use fp16 (V100 and older) or fp32")
+        raise ValueError(
+            f"train.precision=bf16 is not supported on {torch.cuda.get_device_name(device)}; "
+            "use fp16 (V100 and older) or fp32"
+        )
     return precision
 
 
@@ -75,8 +80,12 @@ def deepspeed_precision(precision: str) -> dict:
     """DeepSpeed's side of the same choice: its `torch_autocast` (fp32 weights, as timm's --amp), never its fp16/bf16
     modes (those keep half-precision weights)."""
     dtype = AUTOCAST[precision]
-    return {"torch_autocast": {"enabled": dtype is not None,
-                               "dtype": str(dtype).removeprefix("torch.") if dtype else "bfloat16"}}
+    return {
+        "torch_autocast": {
+            "enabled": dtype is not None,
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "bfloat16",
+        }
+    }
 
 
 def device_name(device: torch.device) -> str:

@@ -1,6 +1,7 @@
 """Files the stages write and read back: outputs written atomically (write, then rename), so a killed stage never
 leaves half a file; what is read back is checked (JSON named on a parse error, weights readable and finite); no
 output may overlap an input, and a folder is removed only when the project's own marker shows it created it."""
+
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rsb.errors import InputError
 
@@ -62,8 +64,10 @@ def load_weights(path: Path, what: str = "weights") -> dict:
     try:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - truncated, not safetensors, a pickle renamed: the same problem
-        raise InputError(f"{path}: not a readable safetensors {what} file ({type(e).__name__}: {str(e)[:120]}); "
-                         "restore it (`dvc checkout`) or rerun the stage that writes it") from None
+        raise InputError(
+            f"{path}: not a readable safetensors {what} file ({type(e).__name__}: {str(e)[:120]}); "
+            "restore it (`dvc checkout`) or rerun the stage that writes it"
+        ) from None
     check_finite(state, path)
     return state
 
@@ -74,21 +78,26 @@ def check_finite(state: dict, path: Path | str) -> None:
 
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise InputError(f"{path}: tensor {k} holds NaN or infinite values; these weights cannot be used "
-                             "(retrain, or use another file)")
+            raise InputError(
+                f"{path}: tensor {k} holds NaN or infinite values; these weights cannot be used "
+                "(retrain, or use another file)"
+            )
 
 
-def read_json(path: Path, what: str = "") -> object:
+def read_json(path: Path, what: str = "") -> Any:
     """A JSON file the project wrote (or a user gave), named on a parse error instead of a decoder traceback."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not text ({e.reason}); {what or 'restore it or rerun the stage that writes it'}") \
-            from None
+        raise InputError(
+            f"{path}: not text ({e.reason}); {what or 'restore it or rerun the stage that writes it'}"
+        ) from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); "
-                         f"{what or 'restore it (git / dvc checkout) or rerun the stage that writes it'}") from None
+        raise InputError(
+            f"{path}: not valid JSON ({e.msg}, line {e.lineno}); "
+            f"{what or 'restore it (git / dvc checkout) or rerun the stage that writes it'}"
+        ) from None
 
 
 def _real(p: Path) -> Path:
@@ -104,8 +113,10 @@ def refuse_overlap(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
             i = _real(inp)
             if o == i or i in o.parents or o in i.parents:
                 how = "is" if o == i else "lies inside" if i in o.parents else "contains"
-                raise InputError(f"{okey} = {out}: {how} the input {ikey} = {inp}; a stage never writes where its "
-                                 f"inputs are: set {okey} to a folder outside {inp}")
+                raise InputError(
+                    f"{okey} = {out}: {how} the input {ikey} = {inp}; a stage never writes where its "
+                    f"inputs are: set {okey} to a folder outside {inp}"
+                )
 
 
 MARKER = ".rsb-output"
@@ -138,12 +149,16 @@ def check_replaceable(out: Path, stage: str, key: str, legacy: tuple[str, ...] =
     """`out` is absent, empty, or was created by `stage`: called before any work, and again before replacing."""
     out = Path(out)
     if out.is_symlink() or out.is_file():
-        raise InputError(f"{key} = {out}: is a {'symbolic link' if out.is_symlink() else 'file'}, not a folder this "
-                         f"stage wrote; set {key} to a new folder")
+        raise InputError(
+            f"{key} = {out}: is a {'symbolic link' if out.is_symlink() else 'file'}, not a folder this "
+            f"stage wrote; set {key} to a new folder"
+        )
     if out.exists():
         if not (owned(out, stage, legacy) or not any(out.iterdir())):
-            raise InputError(f"{key} = {out}: exists and was not written by {stage} (no {MARKER}); move it away or "
-                             f"set {key} to a new folder")
+            raise InputError(
+                f"{key} = {out}: exists and was not written by {stage} (no {MARKER}); move it away or "
+                f"set {key} to a new folder"
+            )
 
 
 def sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ Either way every worker trains with the DeepSpeed engine. Before anything starts
 params.yaml keys' domains (rsb.config, ~0.1 s to import), and a fixed rendezvous port this node would open must be
 free. This module imports only the standard library itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ class LaunchError(RsbError, ValueError):
 def read_hostfile(path: Path) -> dict[str, int]:
     """DeepSpeed's hostfile format: `<host> slots=<n>` per line, `#` comments. One clear error for anything else."""
     if not path.is_file():
-        raise LaunchError(f"train.hostfile={path}: no such file; a multi-node run needs one line `<host> slots=<n>` "
-                          "per node (DeepSpeed's hostfile format)")
+        raise LaunchError(
+            f"train.hostfile={path}: no such file; a multi-node run needs one line `<host> slots=<n>` "
+            "per node (DeepSpeed's hostfile format)"
+        )
     hosts = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#")[0].strip()
@@ -50,8 +53,10 @@ def read_hostfile(path: Path) -> dict[str, int]:
             continue
         m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if not m or int(m.group(2)) < 1:
-            raise LaunchError(f"{path}:{n}: {line!r} is not `<host> slots=<n>` with n >= 1 (DeepSpeed's hostfile "
-                              "format); fix that line")
+            raise LaunchError(
+                f"{path}:{n}: {line!r} is not `<host> slots=<n>` with n >= 1 (DeepSpeed's hostfile "
+                "format); fix that line"
+            )
         if m.group(1) in hosts:
             raise LaunchError(f"{path}:{n}: host {m.group(1)} is listed twice; list each node once")
         hosts[m.group(1)] = int(m.group(2))
@@ -61,8 +66,9 @@ def read_hostfile(path: Path) -> dict[str, int]:
 def check_hosts(hostfile: Path, nodes: int, devices: int) -> list[str]:
     hosts = read_hostfile(hostfile)
     if len(hosts) < nodes:
-        raise LaunchError(f"{hostfile}: lists {len(hosts)} host(s) but train.nodes={nodes}; add hosts or lower "
-                          "train.nodes")
+        raise LaunchError(
+            f"{hostfile}: lists {len(hosts)} host(s) but train.nodes={nodes}; add hosts or lower train.nodes"
+        )
     if short := [h for h, s in list(hosts.items())[:nodes] if s < devices]:
         raise LaunchError(f"{hostfile}: {', '.join(short)} offer fewer slots than train.devices={devices}")
     return list(hosts)[:nodes]
@@ -85,8 +91,10 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def slurm_hosts(env) -> list[str]:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        raise LaunchError("train.launcher=slurm: SLURM_JOB_NODELIST is not set; run `dvc repro` inside an allocation "
-                          "(sbatch or salloc), or use train.launcher: no_ssh / pdsh")
+        raise LaunchError(
+            "train.launcher=slurm: SLURM_JOB_NODELIST is not set; run `dvc repro` inside an allocation "
+            "(sbatch or salloc), or use train.launcher: no_ssh / pdsh"
+        )
     if shutil.which("scontrol"):
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.split():
@@ -103,13 +111,23 @@ def _deepspeed(nodes: int, devices: int, port: int) -> list[str]:
     elif importlib.util.find_spec("deepspeed") is not None:
         runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
     else:
-        raise LaunchError("deepspeed is neither on PATH nor importable; install the project (`pip install -e .`) in "
-                          "this environment")
+        raise LaunchError(
+            "deepspeed is neither on PATH nor importable; install the project (`pip install -e .`) in this environment"
+        )
     return [*runner, "--num_nodes", str(nodes), "--num_gpus", str(devices), "--master_port", str(port)]
 
 
-def command(nodes: int, devices: int, hostfile: Path, master_port: int, module: str, args: list[str],
-            launcher: str = "pdsh", master_addr: str = "auto", env=os.environ) -> list[str]:
+def command(
+    nodes: int,
+    devices: int,
+    hostfile: Path,
+    master_port: int,
+    module: str,
+    args: list[str],
+    launcher: str = "pdsh",
+    master_addr: str = "auto",
+    env=os.environ,
+) -> list[str]:
     """The command line that starts `module` on nodes x devices processes (checked before anything starts)."""
     if nodes < 1 or devices < 1:
         raise LaunchError(f"train.nodes={nodes}, train.devices={devices}: both must be at least 1")
@@ -135,30 +153,67 @@ def command(nodes: int, devices: int, hostfile: Path, master_port: int, module: 
 def _no_ssh(nodes, devices, hostfile, master_port, module, args, master_addr, env) -> list[str]:
     rank = env.get("RSB_NODE_RANK", env.get("SLURM_NODEID"))
     if rank is None or not rank.isdigit() or not 0 <= int(rank) < nodes:
-        raise LaunchError(f"train.launcher=no_ssh: this node's rank is {rank!r}; set RSB_NODE_RANK to 0..{nodes - 1} "
-                          "on each node (under SLURM, SLURM_NODEID is used)")
+        raise LaunchError(
+            f"train.launcher=no_ssh: this node's rank is {rank!r}; set RSB_NODE_RANK to 0..{nodes - 1} "
+            "on each node (under SLURM, SLURM_NODEID is used)"
+        )
     if not master_port:
-        raise LaunchError("train.launcher=no_ssh: set train.master_port (e.g. 29500): every node must use the same "
-                          "rendezvous port, and 0 picks a different free port on each")
+        raise LaunchError(
+            "train.launcher=no_ssh: set train.master_port (e.g. 29500): every node must use the same "
+            "rendezvous port, and 0 picks a different free port on each"
+        )
     hosts = check_hosts(hostfile, nodes, devices)
     addr = master_addr if master_addr != "auto" else env.get("MASTER_ADDR", hosts[0])
     if rank == "0":  # this node's rank 0 listens on the port
         check_port(master_port)
-    return [*_deepspeed(nodes, devices, master_port), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", rank,
-            "--master_addr", addr, "--module", module, *args]
+    return [
+        *_deepspeed(nodes, devices, master_port),
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--node_rank",
+        rank,
+        "--master_addr",
+        addr,
+        "--module",
+        module,
+        *args,
+    ]
 
 
 def _slurm(nodes, devices, master_port, module, args, master_addr, env) -> list[str]:
     hosts = slurm_hosts(env)
     if len(hosts) < nodes:
-        raise LaunchError(f"train.nodes={nodes}, but the allocation has {len(hosts)} node(s) ({','.join(hosts)}); "
-                          "request more nodes or lower train.nodes")
+        raise LaunchError(
+            f"train.nodes={nodes}, but the allocation has {len(hosts)} node(s) ({','.join(hosts)}); "
+            "request more nodes or lower train.nodes"
+        )
     hostfile = Path(f"hostfile.slurm-{env.get('SLURM_JOB_ID', 'local')}")
     hostfile.write_text("".join(f"{h} slots={devices}\n" for h in hosts[:nodes]))
     addr = hosts[0] if master_addr == "auto" else master_addr
-    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", sys.executable, "-m",
-            "rsb.launch", "--launcher", "no_ssh", "--nodes", str(nodes), "--devices", str(devices), "--hostfile",
-            str(hostfile), "--master-port", str(master_port or free_port()), "--master-addr", addr, module, *args]
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "rsb.launch",
+        "--launcher",
+        "no_ssh",
+        "--nodes",
+        str(nodes),
+        "--devices",
+        str(devices),
+        "--hostfile",
+        str(hostfile),
+        "--master-port",
+        str(master_port or free_port()),
+        "--master-addr",
+        addr,
+        module,
+        *args,
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from rsb.config import Train, check_option
 
-    for flag, key in (("--nodes", "nodes"), ("--devices", "devices"), ("--master-port", "master_port"),
-                      ("--launcher", "launcher")):
+    for flag, key in (
+        ("--nodes", "nodes"),
+        ("--devices", "devices"),
+        ("--master-port", "master_port"),
+        ("--launcher", "launcher"),
+    ):
         check_option(Train, key, getattr(a, key), flag)
     cmd = command(a.nodes, a.devices, a.hostfile, a.master_port, a.module, a.args, a.launcher, a.master_addr)
     sys.stdout.flush()

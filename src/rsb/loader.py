@@ -12,22 +12,27 @@ images (random erasing per image) and Mixup/CutMix mixes the float batch in the 
 default on a GPU), workers yield uint8 images, `FastCollateMixup` mixes them while collating, and timm's
 `PrefetchLoader` moves the batch to the device, normalizes it and erases there. Its draws follow docs/seeds.md.
 """
+
 from __future__ import annotations
 
 import hashlib
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from timm.data import FastCollateMixup, Mixup, create_transform, resolve_data_config
-from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+if TYPE_CHECKING:
+    from rsb.data.datasets import Split
+    from rsb.data.folder import Folder
 
 from rsb import compat
 from rsb.config import Resolved
 from rsb.errors import RsbError
-
 
 compat.posterize_with_zero_bits()  # before any transform is built (see rsb.compat)
 
@@ -43,16 +48,29 @@ def train_transform(r: Resolved, model: torch.nn.Module):
     """timm train.py's create_loader arguments: RandomResizedCrop with train.py's default scale and ratio and the
     recipe's interpolation (train.py's default: random), flip, RandAugment (which turns colour jitter off); without
     the prefetcher also ToTensor, normalization and random erasing, with it a uint8 array (the rest on the device)."""
-    return create_transform(input_size=r.img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                            hflip=r.recipe.hflip, vflip=0.0, color_jitter=0.4, auto_augment=r.recipe.aa,
-                            interpolation=r.recipe.train_interpolation, re_prob=r.recipe.reprob, re_mode="pixel",
-                            re_count=1, use_prefetcher=r.train.prefetcher, **normalization(model))
+    return create_transform(
+        input_size=r.img_size,
+        is_training=True,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        hflip=r.recipe.hflip,
+        vflip=0.0,
+        color_jitter=0.4,
+        auto_augment=r.recipe.aa,
+        interpolation=r.recipe.train_interpolation,
+        re_prob=r.recipe.reprob,
+        re_mode="pixel",
+        re_count=1,
+        use_prefetcher=r.prefetcher,
+        **normalization(model),
+    )
 
 
 def eval_transform(test_img_size: int, crop_pct: float, model: torch.nn.Module):
     """The paper's eval: shorter side to int(size / crop_pct), bicubic, centre crop, the model's mean/std."""
-    return create_transform(input_size=test_img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                            **normalization(model))
+    return create_transform(
+        input_size=test_img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, **normalization(model)
+    )
 
 
 def mixup_args(r: Resolved, num_classes: int) -> dict | None:
@@ -60,20 +78,28 @@ def mixup_args(r: Resolved, num_classes: int) -> dict | None:
     nothing (train.py then hands the loss class indices)."""
     if not (r.recipe.mixup > 0 or r.recipe.cutmix > 0):
         return None
-    return dict(mixup_alpha=r.recipe.mixup, cutmix_alpha=r.recipe.cutmix, cutmix_minmax=None, prob=1.0,
-                switch_prob=0.5, mode="batch", label_smoothing=r.recipe.smoothing, num_classes=num_classes)
+    return dict(
+        mixup_alpha=r.recipe.mixup,
+        cutmix_alpha=r.recipe.cutmix,
+        cutmix_minmax=None,
+        prob=1.0,
+        switch_prob=0.5,
+        mode="batch",
+        label_smoothing=r.recipe.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def mixup(r: Resolved, num_classes: int) -> Mixup | None:
     """The training step's Mixup/CutMix on the float batch: without the prefetcher only (train.py's `mixup_fn`)."""
     args = mixup_args(r, num_classes)
-    return Mixup(**args) if args and not r.train.prefetcher else None
+    return Mixup(**args) if args and not r.prefetcher else None
 
 
 def collate(r: Resolved, num_classes: int):
     """The loader's collate: train.py's `FastCollateMixup(**mixup_args)` with the prefetcher and a recipe that
     mixes, create_loader's `fast_collate` with the prefetcher alone, else torch's default."""
-    if not r.train.prefetcher:
+    if not r.prefetcher:
         return torch.utils.data.default_collate
     args = mixup_args(r, num_classes)
     return FastCollateMixup(**args) if args else fast_collate
@@ -100,7 +126,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def virtual_sampler(dataset: Dataset, virtual: int, v: int, aug_repeats: int) -> Sampler[int]:
+def virtual_sampler(dataset: Dataset, virtual: int, v: int, aug_repeats: int) -> RepeatAugSampler | DistributedSampler:
     """timm create_loader's training sampler for rank v of `virtual` replicas (seeds and shuffling as timm's)."""
     if aug_repeats:
         return RepeatAugSampler(dataset, num_replicas=virtual, rank=v, num_repeats=aug_repeats)
@@ -111,8 +137,9 @@ class MicroBatchSampler(Sampler[list[tuple[int, int]]]):
     """This rank's micro-batches, as lists of (dataset index, augmentation seed): update u, slot k holds positions
     [u*micro, (u+1)*micro) of virtual rank `rank * accum + k`."""
 
-    def __init__(self, dataset: Dataset, micro_batch: int, accum: int, world: int, rank: int, aug_repeats: int,
-                 seed: int = 0):
+    def __init__(
+        self, dataset: Dataset, micro_batch: int, accum: int, world: int, rank: int, aug_repeats: int, seed: int = 0
+    ):
         self.micro_batch, self.seed, self.epoch = micro_batch, seed, 0
         self.ranks = range(rank * accum, (rank + 1) * accum)
         self.samplers = [virtual_sampler(dataset, world * accum, v, aug_repeats) for v in self.ranks]
@@ -146,7 +173,7 @@ class Seeded(Dataset):
     """Yields (image, label, collate seed) for (index, sample seed, collate seed), the generators seeded from the
     sample's own seed first (see `sample_seed`)."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Split | Folder):
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -214,26 +241,45 @@ def check_worker_sockets(workers: int) -> None:
         raise WorkerSocketError(
             f"TMPDIR = {tempfile.gettempdir()}: loader workers hand batches over a Unix socket under it, and "
             f"one cannot be made there ({e.strerror or e}); set TMPDIR to a shorter folder (e.g. /tmp), or "
-            "train.workers: 0") from None
+            "train.workers: 0"
+        ) from None
 
 
-def train_loader(dataset: Dataset, r: Resolved, rank: int, epoch: int, device: torch.device,
-                 mean_std: dict | None = None):
+def train_loader(
+    dataset: Split | Folder, r: Resolved, rank: int, epoch: int, device: torch.device, mean_std: dict | None = None
+):
     """A fresh loader per epoch over this rank's micro-batches; augmentation does not depend on the worker count.
     With the prefetcher (`mean_std`: the model's normalization), timm's PrefetchLoader on `device` around it, as
     create_loader(use_prefetcher=True) builds it, its erasing seeded per micro-batch."""
-    sampler = MicroBatchSampler(dataset, r.micro_batch, r.grad_accum, r.world_size, rank, r.recipe.aug_repeats,
-                                seed=r.train.seed)
+    sampler = MicroBatchSampler(
+        dataset, r.micro_batch, r.grad_accum, r.world_size, rank, r.recipe.aug_repeats, seed=r.train.seed
+    )
     sampler.set_epoch(epoch)
-    loader = worker_loader(Seeded(dataset), r.train.workers, batch_sampler=sampler,
-                           collate_fn=SeededCollate(collate(r, dataset.num_classes)),
-                           pin_memory=device.type == "cuda", persistent_workers=False)
-    if not r.train.prefetcher:
+    loader = worker_loader(
+        Seeded(dataset),
+        r.workers,
+        batch_sampler=sampler,
+        collate_fn=SeededCollate(collate(r, dataset.num_classes)),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    if not r.prefetcher:
         return loader
-    prefetch = PrefetchLoader(loader, **mean_std, channels=3, device=device, img_dtype=torch.float32,
-                              re_prob=r.recipe.reprob, re_mode="pixel", re_count=1, re_num_splits=0)
-    if prefetch.random_erasing is not None:
-        prefetch.random_erasing = SeededCalls(prefetch.random_erasing, sampler.erase_seeds(), device)
+    assert mean_std is not None, "the prefetcher normalizes on the device: give the model's mean and std"
+    prefetch = PrefetchLoader(
+        loader,
+        **mean_std,
+        channels=3,
+        device=device,
+        img_dtype=torch.float32,
+        re_prob=r.recipe.reprob,
+        re_mode="pixel",
+        re_count=1,
+        re_num_splits=0,
+    )
+    if prefetch.random_erasing is not None:  # PrefetchLoader calls it on each batch: seeded per micro-batch
+        erase = SeededCalls(prefetch.random_erasing, sampler.erase_seeds(), device)
+        prefetch.random_erasing = erase  # type: ignore[assignment]  # a callable of the same signature
     return prefetch
 
 

@@ -1,9 +1,10 @@
 """The network: built as timm's train.py builds it (for training, from a start for fine-tuning), and rebuilt from a
 weights file (evaluate, the registry's backfill) with the same architecture, kwargs and classes."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -30,18 +31,25 @@ def model_kwargs(arch: str, img_size: int) -> dict:
     return {"img_size": img_size}
 
 
-def create_model(r: "Resolved", num_classes: int, start: Path | None = None) -> torch.nn.Module:
+def create_model(r: Resolved, num_classes: int, start: Path | None = None) -> torch.nn.Module:
     """`start` (fine-tuning): timm train.py's `--pretrained --pretrained-path <start>`, i.e. timm's own loader with
     `num_classes=-1` in the overlay, which forces the head adaptation: every tensor but the classifier comes from the
     file, the classifier keeps its fresh initialization for `num_classes` (rsb.transfer checked the file first)."""
-    pretrained = {} if start is None else {"pretrained": True,
-                                           "pretrained_cfg_overlay": dict(file=str(start), num_classes=-1)}
-    return timm.create_model(r.arch, num_classes=num_classes, drop_path_rate=r.recipe.drop_path,
-                             **model_kwargs(r.arch, r.img_size), **pretrained)
+    pretrained: dict[str, Any] = (
+        {} if start is None else {"pretrained": True, "pretrained_cfg_overlay": dict(file=str(start), num_classes=-1)}
+    )
+    return timm.create_model(
+        r.arch,
+        num_classes=num_classes,
+        drop_path_rate=r.recipe.drop_path,
+        **model_kwargs(r.arch, r.img_size),
+        **pretrained,
+    )
 
 
-def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = None,
-               img_size: int | None = None) -> torch.nn.Module:
+def load_model(
+    arch: str, weights: Path, num_classes: int, stage: str | None = None, img_size: int | None = None
+) -> torch.nn.Module:
     """The trained network, built as training built it (`img_size`: the training size, for models that fix their
     patch grid at creation)."""
     if not weights.is_file():
@@ -52,6 +60,8 @@ def load_model(arch: str, weights: Path, num_classes: int, stage: str | None = N
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:160]
-        raise InputError(f"{weights}: not {arch} weights for {num_classes} classes ({first.strip()}); rerun "
-                         f"`dvc repro {stage or 'train@' + weights.stem}`") from None
+        raise InputError(
+            f"{weights}: not {arch} weights for {num_classes} classes ({first.strip()}); rerun "
+            f"`dvc repro {stage or 'train@' + weights.stem}`"
+        ) from None
     return model

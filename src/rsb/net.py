@@ -1,4 +1,5 @@
 """Ports on this node: the one rank 0 rendezvouses on (rsb.launch) and the MLflow UI's (rsb.tracking.ui)."""
+
 from __future__ import annotations
 
 import socket
@@ -18,8 +19,10 @@ def check_port(port: int, host: str = "", key: str = "train.master_port") -> Non
         try:
             s.bind((host, port))
         except OSError as e:
-            raise PortError(f"{key}={port}: in use on this node ({e.strerror}); stop what holds it, "
-                              "or choose another port (0 picks a free one)") from None
+            raise PortError(
+                f"{key}={port}: in use on this node ({e.strerror}); stop what holds it, "
+                "or choose another port (0 picks a free one)"
+            ) from None
 
 
 def free_port() -> int:

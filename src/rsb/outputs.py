@@ -8,6 +8,7 @@ A study's files never land in the grid's folders, so the figure-4 report (which 
 metrics/eval as folders) does not rerun when a seed is added. Checkpoints stay under checkpoints/<name>/ (the name is
 unique) so resuming works the same everywhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,15 +29,16 @@ class Outputs:
     matrix_key: str | None = None  # the fine-tune's finetune@<start>-<dataset>
 
     @classmethod
-    def of(cls, arch: str, recipe: str, study: str | None = None, seed: int | None = None,
-           root: Path = Path(".")) -> "Outputs":
+    def of(
+        cls, arch: str, recipe: str, study: str | None = None, seed: int | None = None, root: Path = Path(".")
+    ) -> Outputs:
         name = f"{arch}-{recipe}" + (f"-seed{seed}" if seed is not None else "")
         if study and study != GRID:
             return cls(name, root / "studies" / study, study, seed)
         return cls(name, root, GRID, seed)
 
     @classmethod
-    def finetune(cls, arch: str, start: str, dataset: str, root: Path = Path(".")) -> "Outputs":
+    def finetune(cls, arch: str, start: str, dataset: str, root: Path = Path(".")) -> Outputs:
         """The transfer study's fine-tune of `arch` from `start` on `dataset`: studies/transfer/..."""
         return cls(f"{arch}-{start}-to-{dataset}", root / "studies" / TRANSFER, TRANSFER, None, f"{start}-{dataset}")
 
@@ -66,8 +68,13 @@ class Outputs:
 
     def training_outputs(self, checkpoints: Path = Path("checkpoints")) -> dict[str, Path]:
         """What the training writes, named for an overlap message (rsb.io.refuse_overlap)."""
-        return {"weights": self.weights, "train metrics": self.train_metrics, "run record": self.run_file,
-                "history": self.history, "checkpoints": checkpoints / self.name}
+        return {
+            "weights": self.weights,
+            "train metrics": self.train_metrics,
+            "run record": self.run_file,
+            "history": self.history,
+            "checkpoints": checkpoints / self.name,
+        }
 
     @property
     def stage(self) -> str:

@@ -3,6 +3,7 @@ problem one ConfigError line naming the file and the dotted key. The whole file 
 stage that needs one section reads only it (`load_section`: prepare and mini read `data`, and so import nothing of
 the training's configuration).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,7 @@ def _key(where: str, k) -> str:
     return f"{where}.{k}" if where else str(k)
 
 
-def convert(tp, value, where: str):
+def convert(tp: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, naming the dotted key on a mismatch."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):  # `float | None`: YAML null is None; `int | str`: either
@@ -68,11 +69,15 @@ def convert(tp, value, where: str):
         unknown = sorted(set(value) - names)
         if unknown:
             raise ConfigError(f"unknown key {_key(where, unknown[0])} (known: {', '.join(sorted(names))})")
-        missing = [f.name for f in dataclasses.fields(tp) if f.name not in value
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(tp)
+            if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise ConfigError(f"missing key {_key(where, missing[0])}")
-        return tp(**{k: convert(hints[k], v, _key(where, k)) for k, v in value.items()})
+        make: Any = tp
+        return make(**{k: convert(hints[k], v, _key(where, k)) for k, v in value.items()})
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r}: must be a mapping")

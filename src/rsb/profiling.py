@@ -5,6 +5,7 @@ paper's "FLOPs" and timm's tables count (resnet50 at 224: 4.09). Throughput is t
 device synchronize around each timed batch; the median batch gives img/s. Peak memory: on CUDA the allocator's peak
 after a reset; on a CPU the process's peak resident set (ru_maxrss), which includes the interpreter and libraries.
 """
+
 from __future__ import annotations
 
 import platform
@@ -26,13 +27,22 @@ from rsb.io import write_json
 def count(model: torch.nn.Module, img_size: int) -> dict:
     from deepspeed.profiling.flops_profiler import get_model_profile
 
-    _, macs, params = get_model_profile(model, input_shape=(1, 3, img_size, img_size), print_profile=False,
-                                        detailed=False, as_string=False)
+    _, macs, params = get_model_profile(
+        model, input_shape=(1, 3, img_size, img_size), print_profile=False, detailed=False, as_string=False
+    )
     return {"params_m": params / 1e6, "gmacs": macs / 1e9}
 
 
-def throughput(model: torch.nn.Module, batch: int, img_size: int, device: torch.device, dtype: torch.dtype | None,
-               channels_last: bool, warmup: int, repeats: int) -> dict:
+def throughput(
+    model: torch.nn.Module,
+    batch: int,
+    img_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+    warmup: int,
+    repeats: int,
+) -> dict:
     model = model.eval().to(device)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     if channels_last:
@@ -55,8 +65,13 @@ def throughput(model: torch.nn.Module, batch: int, img_size: int, device: torch.
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu process peak RSS (ru_maxrss)"
     med = statistics.median(times)
-    return {"img_per_s": batch / med, "batch_ms_median": 1000 * med, "batch_ms": [1000 * t for t in times],
-            "peak_mem_mb": peak, "peak_mem_kind": kind}
+    return {
+        "img_per_s": batch / med,
+        "batch_ms_median": 1000 * med,
+        "batch_ms": [1000 * t for t in times],
+        "peak_mem_mb": peak,
+        "peak_mem_kind": kind,
+    }
 
 
 def benchmark(params: Params, arch: str) -> dict:
@@ -70,22 +85,51 @@ def benchmark(params: Params, arch: str) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=1000)
     metrics = {"arch": arch, **count(model, 224)}
-    metrics.update(throughput(model, b.batch_size, b.img_size, device, hardware.AUTOCAST[precision],
-                                        b.channels_last, b.warmup, b.repeats))
-    metrics.update({"batch": b.batch_size, "resolution": b.img_size, "precision": precision,
-                    "channels_last": b.channels_last, "warmup": b.warmup, "repeats": b.repeats,
-                    "device": hardware.device_name(device),
-                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                 "timm": timm.__version__, "deepspeed": version("deepspeed")},
-                    "bench_s": time.perf_counter() - t0})
+    metrics.update(
+        throughput(
+            model, b.batch_size, b.img_size, device, hardware.AUTOCAST[precision], b.channels_last, b.warmup, b.repeats
+        )
+    )
+    metrics.update(
+        {
+            "batch": b.batch_size,
+            "resolution": b.img_size,
+            "precision": precision,
+            "channels_last": b.channels_last,
+            "warmup": b.warmup,
+            "repeats": b.repeats,
+            "device": hardware.device_name(device),
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "deepspeed": version("deepspeed"),
+            },
+            "bench_s": time.perf_counter() - t0,
+        }
+    )
     out = Path("metrics/benchmark") / f"{arch}.json"
     write_json(out, metrics)
     stage = f"benchmark@{arch}"
-    t = tracking.start(True, params.experiment, f"benchmark-{arch}", None,
-                       {**tracking.provenance(stage, tracking.digest(b)), "rsb.arch": arch,
-                        "rsb.kind": "benchmark", "rsb.output_digest": tracking.output_key(stage, out)})
-    t.log_params({k: v for k, v in metrics.items() if k in ("batch", "resolution", "precision", "device",
-                                                             "channels_last", "warmup", "repeats")})
+    t = tracking.start(
+        True,
+        params.experiment,
+        f"benchmark-{arch}",
+        None,
+        {
+            **tracking.provenance(stage, tracking.digest(b)),
+            "rsb.arch": arch,
+            "rsb.kind": "benchmark",
+            "rsb.output_digest": tracking.output_key(stage, out),
+        },
+    )
+    t.log_params(
+        {
+            k: v
+            for k, v in metrics.items()
+            if k in ("batch", "resolution", "precision", "device", "channels_last", "warmup", "repeats")
+        }
+    )
     t.log_metrics({f"bench/{k}": metrics[k] for k in ("params_m", "gmacs", "img_per_s", "peak_mem_mb")})
     t.log_artifact(out, "benchmark")
     t.end()

@@ -1,4 +1,5 @@
 """The figure-4 table: our (arch, recipe) rows beside the published numbers, from the stages' JSON metrics only."""
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,9 @@ def _read(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def rows(metrics_dir: Path, models: list[str], recipes: list[str], train_sizes: dict[str, tuple[int, int]]) -> list[dict]:
+def rows(
+    metrics_dir: Path, models: list[str], recipes: list[str], train_sizes: dict[str, tuple[int, int]]
+) -> list[dict]:
     """One row per trained (arch, recipe) with an evaluation; published values and deltas beside ours."""
     ref, out = reference(), []
     for arch in models:
@@ -34,10 +37,17 @@ def rows(metrics_dir: Path, models: list[str], recipes: list[str], train_sizes: 
                 continue
             tr = _read(metrics_dir / "train" / f"{arch}-{recipe}.json") or {}
             paper = ref.get((arch, recipe), {})
-            row = {"arch": arch, "recipe": recipe, "params_m": bench.get("params_m"), "gmacs": bench.get("gmacs"),
-                   "train_res": train_sizes[recipe][0], "test_res": train_sizes[recipe][1],
-                   "img_per_s": bench.get("img_per_s"), "peak_mem_mb": bench.get("peak_mem_mb"),
-                   "train_time_s": tr.get("train/time_s")}
+            row = {
+                "arch": arch,
+                "recipe": recipe,
+                "params_m": bench.get("params_m"),
+                "gmacs": bench.get("gmacs"),
+                "train_res": train_sizes[recipe][0],
+                "test_res": train_sizes[recipe][1],
+                "img_per_s": bench.get("img_per_s"),
+                "peak_mem_mb": bench.get("peak_mem_mb"),
+                "train_time_s": tr.get("train/time_s"),
+            }
             for split, col in SPLITS:
                 ours, published = ev.get(f"{split}/top1"), paper.get(col)
                 published = float(published) if published not in (None, "") else None
@@ -55,15 +65,21 @@ def _fmt(v, digits: int = 2) -> str:
 
 
 def markdown(table: list[dict], caption: str) -> str:
-    head = ("| arch | recipe | params (M) | GMACs | train / test px | img/s | peak mem (MB) | val top-1 (paper, Δ) "
-            "| ReaL top-1 (paper, Δ) | V2 top-1 (paper, Δ) |")
+    head = (
+        "| arch | recipe | params (M) | GMACs | train / test px | img/s | peak mem (MB) | val top-1 (paper, Δ) "
+        "| ReaL top-1 (paper, Δ) | V2 top-1 (paper, Δ) |"
+    )
     lines = [f"# Figure 4, reproduced\n\n{caption}\n", head, "|" + "---|" * 10]
     for r in table:
-        acc = [f"{_fmt(r[f'{s}_top1'])} ({_fmt(r[f'{s}_top1_paper'])}, {_delta(r[f'{s}_top1_delta'])})"
-               for s, _ in SPLITS]
-        lines.append(f"| {r['arch']} | {r['recipe']} | {_fmt(r['params_m'])} | {_fmt(r['gmacs'], 3)} | "
-                     f"{r['train_res']} / {r['test_res']} | {_fmt(r['img_per_s'], 1)} | {_fmt(r['peak_mem_mb'], 0)} | "
-                     + " | ".join(acc) + " |")
+        acc = [
+            f"{_fmt(r[f'{s}_top1'])} ({_fmt(r[f'{s}_top1_paper'])}, {_delta(r[f'{s}_top1_delta'])})" for s, _ in SPLITS
+        ]
+        lines.append(
+            f"| {r['arch']} | {r['recipe']} | {_fmt(r['params_m'])} | {_fmt(r['gmacs'], 3)} | "
+            f"{r['train_res']} / {r['test_res']} | {_fmt(r['img_per_s'], 1)} | {_fmt(r['peak_mem_mb'], 0)} | "
+            + " | ".join(acc)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -88,8 +104,11 @@ def plot(table: list[dict], path: Path, caption: str) -> None:
             b.scatter(r["val_top1"], r["v2_top1"], label=label)
         if r["v2_top1_paper"] is not None:
             b.scatter(r["val_top1_paper"], r["v2_top1_paper"], marker="x", color="grey")
-    a.set(xlabel="inference img/s (batch 128, this device)", ylabel="ImageNet-val top-1 (%)",
-          title="top-1 vs throughput (x: paper's top-1)")
+    a.set(
+        xlabel="inference img/s (batch 128, this device)",
+        ylabel="ImageNet-val top-1 (%)",
+        title="top-1 vs throughput (x: paper's top-1)",
+    )
     b.set(xlabel="val top-1 (%)", ylabel="V2 top-1 (%)", title="val vs V2 (x: paper)")
     a.legend(fontsize=7)
     fig.suptitle(caption, fontsize=8)
@@ -106,39 +125,55 @@ def scale_text(params, info: dict) -> str:
     if paper:
         return "Paper scale: ImageNet-1k, the recipes' epochs, 224 px, global batch 2048."
     n = info.get("images", {})
-    return (f"Scale: {info.get('source', '?')} data ({info.get('classes', '?')} classes, {n.get('train', '?')} "
-            f"train / {n.get('val', '?')} val / {n.get('v2', '?')} V2 images), epochs x{s.epochs:g} of the "
-            f"paper's, 224 px -> {s.img_size} px, global batch {s.batch_size}. NOT comparable to the paper's "
-            "ImageNet numbers, which stand beside ours for reference.")
+    return (
+        f"Scale: {info.get('source', '?')} data ({info.get('classes', '?')} classes, {n.get('train', '?')} "
+        f"train / {n.get('val', '?')} val / {n.get('v2', '?')} V2 images), epochs x{s.epochs:g} of the "
+        f"paper's, 224 px -> {s.img_size} px, global batch {s.batch_size}. NOT comparable to the paper's "
+        "ImageNet numbers, which stand beside ours for reference."
+    )
 
 
 def caption(params, info: dict, device: str) -> str:
-    return (f"{scale_text(params, info)} Params and GMACs: the ImageNet model at 224 px. Throughput and peak memory: "
-            f"batch {params.benchmark.batch_size} at {params.benchmark.img_size} px on {device}.")
+    return (
+        f"{scale_text(params, info)} Params and GMACs: the ImageNet model at 224 px. Throughput and peak memory: "
+        f"batch {params.benchmark.batch_size} at {params.benchmark.img_size} px on {device}."
+    )
 
 
 def figure4(params: Params, metrics: Path, out: Path) -> list[dict]:
     """reports/figure4.{md,csv,png} from the stages' metrics (`metrics`/{train,eval,benchmark}), and a `report` run in
     MLflow holding them; returns the table's rows."""
-    refuse_overlap({"--out": out}, {"--metrics": metrics, "data.prepared": Path(params.data.prepared),
-                                    "data.raw": Path(params.data.raw)})
-    sizes = {name: (scaled_size(params.recipe(name).img_size, params.scale),
-                    scaled_size(params.recipe(name).test_img_size, params.scale)) for name in params.run}
+    refuse_overlap(
+        {"--out": out},
+        {"--metrics": metrics, "data.prepared": Path(params.data.prepared), "data.raw": Path(params.data.raw)},
+    )
+    sizes = {
+        name: (
+            scaled_size(params.recipe(name).img_size, params.scale),
+            scaled_size(params.recipe(name).test_img_size, params.scale),
+        )
+        for name in params.run
+    }
     table = rows(metrics, list(params.models), list(params.run), sizes)
     if not table:
         raise ConfigError(f"{metrics}/eval: no evaluation of any (models x run) pair; run the evaluate stages")
     info_file = Path(params.data.prepared) / "info.json"
     info = read_json(info_file) if info_file.is_file() else {}
-    devices = sorted({read_json(f).get("device", "?") for f in (metrics / "benchmark").glob("*.json")
-                      if f.stem in params.models})
+    devices = sorted(
+        {read_json(f).get("device", "?") for f in (metrics / "benchmark").glob("*.json") if f.stem in params.models}
+    )
     text = caption(params, info, ", ".join(devices) or "(no benchmark)")
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "figure4.md", markdown(table, text))
     write_csv(out / "figure4.csv", table)
     plot(table, out / "figure4.png", text)
-    t = tracking.start(True, params.experiment, "report", None,
-                       {**tracking.provenance("report", tracking.digest(params), Path(params.data.prepared)),
-                        "rsb.kind": "report"})
+    t = tracking.start(
+        True,
+        params.experiment,
+        "report",
+        None,
+        {**tracking.provenance("report", tracking.digest(params), Path(params.data.prepared)), "rsb.kind": "report"},
+    )
     for name in ("figure4.md", "figure4.csv", "figure4.png"):
         t.log_artifact(out / name, "report")
     t.end()

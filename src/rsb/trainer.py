@@ -4,6 +4,7 @@ epoch loop (rsb.training), and the declared outputs that rank 0 writes last.
 `train_recipe` is the grid's and the studies' training (stages.train); rsb.finetune runs a fine-tune through the
 same `train_job`.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,17 +30,18 @@ def world_size(params: Params) -> int:
 @dataclass(frozen=True)
 class Job:
     """One training, described once: which stage it is, what it is called and tagged, and where its images are."""
-    stage: str                       # the DVC stage (train@<name>, a study's, or a fine-tune's)
-    out: Outputs                     # the files it writes
-    tags: dict                       # what kind of run (rsb.kind, arch, recipe, seed, ...): MLflow tags
-    datasets: tuple[dict, ...]       # MLflow dataset inputs
-    prepared: Path                   # data/prepared: the images (grid, studies) and the provenance tags (all)
-    experiment: str                  # the MLflow experiment
-    eval_batch: int                  # the validation between epochs' batch (evaluate.batch_size)
-    folder: Path | None = None       # fine-tuning: a downstream ImageFolder set instead of the prepared index
-    start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer checked them)
-    identity: str = ""               # what else the resume digest covers (a fine-tune's start and dataset)
-    module: str = __name__           # the module that runs it, whose code (rsb.code) a checkpoint must match
+
+    stage: str  # the DVC stage (train@<name>, a study's, or a fine-tune's)
+    out: Outputs  # the files it writes
+    tags: dict  # what kind of run (rsb.kind, arch, recipe, seed, ...): MLflow tags
+    datasets: tuple[dict, ...]  # MLflow dataset inputs
+    prepared: Path  # data/prepared: the images (grid, studies) and the provenance tags (all)
+    experiment: str  # the MLflow experiment
+    eval_batch: int  # the validation between epochs' batch (evaluate.batch_size)
+    folder: Path | None = None  # fine-tuning: a downstream ImageFolder set instead of the prepared index
+    start: Path | None = None  # fine-tuning: the start's weights (rsb.transfer checked them)
+    identity: str = ""  # what else the resume digest covers (a fine-tune's start and dataset)
+    module: str = __name__  # the module that runs it, whose code (rsb.code) a checkpoint must match
 
 
 def train_recipe(params: Params, arch: str, recipe: str, study: str | None = None, seed: int | None = None) -> dict:
@@ -50,11 +52,22 @@ def train_recipe(params: Params, arch: str, recipe: str, study: str | None = Non
     prepared = Path(params.data.prepared)
     refuse_overlap(out.training_outputs(), {"data.prepared": prepared, "data.raw": Path(params.data.raw)})
     load_classes(prepared)  # fails clearly before any process group work if prepare has not run
-    tags = {"rsb.kind": "train", "rsb.arch": arch, "rsb.recipe": recipe, "rsb.study": out.study,
-            "rsb.seed": str(r.train.seed)}
-    job = Job(stage=f"train@{out.name}", out=out, tags=tags, prepared=prepared, experiment=params.experiment,
-              datasets=tuple(tracking.datasets(prepared, params.data.raw, ("train",))),
-              eval_batch=params.evaluate.batch_size)
+    tags = {
+        "rsb.kind": "train",
+        "rsb.arch": arch,
+        "rsb.recipe": recipe,
+        "rsb.study": out.study,
+        "rsb.seed": str(r.train.seed),
+    }
+    job = Job(
+        stage=f"train@{out.name}",
+        out=out,
+        tags=tags,
+        prepared=prepared,
+        experiment=params.experiment,
+        datasets=tuple(tracking.datasets(prepared, params.data.raw, ("train",))),
+        eval_batch=params.evaluate.batch_size,
+    )
     return train_job(job, r)
 
 
@@ -66,19 +79,32 @@ def train_job(job: Job, r: Resolved) -> dict:
     device = hardware.device_for(local_rank)
     hardware.checked_precision(r.train.precision, device)  # fp16 on a CPU fails before any work
     out = job.out
-    ckpt_dir = checkpoint.run_dir(Path("checkpoints"), out.name,
-                                  checkpoint.resume_digest(r.digest() + job.identity, job.module))
-    tags = {**tracking.provenance(job.stage, r.digest(), job.prepared), **job.tags,
-            "rsb.scale": f"epochs x{r.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
-            "rsb.device": hardware.device_name(device)}
-    tracker = tracking.start(rank == 0, job.experiment, out.name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"),
-                             tags)
+    ckpt_dir = checkpoint.run_dir(
+        Path("checkpoints"), out.name, checkpoint.resume_digest(r.digest() + job.identity, job.module)
+    )
+    tags = {
+        **tracking.provenance(job.stage, r.digest(), job.prepared),
+        **job.tags,
+        "rsb.scale": f"epochs x{r.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
+        "rsb.device": hardware.device_name(device),
+    }
+    tracker = tracking.start(rank == 0, job.experiment, out.name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
     tracker.log_params(flatten(resolved))
     tracker.log_datasets(list(job.datasets), "training")
 
-    run = Run(r=r, prepared=job.prepared, ckpt_dir=ckpt_dir, rank=rank, device=device, tracker=tracker, tags=tags,
-              folder=job.folder, start=job.start, eval_batch=job.eval_batch)
+    run = Run(
+        r=r,
+        prepared=job.prepared,
+        ckpt_dir=ckpt_dir,
+        rank=rank,
+        device=device,
+        tracker=tracker,
+        tags=tags,
+        folder=job.folder,
+        start=job.start,
+        eval_batch=job.eval_batch,
+    )
     t0 = time.perf_counter()
     try:
         model, extra = train(run)
@@ -95,17 +121,32 @@ def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, ext
     h = run.history
     final = h[-1]
     wall = sum(x.get("train/wall_s", x["train/epoch_s"]) for x in h)  # every epoch, across resumes
-    metrics = {"train/loss": final["train/loss"], "val/top1": final.get("val/top1"), "val/top5": final.get("val/top5"),
-               "val/count": final.get("val/count"),
-               "train/img_per_s": sum(x["train/img_per_s"] for x in h) / len(h),
-               "train/time_s": sum(x["train/epoch_s"] for x in h), "train/wall_s": wall, "train/stage_s": seconds,
-               "devices": run.r.world_size, "device_hours": run.r.world_size * wall / 3600,
-               "epochs": run.r.epochs, "updates": extra["updates_per_epoch"] * run.r.epochs}
+    metrics = {
+        "train/loss": final["train/loss"],
+        "val/top1": final.get("val/top1"),
+        "val/top5": final.get("val/top5"),
+        "val/count": final.get("val/count"),
+        "train/img_per_s": sum(x["train/img_per_s"] for x in h) / len(h),
+        "train/time_s": sum(x["train/epoch_s"] for x in h),
+        "train/wall_s": wall,
+        "train/stage_s": seconds,
+        "devices": run.r.world_size,
+        "device_hours": run.r.world_size * wall / 3600,
+        "epochs": run.r.epochs,
+        "updates": extra["updates_per_epoch"] * run.r.epochs,
+    }
     write_csv(out.history, [{k.replace("/", "_"): v for k, v in row.items()} for row in h])
     write_csv(out.updates, run.updates)
     write_json(out.train_metrics, metrics)
-    write_json(out.run_file, {"run_id": run.tracker.run_id, "experiment_id": run.tracker.experiment_id,
-                              "tags": run.tags, "resolved": resolved})
+    write_json(
+        out.run_file,
+        {
+            "run_id": run.tracker.run_id,
+            "experiment_id": run.tracker.experiment_id,
+            "tags": run.tags,
+            "resolved": resolved,
+        },
+    )
     save_weights(out.weights, model.state_dict())
     t = run.tracker
     t.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=run.r.epochs)
@@ -115,6 +156,8 @@ def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, ext
     for path, where in artifacts:
         t.log_artifact(path, where)
     t.end()
-    print(f"{out.name}: val top-1 {metrics['val/top1']:.2f}%, {metrics['train/img_per_s']:.0f} img/s, "
-          f"{metrics['train/time_s']:.0f} s")
+    print(
+        f"{out.name}: val top-1 {metrics['val/top1']:.2f}%, {metrics['train/img_per_s']:.0f} img/s, "
+        f"{metrics['train/time_s']:.0f} s"
+    )
     return metrics

@@ -1,4 +1,5 @@
 """A recipe becomes timm's components, assembled as timm's train.py assembles them; then the epoch loop."""
+
 from __future__ import annotations
 
 import time
@@ -13,11 +14,12 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn
 
 from rsb import checkpoint, distributed, engine, hardware
-from rsb.models import create_model
-from rsb.config import Resolved
 from rsb import loader as loaders
+from rsb.config import Resolved
 from rsb.data.datasets import Split, load_classes
-from rsb.data.folder import Folder, check as folder_check
+from rsb.data.folder import Folder
+from rsb.data.folder import check as folder_check
+from rsb.models import create_model
 
 if TYPE_CHECKING:  # the logging is not the math: rsb.tracking stays out of the training's code (rsb.code)
     from rsb.tracking import Tracker
@@ -36,37 +38,47 @@ def create_loss(r: Resolved) -> torch.nn.Module:
     if rc.mixup > 0 or rc.cutmix > 0:
         return BinaryCrossEntropy(target_threshold=rc.bce_target_thresh) if rc.bce_loss else SoftTargetCrossEntropy()
     if rc.smoothing:
-        return BinaryCrossEntropy(smoothing=rc.smoothing, target_threshold=rc.bce_target_thresh) if rc.bce_loss \
+        return (
+            BinaryCrossEntropy(smoothing=rc.smoothing, target_threshold=rc.bce_target_thresh)
+            if rc.bce_loss
             else LabelSmoothingCrossEntropy(smoothing=rc.smoothing)
+        )
     return torch.nn.CrossEntropyLoss()
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, r: Resolved, updates_per_epoch: int):
     """Cosine with warmup, stepped per update (`scheduler.step_update`), as timm's `--sched-on-updates`."""
-    scheduler, _ = create_scheduler_v2(optimizer, sched=r.recipe.sched, num_epochs=r.epochs,
-                                       warmup_epochs=r.warmup_epochs, warmup_lr=r.recipe.warmup_lr,
-                                       min_lr=r.recipe.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=r.recipe.sched,
+        num_epochs=r.epochs,
+        warmup_epochs=r.warmup_epochs,  # type: ignore[arg-type]  # fractional after scaling; timm takes floats
+        warmup_lr=r.recipe.warmup_lr,
+        min_lr=r.recipe.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
     return scheduler
 
 
 @dataclass
 class Run:
     """One (arch, recipe) training: what the loop needs beyond the step."""
+
     r: Resolved
     prepared: Path
     ckpt_dir: Path
     rank: int
     device: torch.device
-    tracker: "Tracker"
+    tracker: Tracker
     tags: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     updates: list[dict] = field(default_factory=list)
-    folder: Path | None = None       # fine-tuning: a downstream ImageFolder dataset instead of `prepared`
-    start: Path | None = None        # fine-tuning: the start's weights (rsb.transfer checked them)
-    eval_batch: int = 100            # the validation between epochs: evaluate.batch_size, as the evaluate stage
+    folder: Path | None = None  # fine-tuning: a downstream ImageFolder dataset instead of `prepared`
+    start: Path | None = None  # fine-tuning: the start's weights (rsb.transfer checked them)
+    eval_batch: int = 100  # the validation between epochs: evaluate.batch_size, as the evaluate stage
 
-    def split(self, name: str, transform) -> torch.utils.data.Dataset:
+    def split(self, name: str, transform) -> Split | Folder:
         return Split(self.prepared, name, transform) if self.folder is None else Folder(self.folder, name, transform)
 
     def num_classes(self) -> int:
@@ -86,25 +98,45 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
         ds_engine.module.to(memory_format=torch.channels_last)
     if r.train.compile:
         ds_engine.compile()
-    updates_per_epoch = loaders.MicroBatchSampler(train_set, r.micro_batch, r.grad_accum, r.world_size, run.rank,
-                                                  r.recipe.aug_repeats).updates
+    updates_per_epoch = loaders.MicroBatchSampler(
+        train_set, r.micro_batch, r.grad_accum, r.world_size, run.rank, r.recipe.aug_repeats
+    ).updates
     if updates_per_epoch == 0:
-        raise ValueError(f"{run.folder or run.prepared}: {len(train_set)} train images make no full update of batch "
-                         f"{r.batch_size}; lower scale.batch_size")
-    step = engine.Step(engine=ds_engine, loss_fn=create_loss(r), mixup_fn=loaders.mixup(r, train_set.num_classes),
-                       scheduler=create_scheduler(optimizer, r, updates_per_epoch), device=run.device, dtype=dtype,
-                       channels_last=r.train.channels_last, on_log=lambda rows: _log_updates(run, rows))
+        raise ValueError(
+            f"{run.folder or run.prepared}: {len(train_set)} train images make no full update of batch "
+            f"{r.batch_size}; lower scale.batch_size"
+        )
+    step = engine.Step(
+        engine=ds_engine,
+        loss_fn=create_loss(r),
+        mixup_fn=loaders.mixup(r, train_set.num_classes),
+        scheduler=create_scheduler(optimizer, r, updates_per_epoch),
+        device=run.device,
+        dtype=dtype,
+        channels_last=r.train.channels_last,
+        on_log=lambda rows: _log_updates(run, rows),
+    )
     start = _resume(run, step)
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
-    val_loader = loaders.eval_loader(val_shard, run.eval_batch, r.train.workers)
+    val_loader = loaders.eval_loader(val_shard, run.eval_batch, r.workers)
     for epoch in range(start, r.epochs):
         began = time.perf_counter()
-        slots = engine.Slots(ds_engine.module, [loaders.stream_seed(r.train.seed, epoch, v) for v in
-                                                range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)],
-                             run.device)
-        stats = engine.train_one_epoch(step, loaders.train_loader(train_set, r, run.rank, epoch, run.device,
-                                                                  loaders.normalization(model)),
-                                       epoch, slots, r.grad_accum, show_progress=run.rank == 0)
+        slots = engine.Slots(
+            ds_engine.module,
+            [
+                loaders.stream_seed(r.train.seed, epoch, v)
+                for v in range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)
+            ],
+            run.device,
+        )
+        stats = engine.train_one_epoch(
+            step,
+            loaders.train_loader(train_set, r, run.rank, epoch, run.device, loaders.normalization(model)),
+            epoch,
+            slots,
+            r.grad_accum,
+            show_progress=run.rank == 0,
+        )
         if r.world_size > 1:
             distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce
         last = epoch == r.epochs - 1
@@ -124,8 +156,15 @@ def _log_updates(run: Run, rows: list[dict]) -> None:
 
 
 def _client_state(run: Run, step: engine.Step, epochs_done: int) -> dict:
-    return {"digest": run.ckpt_dir.name, "epoch": epochs_done, "num_updates": step.num_updates,
-            "scheduler": step.scheduler.state_dict(), "history": run.history, "updates": run.updates, "mlflow_run_id": run.tracker.run_id}
+    return {
+        "digest": run.ckpt_dir.name,
+        "epoch": epochs_done,
+        "num_updates": step.num_updates,
+        "scheduler": step.scheduler.state_dict(),
+        "history": run.history,
+        "updates": run.updates,
+        "mlflow_run_id": run.tracker.run_id,
+    }
 
 
 def _resume(run: Run, step: engine.Step) -> int:

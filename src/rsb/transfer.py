@@ -9,9 +9,11 @@ Every tensor the architecture has (classifier aside) must be there with its shap
 first one that is missing, unexpected or of another shape — before any fine-tuning starts. The fine-tune then loads
 the start as timm's train.py does with `--pretrained --pretrained-path <start>` (rsb.training.create_model).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -20,7 +22,6 @@ from rsb.config import SCRATCH, ConfigError, Params, check_timm
 from rsb.errors import RsbError
 from rsb.io import check_finite, refuse_overlap, sha256
 from rsb.outputs import STARTS
-
 
 # Tensors timm's own loader adapts to the model (a ViT's position embedding, resampled to its patch grid by the
 # model's checkpoint filter, as when train.py fine-tunes 224 px weights at 384 px): any grid size is a valid start.
@@ -34,8 +35,8 @@ class StartError(RsbError, ValueError):
 def classifier_keys(arch: str) -> set[str]:
     """The classifier's tensors, by timm's pretrained config (`fc` for ResNets, `head` for ViTs)."""
     cfg = timm.models.get_pretrained_cfg(arch)
-    names = (cfg.classifier if cfg is not None else None) or "fc"
-    names = (names,) if isinstance(names, str) else tuple(names)
+    classifier = (cfg.classifier if cfg is not None else None) or "fc"
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     return {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
 
@@ -52,22 +53,26 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise StartError(f"{path}: no such weights file; train it (`dvc repro`) or fix its path under transfer.weights")
+    state: Any  # a state dict, a checkpoint holding one, or anything else a file may hold (checked below)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged, foreign or code-carrying file: one clear line
-        raise StartError(f"{path}: not a weights file this can read ({type(e).__name__}: {str(e)[:160]}); give a "
-                         "safetensors file or a torch state dict saved with torch.save (loaded weights_only)") from None
+        raise StartError(
+            f"{path}: not a weights file this can read ({type(e).__name__}: {str(e)[:160]}); give a "
+            "safetensors file or a torch state dict saved with torch.save (loaded weights_only)"
+        ) from None
     for key in ("state_dict", "model"):  # {"state_dict": ...} / {"model": ...} checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StartError(f"{path}: holds no state dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     check_finite(state, path)
     return state
 
@@ -80,12 +85,16 @@ def check_start(state: dict[str, torch.Tensor], arch: str, source: Path) -> dict
     unexpected = [k for k in body if k not in expected]
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which {arch} does not"
-        raise StartError(f"{source}: not {arch} weights: it {what} ({len(missing)} missing, {len(unexpected)} "
-                         f"unexpected of {len(expected)} tensors); is it another architecture's file?")
+        raise StartError(
+            f"{source}: not {arch} weights: it {what} ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected of {len(expected)} tensors); is it another architecture's file?"
+        )
     for k, shape in expected.items():
         if tuple(body[k].shape) != shape and k not in RESAMPLED:
-            raise StartError(f"{source}: {k} has shape {list(body[k].shape)}, {arch} needs {list(shape)}; is it "
-                             "another architecture's (or width's) file?")
+            raise StartError(
+                f"{source}: {k} has shape {list(body[k].shape)}, {arch} needs {list(shape)}; is it "
+                "another architecture's (or width's) file?"
+            )
     return body
 
 
@@ -126,6 +135,7 @@ def make_start(params: Params, name: str) -> dict:
     elif name in tr.weights:
         meta = import_start(Path(tr.weights[name]), tr.arch, dst)
     else:
-        raise ConfigError(f"transfer.weights has no {name!r} ({', '.join(tr.weights) or 'empty'}); add "
-                          f"`{name}: <weights file>` there")
+        raise ConfigError(
+            f"transfer.weights has no {name!r} ({', '.join(tr.weights) or 'empty'}); add `{name}: <weights file>` there"
+        )
     return meta

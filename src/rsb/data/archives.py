@@ -9,6 +9,7 @@ the disk, and any member that is not a plain file or directory with a safe relat
 Just over ~300 lines: one reader per official format (train tar of tars, flat val tar, devkit .mat, V2 .tar.gz,
 ReaL json, an extracted folder), each with its member checks against the devkit.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,9 @@ import json
 import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from rsb.data.index import ARCHIVES, DEVKIT
 from rsb.errors import RsbError
@@ -39,9 +40,9 @@ class ArchiveError(RsbError, RuntimeError):
 
 @dataclass(frozen=True)
 class Devkit:
-    wnids: list[str]                 # sorted: index = class index (the ILSVRC2012 convention)
+    wnids: list[str]  # sorted: index = class index (the ILSVRC2012 convention)
     names: dict[str, tuple[str, ...]]
-    val_wnids: list[str]             # wnid of ILSVRC2012_val_{i+1:08d}.JPEG
+    val_wnids: list[str]  # wnid of ILSVRC2012_val_{i+1:08d}.JPEG
 
 
 def require(raw: Path) -> dict[str, Path]:
@@ -49,8 +50,10 @@ def require(raw: Path) -> dict[str, Path]:
     paths = {k: raw / name for k, name in ARCHIVES.items()}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
-        raise ArchiveError(f"{raw}: missing {', '.join(missing)}. Put the official archives there (data.raw in "
-                           "params.yaml), or use data.source: mini to generate the miniature release")
+        raise ArchiveError(
+            f"{raw}: missing {', '.join(missing)}. Put the official archives there (data.raw in "
+            "params.yaml), or use data.source: mini to generate the miniature release"
+        )
     return paths
 
 
@@ -65,21 +68,33 @@ def md5sum(path: Path, chunk: int = 1 << 24) -> str:
 def verify_md5(paths: dict[str, Path]) -> None:
     for p in paths.values():
         if p.name in OFFICIAL_MD5 and (got := md5sum(p)) != OFFICIAL_MD5[p.name]:
-            raise ArchiveError(f"{p}: md5 {got} != published {OFFICIAL_MD5[p.name]}; the download is damaged or "
-                               "not the official release (set data.verify_md5: false to skip this check)")
+            raise ArchiveError(
+                f"{p}: md5 {got} != published {OFFICIAL_MD5[p.name]}; the download is damaged or "
+                "not the official release (set data.verify_md5: false to skip this check)"
+            )
 
 
 def safe_name(archive: Path | str, member: tarfile.TarInfo) -> PurePosixPath:
     """The member's relative path, or an error if it is not a plain file that stays inside the target."""
     if not (member.isfile() or member.isdir()):
-        kind = ("symlink" if member.issym() else "hardlink" if member.islnk() else
-                "device file" if member.isdev() else "special file")
-        raise ArchiveError(f"{archive}: member {member.name!r} is a {kind}; refusing to extract it "
-                           "(archives must contain plain files only)")
+        kind = (
+            "symlink"
+            if member.issym()
+            else "hardlink"
+            if member.islnk()
+            else "device file"
+            if member.isdev()
+            else "special file"
+        )
+        raise ArchiveError(
+            f"{archive}: member {member.name!r} is a {kind}; refusing to extract it "
+            "(archives must contain plain files only)"
+        )
     path = PurePosixPath(member.name)
     if path.is_absolute() or ".." in path.parts or "\\" in member.name:
-        raise ArchiveError(f"{archive}: member {member.name!r} would be written outside the target folder; "
-                           "refusing to extract it")
+        raise ArchiveError(
+            f"{archive}: member {member.name!r} would be written outside the target folder; refusing to extract it"
+        )
     return path
 
 
@@ -90,6 +105,7 @@ def iter_files(tar: tarfile.TarFile, archive: Path | str) -> Iterator[tuple[Pure
             path = safe_name(archive, member)
             if member.isfile():
                 f = tar.extractfile(member)
+                assert f is not None  # a regular file's member always has one
                 data = f.read()
                 if len(data) != member.size:
                     raise ArchiveError(f"{archive}: member {member.name} is truncated")
@@ -143,8 +159,9 @@ def load_devkit(path: Path) -> Devkit:
     bad = [w for w in idx_to_wnid.values() if not WNID.fullmatch(w)]
     if bad:
         raise ArchiveError(f"{path}: meta.mat has leaf synset {bad[0]!r}, which is not a WordNet id (nXXXXXXXX)")
-    return Devkit(wnids=sorted(idx_to_wnid.values()), names=wnid_to_classes,
-                  val_wnids=[idx_to_wnid[i] for i in ground_truth])
+    return Devkit(
+        wnids=sorted(idx_to_wnid.values()), names=wnid_to_classes, val_wnids=[idx_to_wnid[i] for i in ground_truth]
+    )
 
 
 def load_real(path: Path, n_val: int, n_classes: int) -> list[list[int]]:
@@ -154,12 +171,13 @@ def load_real(path: Path, n_val: int, n_classes: int) -> list[list[int]]:
         raise ArchiveError(f"{path}: not readable JSON ({e}); expected ReaL's real.json") from None
     if not isinstance(real, list) or len(real) != n_val:
         got = len(real) if isinstance(real, list) else type(real).__name__
-        raise ArchiveError(f"{path}: has {got} entries, expected one label list per val image ({n_val}); "
-                           "use the real.json that matches this val set")
+        raise ArchiveError(
+            f"{path}: has {got} entries, expected one label list per val image ({n_val}); "
+            "use the real.json that matches this val set"
+        )
     for i, labels in enumerate(real):
         if not isinstance(labels, list) or not all(isinstance(y, int) and 0 <= y < n_classes for y in labels):
-            raise ArchiveError(f"{path}: entry {i} is {labels!r}; expected a list of class indices in "
-                               f"[0, {n_classes})")
+            raise ArchiveError(f"{path}: entry {i} is {labels!r}; expected a list of class indices in [0, {n_classes})")
     return real
 
 
@@ -189,7 +207,7 @@ class _Window(io.RawIOBase):
         n = max(0, min(len(b), self.size - self.pos))
         self.f.seek(self.start + self.pos)
         data = self.f.read(n)
-        b[:len(data)] = data
+        b[: len(data)] = data
         self.pos += len(data)
         return len(data)
 
@@ -207,8 +225,10 @@ def members(f, label: Path | str, size: int) -> list[Entry]:
                         raise ArchiveError(f"{label}: member {m.name} is truncated; download the archive again")
                     out.append((str(name), m.offset_data, m.size))
     except tarfile.CompressionError as e:
-        raise ArchiveError(f"{label}: compressed ({e}); it is read in place, so it must be the uncompressed tar of "
-                           "the official release") from None
+        raise ArchiveError(
+            f"{label}: compressed ({e}); it is read in place, so it must be the uncompressed tar of "
+            "the official release"
+        ) from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ArchiveError(f"{label}: truncated or corrupt archive ({e}); download it again") from None
     return out
@@ -222,8 +242,10 @@ def index_train(path: Path, wnids: set[str]) -> list[Entry]:
         for inner, start, length in members(f, path, size):
             wnid = PurePosixPath(inner).name.removesuffix(".tar")
             if not inner.endswith(".tar") or wnid not in wnids:
-                raise ArchiveError(f"{path}: member {inner} is not <wnid>.tar for a devkit class; expected the "
-                                   "official ILSVRC2012_img_train.tar layout")
+                raise ArchiveError(
+                    f"{path}: member {inner} is not <wnid>.tar for a devkit class; expected the "
+                    "official ILSVRC2012_img_train.tar layout"
+                )
             for name, offset, n in members(_Window(f, start, length), f"{path}:{inner}", length):
                 entries.append((f"{wnid}/{PurePosixPath(name).name}", start + offset, n))
                 seen.add(wnid)
@@ -239,16 +261,20 @@ VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 def val_wnid(path: Path | str, name: str, devkit: Devkit) -> str:
     m = VAL_NAME.fullmatch(PurePosixPath(name).name)
     if not m or not 1 <= int(m.group(1)) <= len(devkit.val_wnids):
-        raise ArchiveError(f"{path}: member {name} has no ground truth in the devkit "
-                           f"(expected ILSVRC2012_val_00000001..{len(devkit.val_wnids):08d}.JPEG)")
+        raise ArchiveError(
+            f"{path}: member {name} has no ground truth in the devkit "
+            f"(expected ILSVRC2012_val_00000001..{len(devkit.val_wnids):08d}.JPEG)"
+        )
     return devkit.val_wnids[int(m.group(1)) - 1]
 
 
 def index_val(path: Path, devkit: Devkit) -> list[Entry]:
     """The flat val tar -> entries `<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG`, labelled by the devkit's ground truth."""
     with open(path, "rb") as f:
-        entries = [(f"{val_wnid(path, name, devkit)}/{PurePosixPath(name).name}", offset, n)
-                   for name, offset, n in members(f, path, path.stat().st_size)]
+        entries = [
+            (f"{val_wnid(path, name, devkit)}/{PurePosixPath(name).name}", offset, n)
+            for name, offset, n in members(f, path, path.stat().st_size)
+        ]
     return entries  # each of the devkit's IDs exactly once: check_members
 
 
@@ -267,8 +293,10 @@ def repack_v2(path: Path, out: Path, n_classes: int) -> list[Entry]:
             seen.add(int(folder))
     missing = sorted(set(range(n_classes)) - seen)
     if missing:
-        raise ArchiveError(f"{path}: class folders missing ({len(missing)}, first: {missing[0]}); ImageNetV2 "
-                           f"matched-frequency has one folder per class 0..{n_classes - 1}")
+        raise ArchiveError(
+            f"{path}: class folders missing ({len(missing)}, first: {missing[0]}); ImageNetV2 "
+            f"matched-frequency has one folder per class 0..{n_classes - 1}"
+        )
     with open(out, "rb") as f:
         return members(f, out, out.stat().st_size)
 
@@ -276,13 +304,23 @@ def repack_v2(path: Path, out: Path, n_classes: int) -> list[Entry]:
 def require_folder(raw: Path) -> dict[str, Path]:
     """`data.source: folder`: an extracted ImageNet (train/<wnid>/*, val/<wnid>/* or flat val/, v2/<index>/*) plus
     the devkit and real.json, or one error that lists what is missing."""
-    paths = {"train": raw / "train", "val": raw / "val", "v2": raw / "v2", "devkit": raw / ARCHIVES["devkit"],
-             "real": raw / ARCHIVES["real"]}
-    missing = [f"{p.name}/" if k in ("train", "val", "v2") else p.name for k, p in paths.items()
-               if not (p.is_dir() if k in ("train", "val", "v2") else p.is_file())]
+    paths = {
+        "train": raw / "train",
+        "val": raw / "val",
+        "v2": raw / "v2",
+        "devkit": raw / ARCHIVES["devkit"],
+        "real": raw / ARCHIVES["real"],
+    }
+    missing = [
+        f"{p.name}/" if k in ("train", "val", "v2") else p.name
+        for k, p in paths.items()
+        if not (p.is_dir() if k in ("train", "val", "v2") else p.is_file())
+    ]
     if missing:
-        raise ArchiveError(f"{raw}: missing {', '.join(missing)}. data.source: folder expects train/<wnid>/*.JPEG, "
-                           "val/<wnid>/*.JPEG (or the flat val/ folder), v2/<class index>/*, the devkit and real.json")
+        raise ArchiveError(
+            f"{raw}: missing {', '.join(missing)}. data.source: folder expects train/<wnid>/*.JPEG, "
+            "val/<wnid>/*.JPEG (or the flat val/ folder), v2/<class index>/*, the devkit and real.json"
+        )
     return paths
 
 
@@ -301,8 +339,10 @@ def check_members(split: str, names: list[str], path: Path, devkit: Devkit) -> N
     seen: set[str] = set()
     for n in names:
         if n in seen:
-            raise ArchiveError(f"{path}: member {n} appears more than once; the archive is not the official release "
-                               "(re-download it, or remove the repeat from the folder)")
+            raise ArchiveError(
+                f"{path}: member {n} appears more than once; the archive is not the official release "
+                "(re-download it, or remove the repeat from the folder)"
+            )
         seen.add(n)
     if split != "val":
         return
@@ -311,20 +351,28 @@ def check_members(split: str, names: list[str], path: Path, devkit: Devkit) -> N
         p = PurePosixPath(n)
         m = VAL_NAME.fullmatch(p.name)
         if not m:
-            raise ArchiveError(f"{path}: {n} is not ILSVRC2012_val_<8 digits>.JPEG; the devkit's ground truth labels "
-                               "val images by that number")
+            raise ArchiveError(
+                f"{path}: {n} is not ILSVRC2012_val_<8 digits>.JPEG; the devkit's ground truth labels "
+                "val images by that number"
+            )
         i = int(m.group(1))
         if i in ids:
             raise ArchiveError(f"{path}: val image {p.name} appears twice ({ids[i]}, {n}); keep one")
         ids[i] = n
         if not 1 <= i <= len(devkit.val_wnids):
-            raise ArchiveError(f"{path}: {p.name} is not in the devkit's ground truth (ILSVRC2012_val_00000001.."
-                               f"{len(devkit.val_wnids):08d}); remove it")
+            raise ArchiveError(
+                f"{path}: {p.name} is not in the devkit's ground truth (ILSVRC2012_val_00000001.."
+                f"{len(devkit.val_wnids):08d}); remove it"
+            )
         if len(p.parts) > 1 and p.parts[0] != devkit.val_wnids[i - 1]:
-            raise ArchiveError(f"{path}: {n} lies in {p.parts[0]}/, but the devkit's ground truth says "
-                               f"{devkit.val_wnids[i - 1]}; the val folder is mislabelled: rebuild it from the "
-                               "official val tar")
+            raise ArchiveError(
+                f"{path}: {n} lies in {p.parts[0]}/, but the devkit's ground truth says "
+                f"{devkit.val_wnids[i - 1]}; the val folder is mislabelled: rebuild it from the "
+                "official val tar"
+            )
     missing = sorted(set(range(1, len(devkit.val_wnids) + 1)) - set(ids))
     if missing:
-        raise ArchiveError(f"{path}: {len(missing)} val image(s) of the devkit's ground truth missing (first: "
-                           f"ILSVRC2012_val_{missing[0]:08d}.JPEG); restore them from the official val tar")
+        raise ArchiveError(
+            f"{path}: {len(missing)} val image(s) of the devkit's ground truth missing (first: "
+            f"ILSVRC2012_val_{missing[0]:08d}.JPEG); restore them from the official val tar"
+        )

@@ -1,22 +1,25 @@
 """Datasets over data/prepared's index: train / val / v2 yield (RGB image, ILSVRC2012 class index).
 
-Images are read in place (the index: rsb.data.index): each index entry is (source file, byte offset, size, class index) into the official
-archives (or, for `data.source: folder`, one file per image), read with `os.pread` on a file each process opens once.
+Images are read in place (the index: rsb.data.index): each index entry is (source file, byte offset, size, class
+index) into the official archives (or, for `data.source: folder`, one file per image), read with `os.pread` on a file
+each process opens once.
 Nothing is extracted, so data/prepared stays small for DVC. Class index = position of the wnid in sorted wnid order
 (classes.json), the convention every pretrained model uses. Images are decoded with PIL and converted to RGB:
 ImageNet has a PNG named .JPEG and CMYK JPEGs.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from PIL import Image
 from torch.utils.data import Dataset
 
 from rsb.data import index
 from rsb.data.index import SPLITS, PreparedError, Reader, load_classes, source_path
+
 
 class Split(Dataset):
     """One split of the index, in a fixed order (sorted by name). `samples` are (name, label) with names as in the
@@ -48,11 +51,15 @@ class Split(Dataset):
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise PreparedError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); the folder changed after "
-                                "preparation: restore the file, or run `dvc repro prepare`") from None
+            raise PreparedError(
+                f"{path}: cannot be read ({e.strerror or type(e).__name__}); the folder changed after "
+                "preparation: restore the file, or run `dvc repro prepare`"
+            ) from None
         if len(data) != size:
-            raise PreparedError(f"{path}: {len(data)} bytes, the index says {size}; the folder changed after "
-                                "preparation. Run `dvc repro prepare`")
+            raise PreparedError(
+                f"{path}: {len(data)} bytes, the index says {size}; the folder changed after "
+                "preparation. Run `dvc repro prepare`"
+            )
         return data
 
     def samples_names(self) -> list[str]:
@@ -63,10 +70,11 @@ class Split(Dataset):
     def __getitem__(self, i: int):
         data = self.read(i)
         try:
-            img = Image.open(io.BytesIO(data))
-            img = img.convert("RGB")
+            img = Image.open(io.BytesIO(data)).convert("RGB")
         except Exception as e:  # noqa: BLE001 - any decoder failure: the file, named, from inside a loader worker
             where = self.reader.paths[int(self.file[i])]
-            raise PreparedError(f"{where}: image {self.samples_names()[i]} cannot be decoded ({type(e).__name__}: "
-                                f"{str(e)[:120]}); restore an intact copy and run `dvc repro prepare`") from None
+            raise PreparedError(
+                f"{where}: image {self.samples_names()[i]} cannot be decoded ({type(e).__name__}: "
+                f"{str(e)[:120]}); restore an intact copy and run `dvc repro prepare`"
+            ) from None
         return (self.transform(img) if self.transform else img), int(self.labels[i])

@@ -15,6 +15,7 @@ colour families, edges, outlines, backgrounds and clutter, `rsb.data.mini`), so 
 Small on purpose (12 classes x 40 train / 20 val images): fine-tuning must lean on the pretrained features, as on
 the paper's fine-grained sets, and a few minutes on 2 cores fine-tune every (pretraining, dataset) pair.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,13 @@ def image(rng: np.random.Generator, concept: dict, image_size: int):
     return mini.finish(img, mini.TRAIN_STYLE)
 
 
-def write_downstream(out: Path, seed: int = 0, image_size: int = 80, train_per_class: int = TRAIN_PER_CLASS,
-                     val_per_class: int = VAL_PER_CLASS) -> dict:
+def write_downstream(
+    out: Path,
+    seed: int = 0,
+    image_size: int = 80,
+    train_per_class: int = TRAIN_PER_CLASS,
+    val_per_class: int = VAL_PER_CLASS,
+) -> dict:
     """Write both datasets under `out`, deterministically from `seed`; returns a summary (classes, image counts)."""
     summary = {}
     for d, dataset in enumerate(sorted(DATASETS)):
@@ -61,8 +67,12 @@ def write_downstream(out: Path, seed: int = 0, image_size: int = 80, train_per_c
                 folder.mkdir(parents=True, exist_ok=True)
                 for i in range(n):
                     (folder / f"{i:04d}.JPEG").write_bytes(mini.jpeg_bytes(image(rng, concept, image_size)))
-        summary[dataset] = {"classes": len(classes(dataset)), "train": train_per_class * len(classes(dataset)),
-                            "val": val_per_class * len(classes(dataset))}
-    (out / "downstream.json").write_text(json.dumps({"seed": seed, "image_size": image_size, "datasets": summary},
-                                                    indent=2))
+        summary[dataset] = {
+            "classes": len(classes(dataset)),
+            "train": train_per_class * len(classes(dataset)),
+            "val": val_per_class * len(classes(dataset)),
+        }
+    (out / "downstream.json").write_text(
+        json.dumps({"seed": seed, "image_size": image_size, "datasets": summary}, indent=2)
+    )
     return summary

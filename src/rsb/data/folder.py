@@ -11,6 +11,7 @@ archive), a class folder with no image, a file directly under the split (except 
 a split with no image. A downstream dataset is <root>/train/<class>/<image> and <root>/val/<class>/<image>, with the
 same class folders in both and at least 2 classes. Images are decoded with PIL and converted to RGB.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,14 +55,18 @@ def scan(top: Path, flat: bool = False, error: type[Exception] = FolderError) ->
                     _check_image(path, error)
                     out.append((path.relative_to(top).as_posix(), path.stat().st_size))
             if len(out) == n:
-                raise error(f"{Path(e.path)}: no images ({', '.join(IMG_EXTENSIONS)}) in this class folder; add its "
-                            "images or remove the folder")
+                raise error(
+                    f"{Path(e.path)}: no images ({', '.join(IMG_EXTENSIONS)}) in this class folder; add its "
+                    "images or remove the folder"
+                )
         elif flat:
             _check_image(Path(e.path), error)
             out.append((e.name, Path(e.path).stat().st_size))
         else:
-            raise error(f"{Path(e.path)}: a file directly under {top}; images go in class folders "
-                        "(<class>/<image>): move it into one, or out of the dataset")
+            raise error(
+                f"{Path(e.path)}: a file directly under {top}; images go in class folders "
+                "(<class>/<image>): move it into one, or out of the dataset"
+            )
     if not out:
         raise error(f"{top}: no images; expected <class>/<image> under it (ImageFolder layout)")
     return out
@@ -69,23 +74,28 @@ def scan(top: Path, flat: bool = False, error: type[Exception] = FolderError) ->
 
 def _check_image(path: Path, error: type[Exception]) -> None:
     if not path.name.lower().endswith(IMG_EXTENSIONS):
-        raise error(f"{path}: not an image file ({', '.join(IMG_EXTENSIONS)}); move it out of the dataset folder "
-                    "(names starting with '.' are skipped)")
+        raise error(
+            f"{path}: not an image file ({', '.join(IMG_EXTENSIONS)}); move it out of the dataset folder "
+            "(names starting with '.' are skipped)"
+        )
 
 
 def _class_folders(root: Path, split: str) -> dict[str, int]:
     """Class folder -> number of images, for one split of a downstream dataset."""
     top = root / split
     if not top.is_dir():
-        raise FolderError(f"{top}: no such folder; a downstream dataset is <root>/train/<class>/<image> and "
-                          "<root>/val/<class>/<image> (ImageFolder layout)")
+        raise FolderError(
+            f"{top}: no such folder; a downstream dataset is <root>/train/<class>/<image> and "
+            "<root>/val/<class>/<image> (ImageFolder layout)"
+        )
     counts: dict[str, int] = {}
     for name, _ in scan(top):
         cls = name.split("/", 1)[0]
         counts[cls] = counts.get(cls, 0) + 1
     if len(counts) < 2:
-        raise FolderError(f"{top}: {len(counts)} class folder(s); a classification set needs at least 2 "
-                          "(<class>/<image> under it)")
+        raise FolderError(
+            f"{top}: {len(counts)} class folder(s); a classification set needs at least 2 (<class>/<image> under it)"
+        )
     return counts
 
 
@@ -93,13 +103,17 @@ def check(root: str | Path) -> dict:
     """The dataset's classes and image counts; one FolderError naming the folder and the fix otherwise."""
     root = Path(root)
     if not root.is_dir():
-        raise FolderError(f"{root}: no such dataset folder; set transfer.root / transfer.datasets to folders in the "
-                          "ImageFolder layout (or run the mini default's `dvc repro studies/dvc.yaml:transfer-data`)")
+        raise FolderError(
+            f"{root}: no such dataset folder; set transfer.root / transfer.datasets to folders in the "
+            "ImageFolder layout (or run the mini default's `dvc repro studies/dvc.yaml:transfer-data`)"
+        )
     train, val = (_class_folders(root, s) for s in SPLITS)
     if set(train) != set(val):
         only = sorted(set(train) ^ set(val))
-        raise FolderError(f"{root}: train and val have different class folders (in one only: {', '.join(only[:5])})"
-                          "; class indices come from the sorted folder names, so both need the same ones")
+        raise FolderError(
+            f"{root}: train and val have different class folders (in one only: {', '.join(only[:5])})"
+            "; class indices come from the sorted folder names, so both need the same ones"
+        )
     return {"classes": sorted(train), "images": {"train": sum(train.values()), "val": sum(val.values())}}
 
 
@@ -130,12 +144,15 @@ class Folder(ImageFolder):
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        return [(os.path.join(directory, name), class_to_idx[name.split("/", 1)[0]]) for name, _ in scan(Path(directory))]
+        return [
+            (os.path.join(directory, name), class_to_idx[name.split("/", 1)[0]]) for name, _ in scan(Path(directory))
+        ]
 
     def __getitem__(self, index: int):
         path = self.samples[index][0]
         try:
             return super().__getitem__(index)
         except Exception as e:  # noqa: BLE001 - read or decode failure, raised in a loader worker: name the file
-            raise FolderError(f"{path}: cannot be read as an image ({type(e).__name__}: {str(e)[:120]}); restore "
-                              "or remove it") from None
+            raise FolderError(
+                f"{path}: cannot be read as an image ({type(e).__name__}: {str(e)[:120]}); restore or remove it"
+            ) from None

@@ -9,6 +9,7 @@
 Class index = position of the wnid in sorted wnid order (classes.json), the convention every pretrained model uses.
 info.json is written last: an index without it is not complete.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -46,8 +47,9 @@ class PreparedError(RsbError, RuntimeError):
 def load_classes(root: Path) -> list[dict]:
     path = Path(root) / "classes.json"
     if not (Path(root) / "info.json").is_file() or not path.is_file():
-        raise PreparedError(f"{root}: not a complete prepared dataset (no info.json/classes.json); "
-                            "run `dvc repro prepare` first")
+        raise PreparedError(
+            f"{root}: not a complete prepared dataset (no info.json/classes.json); run `dvc repro prepare` first"
+        )
     return read_json(path)
 
 
@@ -73,7 +75,9 @@ class Reader:
     a forked DataLoader worker, which must not share the parent's offsets or descriptors)."""
 
     def __init__(self, paths: list[Path]):
-        self.paths, self.fds, self.pid = paths, {}, None
+        self.paths = paths
+        self.fds: dict[int, int] = {}
+        self.pid: int | None = None
 
     def read(self, file: int, offset: int, size: int) -> bytes:
         if self.pid != os.getpid():
@@ -84,17 +88,19 @@ class Reader:
                 fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
             data = os.pread(fd, size, offset)
         except OSError as e:
-            raise PreparedError(f"{self.paths[file]}: cannot be read ({e.strerror or type(e).__name__}); restore it, "
-                                "or run `dvc repro prepare` on what is there now") from None
+            raise PreparedError(
+                f"{self.paths[file]}: cannot be read ({e.strerror or type(e).__name__}); restore it, "
+                "or run `dvc repro prepare` on what is there now"
+            ) from None
         if len(data) != size:
-            raise PreparedError(f"{self.paths[file]}: {len(data)} bytes at offset {offset}, the index says {size}; "
-                                "the source changed after preparation. Run `dvc repro prepare`")
+            raise PreparedError(
+                f"{self.paths[file]}: {len(data)} bytes at offset {offset}, the index says {size}; "
+                "the source changed after preparation. Run `dvc repro prepare`"
+            )
         return data
 
     def __getstate__(self):  # descriptors do not cross process boundaries
         return {"paths": self.paths, "fds": {}, "pid": None}
-
-
 
 
 def write(tmp: Path, source: str, splits: dict, real: list, wnids: list[str], words: dict, hashes: dict) -> dict:
@@ -102,20 +108,30 @@ def write(tmp: Path, source: str, splits: dict, real: list, wnids: list[str], wo
     `tmp`: arrays, names, ReaL, classes (`wnids` sorted, `words[wnid]` the devkit's words); info.json last, the mark
     of completion, with the data digest over every image's sha256 (`hashes`, {split/name: sha256}). Returns info."""
     for split, (_, entries, labels) in splits.items():
-        np.savez(tmp / f"{split}.npz", source=np.array([e[1] for e in entries], np.int32),
-                 offset=np.array([e[2] for e in entries], np.int64),
-                 size=np.array([e[3] for e in entries], np.int64), label=np.array(labels, np.int32))
+        np.savez(
+            tmp / f"{split}.npz",
+            source=np.array([e[1] for e in entries], np.int32),
+            offset=np.array([e[2] for e in entries], np.int64),
+            size=np.array([e[3] for e in entries], np.int64),
+            label=np.array(labels, np.int32),
+        )
         with gzip.GzipFile(tmp / f"{split}.names.json.gz", "wb", mtime=0) as f:
             f.write(json.dumps([e[0] for e in entries]).encode())
-    info = {"source": source, "classes": len(wnids), "images": {s: len(e) for s, (_, e, _) in splits.items()},
-            "bytes": {s: int(sum(e[3] for e in splits[s][1])) for s in SPLITS},
-            "sources": {s: splits[s][0] for s in SPLITS}, "real_scored": sum(1 for r in real if r),
-            "digest": hashlib.sha256("".join(f"{k}\t{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()}
+    info = {
+        "source": source,
+        "classes": len(wnids),
+        "images": {s: len(e) for s, (_, e, _) in splits.items()},
+        "bytes": {s: int(sum(e[3] for e in splits[s][1])) for s in SPLITS},
+        "sources": {s: splits[s][0] for s in SPLITS},
+        "real_scored": sum(1 for r in real if r),
+        "digest": hashlib.sha256("".join(f"{k}\t{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest(),
+    }
     (tmp / "real.json").write_text(json.dumps(real))
     classes = [{"index": i, "wnid": wn, "name": words[wn][0], "words": list(words[wn])} for i, wn in enumerate(wnids)]
     (tmp / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
 
 def load(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
     """One split's arrays (source file, offset, size, label) and its sources, as prepare wrote them."""
@@ -125,8 +141,10 @@ def load(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
         arrays = tuple(index[k] for k in ("source", "offset", "size", "label"))
         return (*arrays, info["sources"][split])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise PreparedError(f"{root}: the {split} index is damaged ({type(e).__name__}: {str(e)[:100]}); "
-                            "rebuild it with `dvc repro prepare` (or `dvc checkout data/prepared`)") from None
+        raise PreparedError(
+            f"{root}: the {split} index is damaged ({type(e).__name__}: {str(e)[:100]}); "
+            "rebuild it with `dvc repro prepare` (or `dvc checkout data/prepared`)"
+        ) from None
 
 
 def names(root: Path, split: str) -> list[str]:
@@ -135,8 +153,10 @@ def names(root: Path, split: str) -> list[str]:
         with gzip.open(path, "rt") as f:
             return json.load(f)
     except (OSError, ValueError, EOFError) as e:
-        raise PreparedError(f"{path}: unreadable ({type(e).__name__}); rebuild the index with `dvc repro "
-                            "prepare` (or `dvc checkout data/prepared`)") from None
+        raise PreparedError(
+            f"{path}: unreadable ({type(e).__name__}); rebuild the index with `dvc repro "
+            "prepare` (or `dvc checkout data/prepared`)"
+        ) from None
 
 
 def check_unchanged(sources: list[dict], paths: list[Path]) -> None:
@@ -146,5 +166,7 @@ def check_unchanged(sources: list[dict], paths: list[Path]) -> None:
         if "ends_sha256" not in s:
             continue
         if not path.is_file() or fingerprint(path) != {k: s[k] for k in ("size", "ends_sha256")}:
-            raise PreparedError(f"{path}: changed since `prepare` indexed it (size or content differs) or is "
-                                "missing; rebuild the index with `dvc repro prepare` (or restore the archive)")
+            raise PreparedError(
+                f"{path}: changed since `prepare` indexed it (size or content differs) or is "
+                "missing; rebuild the index with `dvc repro prepare` (or restore the archive)"
+            )

@@ -17,6 +17,7 @@ helps because the nuisances (position, scale, clutter, lighting) vary more than 
 ImageNetV2 comes from a deliberately shifted, harder distribution (smaller objects, more clutter, wider hue spread,
 lower contrast), as the real V2 is harder than val. Like ImageNet, one train "JPEG" is a PNG and one is CMYK.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -26,7 +27,7 @@ import io
 import json
 import math
 import tarfile
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ HUES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.1, 0.3, 0.5, 0.7, 0.9)
 @dataclass(frozen=True)
 class Style:
     """How hard a split's images are: the shift between val and V2 lives here."""
+
     scale: tuple[float, float] = (0.45, 0.75)
     clutter: tuple[int, int] = (2, 6)
     hue_jitter: float = 0.04
@@ -59,19 +61,34 @@ TINY_STYLE = Style(scale=(0.08, 0.12), clutter=(8, 12))  # val images ReaL leave
 
 
 def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return int(255 * r), int(255 * g), int(255 * b)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "square":
-        pts = [(math.cos(angle + k * math.pi / 2 + math.pi / 4), math.sin(angle + k * math.pi / 2 + math.pi / 4))
-               for k in range(4)]
+        pts = [
+            (math.cos(angle + k * math.pi / 2 + math.pi / 4), math.sin(angle + k * math.pi / 2 + math.pi / 4))
+            for k in range(4)
+        ]
     elif shape == "triangle":
         pts = [(math.cos(angle + k * 2 * math.pi / 3), math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
     else:  # cross: 12-gon of two bars
         w = 0.35
-        base = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w),
-                (-w, 1)]
+        base = [
+            (w, 1),
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+        ]
         ca, sa = math.cos(angle), math.sin(angle)
         pts = [(x * ca - y * sa, x * sa + y * ca) for x, y in base]
     return [(cx + r * x, cy + r * y) for x, y in pts]
@@ -91,14 +108,22 @@ def object_mask(rng: np.random.Generator, size: tuple[int, int], r: float, shape
     return np.asarray(mask) > 127
 
 
-def draw_object(img: np.ndarray, rng: np.random.Generator, label: int, style: Style,
-                scale: tuple[float, float] | None = None) -> None:
+def draw_object(
+    img: np.ndarray, rng: np.random.Generator, label: int, style: Style, scale: tuple[float, float] | None = None
+) -> None:
     """Paint an object of class `label` into `img` (H, W, 3 float): its colour family and texture are the class."""
     paint(img, rng, TEXTURES[label % len(TEXTURES)], HUES[label // len(TEXTURES)], style, scale)
 
 
-def paint(img: np.ndarray, rng: np.random.Generator, texture: str, hue: float, style: Style,
-          scale: tuple[float, float] | None = None, shape: str | None = None) -> None:
+def paint(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    texture: str,
+    hue: float,
+    style: Style,
+    scale: tuple[float, float] | None = None,
+    shape: str | None = None,
+) -> None:
     """An object of one colour family and surface texture (the mini's four or the downstream sets' others)."""
     h, w, _ = img.shape
     mask = object_mask(rng, (w, h), 0.5 * min(w, h) * rng.uniform(*(scale or style.scale)), shape)
@@ -111,15 +136,17 @@ def paint(img: np.ndarray, rng: np.random.Generator, texture: str, hue: float, s
     period = rng.uniform(0.2, 0.28) * max(w, h)  # >= ~8 px per period at 40 px: visible at the mini resolution
     phase = rng.uniform(0, period)
     half = period / 2
-    on = {"solid": lambda: np.zeros_like(u, dtype=bool),
-          "hstripes": lambda: ((t + phase) // half) % 2 == 1,
-          "vstripes": lambda: ((u + phase) // half) % 2 == 1,
-          "checker": lambda: (((u + phase) // half) + ((t + phase) // half)) % 2 == 1,
-          # the downstream sets' textures (rsb.data.downstream): new concepts from the same edges and colours
-          "diagonal": lambda: ((u + t + phase) // half) % 2 == 1,
-          "dots": lambda: (((u + phase) % half - half / 2) ** 2 + ((t + phase) % half - half / 2) ** 2) < (half / 3) ** 2,
-          "rings": lambda: (np.hypot(u - u[mask].mean(), t - t[mask].mean()) // (half / 1.5)) % 2 == 1,
-          "fine": lambda: ((t + phase) // (half / 2)) % 2 == 1}[texture]()
+    on = {
+        "solid": lambda: np.zeros_like(u, dtype=bool),
+        "hstripes": lambda: ((t + phase) // half) % 2 == 1,
+        "vstripes": lambda: ((u + phase) // half) % 2 == 1,
+        "checker": lambda: (((u + phase) // half) + ((t + phase) // half)) % 2 == 1,
+        # the downstream sets' textures (rsb.data.downstream): new concepts from the same edges and colours
+        "diagonal": lambda: ((u + t + phase) // half) % 2 == 1,
+        "dots": lambda: (((u + phase) % half - half / 2) ** 2 + ((t + phase) % half - half / 2) ** 2) < (half / 3) ** 2,
+        "rings": lambda: (np.hypot(u - u[mask].mean(), t - t[mask].mean()) // (half / 1.5)) % 2 == 1,
+        "fine": lambda: ((t + phase) // (half / 2)) % 2 == 1,
+    }[texture]()
     img[mask] = np.where(on[..., None], dark, light)[mask]
 
 
@@ -139,7 +166,7 @@ def background(rng: np.random.Generator, style: Style, image_size: int) -> np.nd
     # Background: a low-saturation colour with smooth noise (lighting) and grain; clutter strokes of any colour.
     base = np.array(_rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.2, 0.8)), dtype=np.float32)
     low = rng.normal(0, 25, size=(4, 4, 1)).astype(np.float32)
-    light = np.asarray(Image.fromarray(low[..., 0]).resize(size, Image.BICUBIC))[..., None]
+    light = np.asarray(Image.fromarray(low[..., 0]).resize(size, Image.Resampling.BICUBIC))[..., None]
     grain = rng.normal(0, 10, size=(size[1], size[0], 1)).astype(np.float32)
     bg = Image.fromarray(np.clip(base + light + grain, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(bg)
@@ -186,24 +213,58 @@ def synsets(spec: MiniSpec, rng: np.random.Generator) -> tuple[list[dict], list[
     wnids = [w for w, _ in WNIDS[: spec.classes]]
     words = dict(WNIDS)
     order = [wnids[i] for i in rng.permutation(spec.classes)]
-    leaves = [dict(ILSVRC2012_ID=i + 1, WNID=w, words=words[w], gloss=f"mini concept {w}", num_children=0,
-                   children=np.zeros(0, dtype=np.uint16), wordnet_height=0,
-                   num_train_images=spec.train_per_class) for i, w in enumerate(order)]
+    leaves = [
+        dict(
+            ILSVRC2012_ID=i + 1,
+            WNID=w,
+            words=words[w],
+            gloss=f"mini concept {w}",
+            num_children=0,
+            children=np.zeros(0, dtype=np.uint16),
+            wordnet_height=0,
+            num_train_images=spec.train_per_class,
+        )
+        for i, w in enumerate(order)
+    ]
     k = spec.classes
-    inner = [dict(ILSVRC2012_ID=k + 1, WNID="n01471682", words="vertebrate, craniate", gloss="animals with backbones",
-                  num_children=k, children=np.arange(1, k + 1, dtype=np.uint16), wordnet_height=1,
-                  num_train_images=k * spec.train_per_class),
-             dict(ILSVRC2012_ID=k + 2, WNID="n00015388", words="animal, animate being, beast, brute, creature, fauna",
-                  gloss="a living organism", num_children=1, children=np.array([k + 1], dtype=np.uint16),
-                  wordnet_height=2, num_train_images=k * spec.train_per_class)]
+    inner = [
+        dict(
+            ILSVRC2012_ID=k + 1,
+            WNID="n01471682",
+            words="vertebrate, craniate",
+            gloss="animals with backbones",
+            num_children=k,
+            children=np.arange(1, k + 1, dtype=np.uint16),
+            wordnet_height=1,
+            num_train_images=k * spec.train_per_class,
+        ),
+        dict(
+            ILSVRC2012_ID=k + 2,
+            WNID="n00015388",
+            words="animal, animate being, beast, brute, creature, fauna",
+            gloss="a living organism",
+            num_children=1,
+            children=np.array([k + 1], dtype=np.uint16),
+            wordnet_height=2,
+            num_train_images=k * spec.train_per_class,
+        ),
+    ]
     return leaves + inner, order
 
 
 def meta_mat_bytes(records: list[dict]) -> bytes:
     import scipy.io as sio
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     arr = np.zeros((len(records), 1), dtype=[(f, object) for f in fields])
     for i, rec in enumerate(records):
         for f in fields:
@@ -214,16 +275,22 @@ def meta_mat_bytes(records: list[dict]) -> bytes:
     return b"MATLAB 5.0 MAT-file, Platform: posix, Created by: rsb mini release".ljust(116) + buf.getvalue()[116:]
 
 
-def write_release(out: Path, spec: MiniSpec = MiniSpec()) -> dict:
-    """Write the five release files into `out`; returns a summary (counts, bytes)."""
+def write_release(out: Path, spec: MiniSpec | None = None) -> dict:
+    """Write the five release files into `out` (`spec`: the default MiniSpec); returns a summary (counts, bytes)."""
+    spec = spec or MiniSpec()
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     records, id_order = synsets(spec, rng)
     sorted_wnids = sorted(id_order)
     index = {w: i for i, w in enumerate(sorted_wnids)}  # class index = position in sorted wnid order
 
-    train = {w: [(f"{w}_{n}.JPEG", jpeg_bytes(render(rng, [index[w]], TRAIN_STYLE, spec.image_size)))
-                 for n in range(spec.train_per_class)] for w in sorted_wnids}
+    train = {
+        w: [
+            (f"{w}_{n}.JPEG", jpeg_bytes(render(rng, [index[w]], TRAIN_STYLE, spec.image_size)))
+            for n in range(spec.train_per_class)
+        ]
+        for w in sorted_wnids
+    }
     # ImageNet's quirks: n02105855_2933.JPEG is really a PNG; 22 train images are CMYK JPEGs.
     w0, w1 = sorted_wnids[0], sorted_wnids[1]
     train[w0].append((f"{w0}_png.JPEG", jpeg_bytes(render(rng, [0], TRAIN_STYLE, spec.image_size), "PNG")))
@@ -253,19 +320,23 @@ def write_release(out: Path, spec: MiniSpec = MiniSpec()) -> dict:
     (out / ARCHIVES["val"]).write_bytes(_tar_bytes(val_files))
     (out / ARCHIVES["real"]).write_text(json.dumps(real))
 
-    devkit = [(f"{DEVKIT}/data/meta.mat", meta_mat_bytes(records)),
-              (f"{DEVKIT}/data/ILSVRC2012_validation_ground_truth.txt",
-               "".join(f"{g}\n" for g in ground_truth).encode()),
-              (f"{DEVKIT}/COPYING", b"Generated miniature devkit (rsb), structured as ILSVRC2012_devkit_t12.\n")]
+    devkit = [
+        (f"{DEVKIT}/data/meta.mat", meta_mat_bytes(records)),
+        (f"{DEVKIT}/data/ILSVRC2012_validation_ground_truth.txt", "".join(f"{g}\n" for g in ground_truth).encode()),
+        (f"{DEVKIT}/COPYING", b"Generated miniature devkit (rsb), structured as ILSVRC2012_devkit_t12.\n"),
+    ]
     _write_targz(out / ARCHIVES["devkit"], devkit)
 
     v2 = []
     for y in range(spec.classes):
-        for n in range(spec.v2_per_class):
+        for _ in range(spec.v2_per_class):
             data = jpeg_bytes(render(rng, [y], V2_STYLE, spec.image_size))
             v2.append((f"{V2_TOP}/{y}/{hashlib.sha1(data).hexdigest()}.jpeg", data))
     _write_targz(out / ARCHIVES["v2"], v2)
 
-    return {"spec": asdict(spec), "bytes": {k: (out / v).stat().st_size for k, v in ARCHIVES.items()},
-            "images": {"train": spec.classes * spec.train_per_class + 2, "val": len(val_files), "v2": len(v2)},
-            "val_labels": labels.tolist()}  # the truth the tests hold the devkit mapping against
+    return {
+        "spec": asdict(spec),
+        "bytes": {k: (out / v).stat().st_size for k, v in ARCHIVES.items()},
+        "images": {"train": spec.classes * spec.train_per_class + 2, "val": len(val_files), "v2": len(v2)},
+        "val_labels": labels.tolist(),
+    }  # the truth the tests hold the devkit mapping against

@@ -7,6 +7,7 @@ archives exist and parse, the devkit parses, real.json has one list per val imag
 into the data digest and decoded (in parallel, with a progress bar). The output is built in a temporary sibling
 folder and renamed into place at the end, so a failed run never leaves a data/prepared that looks complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,8 @@ LEGACY = ("info.json", "classes.json", "train.npz", "val.npz", "v2.npz")  # an i
 def _check(task: tuple[list[Path], list[tuple]]) -> list[tuple[str, str | None]]:
     """Read, hash and decode a chunk of index entries: (sha256, error or None) each."""
     paths, entries = task
-    reader, out = Reader(paths), []
+    reader = Reader(paths)
+    out: list[tuple[str, str | None]] = []
     for name, file, offset, size in entries:
         try:
             data = (paths[file] / name).read_bytes() if offset < 0 else reader.read(file, offset, size)
@@ -52,15 +54,17 @@ def check_images(splits: dict, root: Path, bar: tqdm) -> dict[str, str]:
     for split, (sources, entries, _) in splits.items():
         paths = [source_path(root, s) for s in sources]
         for i in range(0, len(entries), CHUNK):
-            tasks.append((paths, entries[i:i + CHUNK]))
+            tasks.append((paths, entries[i : i + CHUNK]))
             where.append((split, sources))
     hashes = {}
     with ProcessPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         for (paths, chunk), (split, sources), results in zip(tasks, where, pool.map(_check, tasks)):
             for (name, file, _, _), (digest, err) in zip(chunk, results):
                 if err:
-                    raise ArchiveError(f"{paths[file]}: image {name} cannot be decoded ({err}); replace the "
-                                       f"{'file' if sources[file]['kind'] == 'folder' else 'archive'} with an intact copy")
+                    raise ArchiveError(
+                        f"{paths[file]}: image {name} cannot be decoded ({err}); replace the "
+                        f"{'file' if sources[file]['kind'] == 'folder' else 'archive'} with an intact copy"
+                    )
                 hashes[f"{split}/{name}"] = digest
             bar.update(len(chunk))
     return hashes
@@ -89,18 +93,24 @@ def scan(raw: Path, tmp: Path, source: str, paths: dict, devkit: archives.Devkit
     """{split: (sources, entries (name, source, offset, size) sorted by name, labels)}; offset -1: a folder's file."""
     index_of = {w: i for i, w in enumerate(devkit.wnids)}
     n_classes = len(devkit.wnids)
+    found: dict[str, list[tuple[str, int, int, int]]]
     if source == "folder":
-        found = {s: [(n, 0, -1, size) for n, _, size in archives.index_folder(paths[s], flat=s == "val")]
-                 for s in SPLITS}
+        found = {
+            s: [(n, 0, -1, size) for n, _, size in archives.index_folder(paths[s], flat=s == "val")] for s in SPLITS
+        }
         sources = {s: [{"path": str(paths[s]), "base": "raw", "kind": "folder"}] for s in SPLITS}
     else:
-        found = {"train": archives.index_train(paths["train"], set(devkit.wnids)),
-                 "val": archives.index_val(paths["val"], devkit),
-                 "v2": archives.repack_v2(paths["v2"], tmp / "v2.tar", n_classes)}
-        found = {s: [(n, 0, off, size) for n, off, size in e] for s, e in found.items()}
+        members = {
+            "train": archives.index_train(paths["train"], set(devkit.wnids)),
+            "val": archives.index_val(paths["val"], devkit),
+            "v2": archives.repack_v2(paths["v2"], tmp / "v2.tar", n_classes),
+        }
+        found = {s: [(n, 0, off, size) for n, off, size in e] for s, e in members.items()}
         where = {"train": (str(paths["train"]), "raw"), "val": (str(paths["val"]), "raw"), "v2": ("v2.tar", "prepared")}
-        sources = {s: [{"path": p, "base": b, "kind": "tar", **index.fingerprint(tmp / p if b == "prepared" else Path(p))}]
-                   for s, (p, b) in where.items()}
+        sources = {
+            s: [{"path": p, "base": b, "kind": "tar", **index.fingerprint(tmp / p if b == "prepared" else Path(p))}]
+            for s, (p, b) in where.items()
+        }
     out = {}
     for split in SPLITS:
         archives.check_members(split, [e[0] for e in found[split]], paths[split], devkit)
@@ -136,10 +146,14 @@ def build(raw: Path, out: Path, source: str, verify_md5: bool, key: str = "data.
         archives.verify_md5(paths)
     devkit = archives.load_devkit(paths["devkit"])
     n_classes = len(devkit.wnids)
-    if source == "imagenet" and (n_classes, len(devkit.val_wnids)) != (OFFICIAL_COUNTS["classes"],
-                                                                       OFFICIAL_COUNTS["val"]):
-        raise ArchiveError(f"{paths['devkit']}: {n_classes} classes / {len(devkit.val_wnids)} val labels, expected "
-                           "the official 1000 / 50000 (data.source: imagenet)")
+    if source == "imagenet" and (n_classes, len(devkit.val_wnids)) != (
+        OFFICIAL_COUNTS["classes"],
+        OFFICIAL_COUNTS["val"],
+    ):
+        raise ArchiveError(
+            f"{paths['devkit']}: {n_classes} classes / {len(devkit.val_wnids)} val labels, expected "
+            "the official 1000 / 50000 (data.source: imagenet)"
+        )
     real = archives.load_real(paths["real"], len(devkit.val_wnids), n_classes)
 
     out.parent.mkdir(parents=True, exist_ok=True)

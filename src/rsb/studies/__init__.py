@@ -7,6 +7,7 @@ Statistics are taken at the end of training (the last epoch's model, as the pape
 standard deviation (n - 1); a statistic that n does not define (std of one seed, a correlation of fewer than three)
 is None and shows as an empty cell, never as 0.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,21 +17,37 @@ from rsb.config import Params
 from rsb.io import refuse_overlap
 from rsb.studies import architectures, cost, procedures, seeds, transfer
 
-STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures, "procedures": procedures,
-           "transfer": transfer}
+STUDIES = {"seeds": seeds, "cost": cost, "architectures": architectures, "procedures": procedures, "transfer": transfer}
 
 
 def build(params: Params, study: str, out: Path) -> dict:
     """One study's report files under `out` (<study>.md/.csv/.png) and its MLflow parent run; returns its metrics."""
-    refuse_overlap({"--out": out}, {"metrics": Path("metrics"), "studies": Path("studies"),
-                                    "data.prepared": Path(params.data.prepared), "data.raw": Path(params.data.raw)})
+    refuse_overlap(
+        {"--out": out},
+        {
+            "metrics": Path("metrics"),
+            "studies": Path("studies"),
+            "data.prepared": Path(params.data.prepared),
+            "data.raw": Path(params.data.raw),
+        },
+    )
     out.mkdir(parents=True, exist_ok=True)
     metrics, children = STUDIES[study].report(params, out)
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    label = {"seeds": f"{params.seeds.arch}-{params.seeds.recipe}, {len(params.seeds.seeds)} seeds",
-             "procedures": f"{' x '.join(params.procedures.models)} under {', '.join(params.procedures.recipes)}",
-             "transfer": f"{params.transfer.arch} from {', '.join(params.transfer.starts)} to "
-                         f"{', '.join(params.transfer.datasets)}"}.get(study, ", ".join(params.models))
-    tracking.study_run(params.experiment, study, label, metrics, sorted(out.glob(f"{study}.*")),
-                       children, tracking.digest(params), Path(params.data.prepared))
+    label = {
+        "seeds": f"{params.seeds.arch}-{params.seeds.recipe}, {len(params.seeds.seeds)} seeds",
+        "procedures": f"{' x '.join(params.procedures.models)} under {', '.join(params.procedures.recipes)}",
+        "transfer": f"{params.transfer.arch} from {', '.join(params.transfer.starts)} to "
+        f"{', '.join(params.transfer.datasets)}",
+    }.get(study, ", ".join(params.models))
+    tracking.study_run(
+        params.experiment,
+        study,
+        label,
+        metrics,
+        sorted(out.glob(f"{study}.*")),
+        children,
+        tracking.digest(params),
+        Path(params.data.prepared),
+    )
     return metrics

@@ -1,4 +1,5 @@
 """The recipes across architectures (paper fig. 3): val top-1 of every (model, recipe) pair."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,26 +26,42 @@ def architecture_rows(models: list[str], recipes: list[str], root: Path = Path("
             row["train_s"] += (tr.get("train/stage_s") or 0.0) + (ev.get("eval_s") or 0.0)
         for side, suffix in (("best", ""), ("best_paper", "_paper")):
             have = {rc: row[f"{rc}{suffix}"] for rc in recipes if row[f"{rc}{suffix}"] is not None}
-            row[side] = max(have, key=have.get) if have else None
+            row[side] = max(have, key=have.__getitem__) if have else None
         out.append(row)
     return out
 
 
 def architectures_markdown(rows: list[dict], recipes: list[str], caption: str) -> str:
     head = " | ".join(f"{rc} (published)" for rc in recipes)
-    lines = ["# Recipes across architectures (the paper's figure 3)", "", caption, "",
-             "ImageNet-val top-1 (%) of each architecture under each recipe, ours (published: the timm weights the "
-             "authors released, rsb/reference/rsb_timm_results.csv; empty: not published). *stage seconds*: the train "
-             "and evaluate stages of this architecture in this run, after their start-up (each stage also spends "
-             "~10 s importing torch, timm and DeepSpeed on 2 cores): about what adding it to `models` costs.", "",
-             f"| arch | {head} | best recipe (published) | stage seconds |", "|---" * (len(recipes) + 3) + "|"]
+    lines = [
+        "# Recipes across architectures (the paper's figure 3)",
+        "",
+        caption,
+        "",
+        "ImageNet-val top-1 (%) of each architecture under each recipe, ours (published: the timm weights the "
+        "authors released, rsb/reference/rsb_timm_results.csv; empty: not published). *stage seconds*: the train "
+        "and evaluate stages of this architecture in this run, after their start-up (each stage also spends "
+        "~10 s importing torch, timm and DeepSpeed on 2 cores): about what adding it to `models` costs.",
+        "",
+        f"| arch | {head} | best recipe (published) | stage seconds |",
+        "|---" * (len(recipes) + 3) + "|",
+    ]
     for r in rows:
         cells = " | ".join(f"{fmt(r[rc])} ({fmt(r[f'{rc}_paper'])})" for rc in recipes)
-        lines.append(f"| {r['arch']} | {cells} | {r['best'] or ''} ({r['best_paper'] or ''}) | {fmt(r['train_s'], 0)} |")
+        lines.append(
+            f"| {r['arch']} | {cells} | {r['best'] or ''} ({r['best_paper'] or ''}) | {fmt(r['train_s'], 0)} |"
+        )
     differ = sorted({r["best_paper"] for r in rows if r["best_paper"]})
-    lines += ["", "Best recipe per architecture, published: " + (", ".join(
-        f"{r['arch']} {r['best_paper']}" for r in rows if r["best_paper"]) or "none of these architectures")
-              + (" (not the same recipe for all: the recipes are not universal)" if len(differ) > 1 else "") + "."]
+    lines += [
+        "",
+        "Best recipe per architecture, published: "
+        + (
+            ", ".join(f"{r['arch']} {r['best_paper']}" for r in rows if r["best_paper"])
+            or "none of these architectures"
+        )
+        + (" (not the same recipe for all: the recipes are not universal)" if len(differ) > 1 else "")
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -56,8 +73,12 @@ def architectures_plot(rows: list[dict], recipes: list[str], path: Path, caption
         for i, rc in enumerate(recipes):
             xs = [j + i * width for j in range(len(rows))]
             ax.bar(xs, [r[f"{rc}{suffix}"] or 0 for r in rows], width, label=rc)
-        ax.set_xticks([j + width * (len(recipes) - 1) / 2 for j in range(len(rows))], [r["arch"] for r in rows],
-                      rotation=30, fontsize=7)
+        ax.set_xticks(
+            [j + width * (len(recipes) - 1) / 2 for j in range(len(rows))],
+            [r["arch"] for r in rows],
+            rotation=30,
+            fontsize=7,
+        )
         ax.set(ylabel="val top-1 (%)", title=title)
         ax.legend(fontsize=7)
     save(fig, path, caption)
@@ -72,6 +93,10 @@ def report(params, out: Path) -> tuple[dict, list[str]]:
     write_csv(out / "architectures.csv", rows)
     architectures_plot(rows, list(params.run), out / "architectures.png", text)
     metrics = {f"architectures/{r['arch']}-{rc}_val_top1": r[rc] for r in rows for rc in params.run}
-    runs = [read_json(o.run_file).get("run_id") for arch in params.models for rc in params.run
-            if (o := Outputs.of(arch, rc)).run_file.is_file()]
+    runs = [
+        read_json(o.run_file).get("run_id")
+        for arch in params.models
+        for rc in params.run
+        if (o := Outputs.of(arch, rc)).run_file.is_file()
+    ]
     return metrics, [r for r in runs if r]

@@ -1,4 +1,5 @@
 """What every study shares: the published numbers of rsb/reference, statistics, table and figure helpers."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,6 @@ def published(name: str) -> list[dict]:
     """A CSV of rsb/reference (its README cites every number's source); empty cells become None."""
     text = files("rsb.reference").joinpath(name).read_text()
     return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
-
-
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -62,8 +61,11 @@ def fmt(v, digits: int = 2) -> str:
 
 def table(rows: list[dict], a: str, b: str) -> tuple[list, list, dict]:
     """The row keys, the column keys (each in first-seen order) and the cells of a two-key table."""
-    return (list(dict.fromkeys(r[a] for r in rows)), list(dict.fromkeys(r[b] for r in rows)),
-            {(r[a], r[b]): r for r in rows})
+    return (
+        list(dict.fromkeys(r[a] for r in rows)),
+        list(dict.fromkeys(r[b] for r in rows)),
+        {(r[a], r[b]): r for r in rows},
+    )
 
 
 def sources(rows: list[dict]) -> str:
@@ -75,6 +77,7 @@ def pyplot():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 

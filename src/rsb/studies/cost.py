@@ -1,4 +1,5 @@
 """Training cost against accuracy (paper fig. 1): device-hours of each (model, recipe) beside its top-1."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +19,19 @@ def cost_rows(models: list[str], recipes: list[str], root: Path = Path(".")) -> 
             tr, ev, run = read(o.train_metrics), read(o.eval_metrics) or {}, read(o.run_file) or {}
             if tr is None:
                 continue
-            out.append({"arch": arch, "recipe": recipe, "epochs": tr.get("epochs"), "devices": tr.get("devices"),
-                        "device": run.get("tags", {}).get("rsb.device"), "wall_h": _hours(tr.get("train/wall_s")),
-                        "device_hours": tr.get("device_hours"), "val_top1": ev.get("val/top1"),
-                        "v2_top1": ev.get("v2/top1")})
+            out.append(
+                {
+                    "arch": arch,
+                    "recipe": recipe,
+                    "epochs": tr.get("epochs"),
+                    "devices": tr.get("devices"),
+                    "device": run.get("tags", {}).get("rsb.device"),
+                    "wall_h": _hours(tr.get("train/wall_s")),
+                    "device_hours": tr.get("device_hours"),
+                    "val_top1": ev.get("val/top1"),
+                    "v2_top1": ev.get("v2/top1"),
+                }
+            )
     return out
 
 
@@ -33,26 +43,45 @@ def cost_paper() -> list[dict]:
     out = []
     for row in published("paper_costs.csv"):
         devices, hours = row["devices"], row["hours"]
-        out.append({**row, "device_hours": float(devices) * float(hours) if devices and hours else None,
-                    "val_top1": float(row["val_top1"]) if row["val_top1"] else None})
+        out.append(
+            {
+                **row,
+                "device_hours": float(devices) * float(hours) if devices and hours else None,
+                "val_top1": float(row["val_top1"]) if row["val_top1"] else None,
+            }
+        )
     return out
 
 
 def cost_markdown(rows: list[dict], caption: str) -> str:
-    lines = ["# Training cost against accuracy (the paper's figure 1)", "", caption, "",
-             "Device-hours = devices x the wall time of the training epochs (training, BN sync and validation; not "
-             "start-up or checkpoints).", "",
-             "| arch | recipe | epochs | devices | device | wall (h) | device-hours | val top-1 | V2 top-1 |",
-             "|---" * 9 + "|"]
-    lines += [f"| {r['arch']} | {r['recipe']} | {fmt(r['epochs'])} | {fmt(r['devices'])} | {r['device'] or ''} | "
-              f"{fmt(r['wall_h'], 4)} | {fmt(r['device_hours'], 4)} | {fmt(r['val_top1'])} | {fmt(r['v2_top1'])} |"
-              for r in rows]
-    lines += ["", "Published (ImageNet-1k, 224 px; empty: not published in a source we could verify):", "",
-              "| arch | recipe | epochs | devices | device | wall (h) | device-hours | val top-1 | source |",
-              "|---" * 9 + "|"]
+    lines = [
+        "# Training cost against accuracy (the paper's figure 1)",
+        "",
+        caption,
+        "",
+        "Device-hours = devices x the wall time of the training epochs (training, BN sync and validation; not "
+        "start-up or checkpoints).",
+        "",
+        "| arch | recipe | epochs | devices | device | wall (h) | device-hours | val top-1 | V2 top-1 |",
+        "|---" * 9 + "|",
+    ]
+    lines += [
+        f"| {r['arch']} | {r['recipe']} | {fmt(r['epochs'])} | {fmt(r['devices'])} | {r['device'] or ''} | "
+        f"{fmt(r['wall_h'], 4)} | {fmt(r['device_hours'], 4)} | {fmt(r['val_top1'])} | {fmt(r['v2_top1'])} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        "Published (ImageNet-1k, 224 px; empty: not published in a source we could verify):",
+        "",
+        "| arch | recipe | epochs | devices | device | wall (h) | device-hours | val top-1 | source |",
+        "|---" * 9 + "|",
+    ]
     for p in cost_paper():
-        lines.append(f"| {p['arch']} | {p['recipe']} | {p['epochs'] or ''} | {p['devices'] or ''} | {p['device'] or ''} "
-                     f"| {p['hours'] or ''} | {fmt(p['device_hours'], 1)} | {fmt(p['val_top1'], 1)} | {p['source']} |")
+        lines.append(
+            f"| {p['arch']} | {p['recipe']} | {p['epochs'] or ''} | {p['devices'] or ''} | {p['device'] or ''} "
+            f"| {p['hours'] or ''} | {fmt(p['device_hours'], 1)} | {fmt(p['val_top1'], 1)} | {p['source']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """The recipe/architecture paradox (paper fig. 8): A2 against DeiT's T2 on ResNet-50 and DeiT-S."""
+
 from __future__ import annotations
 
 import math
@@ -18,11 +19,18 @@ def procedures_rows(models: list[str], recipes: list[str], root: Path = Path("."
         for recipe in recipes:
             ev = read(Outputs.of(arch, recipe, study="procedures", root=root).eval_metrics) or {}
             ref = paper.get((arch, recipe), {})
-            out.append({"arch": arch, "recipe": recipe, "val_top1": ev.get("val/top1"), "v2_top1": ev.get("v2/top1"),
-                        "val_count": ev.get("val/count"),
-                        "crop_pct": (ev.get("transform") or {}).get("crop_pct"),
-                        "paper_val_top1": float(ref["val_top1"]) if ref.get("val_top1") else None,
-                        "paper_source": ref.get("source")})
+            out.append(
+                {
+                    "arch": arch,
+                    "recipe": recipe,
+                    "val_top1": ev.get("val/top1"),
+                    "v2_top1": ev.get("v2/top1"),
+                    "val_count": ev.get("val/count"),
+                    "crop_pct": (ev.get("transform") or {}).get("crop_pct"),
+                    "paper_val_top1": float(ref["val_top1"]) if ref.get("val_top1") else None,
+                    "paper_source": ref.get("source"),
+                }
+            )
     return out
 
 
@@ -33,43 +41,59 @@ def winners(rows: list[dict], key: str) -> dict[str, str | None]:
     """recipe -> the architecture with the best `key` under it; None if a cell is missing; TIE when the lead is
     within two standard errors of the difference of two binomial top-1s on the split (where its size is known):
     at the mini scale most gaps are."""
-    out = {}
+    out: dict[str, str | None] = {}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         cells = [r for r in rows if r["recipe"] == recipe]
         if any(r[key] is None for r in cells):
             out[recipe] = None
             continue
-        first, second = sorted(cells, key=lambda r: r[key], reverse=True)[:2] if len(cells) > 1 else (cells[0], None)
-        noise = None
-        if second is not None and first.get("val_count") and second.get("val_count"):
-            noise = 2 * math.hypot(binomial_se(first[key], first["val_count"]),
-                                   binomial_se(second[key], second["val_count"]))
+        ranked = sorted(cells, key=lambda r: r[key], reverse=True)
+        first = ranked[0]
+        if len(ranked) < 2:
+            out[recipe] = first["arch"]
+            continue
+        second = ranked[1]
+        sa, sb = binomial_se(first[key], first.get("val_count")), binomial_se(second[key], second.get("val_count"))
+        noise = None if sa is None or sb is None else 2 * math.hypot(sa, sb)
         out[recipe] = TIE if noise is not None and first[key] - second[key] < noise else first["arch"]
     return out
 
 
 def procedures_markdown(rows: list[dict], caption: str) -> str:
     models, recipes, cell = table(rows, "arch", "recipe")
-    lines = ["# Comparing architectures and procedures: the paradox (the paper's figure 8)", "", caption, "",
-             "ImageNet-val top-1 (%), ours (published; empty: not published in a source we could verify). Each model "
-             "is evaluated with its recipe's transform: resize to size / crop_pct, bicubic, centre crop, the model's "
-             "own mean/std (crop_pct 0.95 for A2, 0.875 for T2 as DeiT evaluates).", "",
-             "| arch | " + " | ".join(recipes) + " |", "|---" * (len(recipes) + 1) + "|"]
+    lines = [
+        "# Comparing architectures and procedures: the paradox (the paper's figure 8)",
+        "",
+        caption,
+        "",
+        "ImageNet-val top-1 (%), ours (published; empty: not published in a source we could verify). Each model "
+        "is evaluated with its recipe's transform: resize to size / crop_pct, bicubic, centre crop, the model's "
+        "own mean/std (crop_pct 0.95 for A2, 0.875 for T2 as DeiT evaluates).",
+        "",
+        "| arch | " + " | ".join(recipes) + " |",
+        "|---" * (len(recipes) + 1) + "|",
+    ]
     for arch in models:
-        lines.append(f"| {arch} | " + " | ".join(
-            f"{fmt(cell[arch, rc]['val_top1'])} ({fmt(cell[arch, rc]['paper_val_top1'], 1)})" for rc in recipes) + " |")
+        lines.append(
+            f"| {arch} | "
+            + " | ".join(
+                f"{fmt(cell[arch, rc]['val_top1'])} ({fmt(cell[arch, rc]['paper_val_top1'], 1)})" for rc in recipes
+            )
+            + " |"
+        )
     ours, paper = winners(rows, "val_top1"), winners(rows, "paper_val_top1")
 
     def verdict(w: dict) -> str:
         if any(v is None for v in w.values()):
             return "undecided (a cell is missing)"
-        said = "; ".join(f"under {rc} a tie within noise" if arch == TIE else f"under {rc} {arch} wins"
-                         for rc, arch in w.items())
+        said = "; ".join(
+            f"under {rc} a tie within noise" if arch == TIE else f"under {rc} {arch} wins" for rc, arch in w.items()
+        )
         if TIE in w.values():
             return said + ": no ordering to compare (a lead under two binomial standard errors is noise)"
         return said + (": **the ordering flips**" if len(set(w.values())) > 1 else ": the same architecture wins")
-    lines += ["", f"Ours: {verdict(ours)}.", f"Published: {verdict(paper)}.",
-              "", sources(rows)]
+
+    lines += ["", f"Ours: {verdict(ours)}.", f"Published: {verdict(paper)}.", "", sources(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -88,8 +112,10 @@ def report(params, out: Path) -> tuple[dict, list[str]]:
     pr = params.procedures
     rows = procedures_rows(list(pr.models), list(pr.recipes))
     if all(r["val_top1"] is None for r in rows):
-        raise ConfigError("studies/procedures/metrics/eval: no (procedures.models x procedures.recipes) pair is "
-                          "evaluated; run `dvc repro studies/dvc.yaml:procedures-report`")
+        raise ConfigError(
+            "studies/procedures/metrics/eval: no (procedures.models x procedures.recipes) pair is "
+            "evaluated; run `dvc repro studies/dvc.yaml:procedures-report`"
+        )
     text = caption(params)
     write_text(out / "procedures.md", procedures_markdown(rows, text))
     write_csv(out / "procedures.csv", rows)
@@ -98,6 +124,10 @@ def report(params, out: Path) -> tuple[dict, list[str]]:
     flips = winners(rows, "val_top1")
     if None not in flips.values() and TIE not in flips.values():
         metrics["procedures/ordering_flips"] = float(len(set(flips.values())) > 1)
-    runs = [read_json(o.run_file).get("run_id") for arch in pr.models for rc in pr.recipes
-            if (o := Outputs.of(arch, rc, study="procedures")).run_file.is_file()]
+    runs = [
+        read_json(o.run_file).get("run_id")
+        for arch in pr.models
+        for rc in pr.recipes
+        if (o := Outputs.of(arch, rc, study="procedures")).run_file.is_file()
+    ]
     return metrics, [r for r in runs if r]

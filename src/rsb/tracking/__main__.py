@@ -1,4 +1,5 @@
 """python -m rsb.tracking ui | backfill | screenshot | promote (README, "MLflow")."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,12 @@ from rsb.tracking.ui import UI, runs_url, screenshot
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MLflow helpers")
-    parser.add_argument("command", choices=["ui", "backfill", "screenshot", "promote"],
-                        help="ui: `mlflow ui` on this project's store, printing the runs table's link; promote: move "
-                             "rsb-<arch>@<recipe> to DVC experiment --exp's model")
+    parser.add_argument(
+        "command",
+        choices=["ui", "backfill", "screenshot", "promote"],
+        help="ui: `mlflow ui` on this project's store, printing the runs table's link; promote: move "
+        "rsb-<arch>@<recipe> to DVC experiment --exp's model",
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--arch", default="resnet50", help="screenshot/promote: the architecture")
     parser.add_argument("--recipe", help="promote: the recipe whose alias moves")
@@ -34,8 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         _command(args, params)
     except MlflowException as e:
         first = redact(str(e)).splitlines()[0][:200]
-        raise TrackingError(f"MLflow at {redact(tracking_uri())}: {first}; start the server (mlflow server --host "
-                            "127.0.0.1 ...) or point MLFLOW_TRACKING_URI at one") from None
+        raise TrackingError(
+            f"MLflow at {redact(tracking_uri())}: {first}; start the server (mlflow server --host "
+            "127.0.0.1 ...) or point MLFLOW_TRACKING_URI at one"
+        ) from None
 
 
 def _command(args, params) -> None:

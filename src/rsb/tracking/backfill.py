@@ -1,5 +1,6 @@
 """Backfill: the DVC outputs logged into the store wherever MLflow lacks them (a server down at training, or dying
 mid-run), idempotently."""
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,11 @@ def _fill(t: MlflowTracker, params: dict, series: list[tuple[list[dict], dict[st
     t.log_params({k: v for k, v in params.items() if k not in run.data.params})
     for rows, keys in series:
         for key, name in keys.items():
-            last = max((m.step for m in t.client.get_metric_history(t.run_id, name)), default=-1) \
-                if name in run.data.metrics else -1
+            last = (
+                max((m.step for m in t.client.get_metric_history(t.run_id, name)), default=-1)
+                if name in run.data.metrics
+                else -1
+            )
             t.log_rows([r for r in rows if r["step"] > last], {key: name})
 
 
@@ -44,15 +48,18 @@ def _train_series(root: Path, name: str) -> list[tuple[list[dict], dict[str, str
     epochs = [{**r, "step": r["epoch"]} for r in _csv_rows(root / "plots/train" / f"{name}.csv")]
     keys = {k: k.replace("_", "/", 1) for k in (epochs[0] if epochs else {}) if k not in ("epoch", "step")}
     final = [{**_numbers(root / "metrics" / kind / f"{name}.json"), "step": len(epochs)} for kind in ("train", "eval")]
-    return [(updates, {"loss": "train/loss_step", "lr": "train/lr_step"}), (epochs, keys),
-            *[([row], {k: k for k in row if k != "step"}) for row in final]]
+    return [
+        (updates, {"loss": "train/loss_step", "lr": "train/lr_step"}),
+        (epochs, keys),
+        *[([row], {k: k for k in row if k != "step"}) for row in final],
+    ]
 
 
 def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = None) -> list[str]:
     """Log the DVC outputs into the current store wherever MLflow lacks them (the server was down, or died mid-run):
     each trained model's run (runs/<name>.json) gets its missing params, per-update and per-epoch metrics, final
-    train and eval metrics, and is marked FINISHED (studies/<study>/runs/ too); a run that never reached the store is created, tagged
-    `rsb.backfill_of`. Benchmarks without a run get one. Idempotent: a second call logs nothing."""
+    train and eval metrics, and is marked FINISHED (studies/<study>/runs/ too); a run that never reached the store is
+    created, tagged `rsb.backfill_of`. Benchmarks without a run get one. Idempotent: a second call logs nothing."""
     client = MlflowClient(tracking_uri())
     exp_id, done = experiment_id(client, experiment), []
     studies = sorted(d for d in (root / "studies").glob("*") if d.is_dir())
@@ -61,20 +68,34 @@ def backfill(experiment: str, root: Path = Path("."), prepared: Path | None = No
         key = info.get("run_id") or f"{name}:{info.get('resolved', {}).get('digest', '')}"
         run_id = _existing(client, exp_id, info.get("run_id"), key)
         before = _snapshot(client, run_id) if run_id else None
-        t = MlflowTracker(experiment, name, run_id, {} if run_id else {**info.get("tags", {}), "rsb.backfill_of": key},
-                          system_metrics=False)
+        t = MlflowTracker(
+            experiment,
+            name,
+            run_id,
+            {} if run_id else {**info.get("tags", {}), "rsb.backfill_of": key},
+            system_metrics=False,
+        )
         _fill(t, flatten(info.get("resolved", {})), _train_series(where, name))
         if where == root:  # the grid's models are registered; a study's replicas are not (as evaluate does)
             _register(t, root, name, info.get("resolved", {}), prepared)
         t.end()
-        if t.enabled and _snapshot(client, t.run_id) != before:
+        if t.enabled and t.run_id and _snapshot(client, t.run_id) != before:
             done.append(name)
     for f in sorted((root / "metrics/benchmark").glob("*.json")):
         key = output_key(f"benchmark@{f.stem}", f)
         if not client.search_runs([exp_id], f"tags.`rsb.output_digest` = '{key}'"):
-            t = MlflowTracker(experiment, f"benchmark-{f.stem}", None, {"rsb.stage": f"benchmark@{f.stem}",
-                              "rsb.kind": "benchmark", "rsb.output_digest": key, "rsb.backfill_of": key},
-                              system_metrics=False)
+            t = MlflowTracker(
+                experiment,
+                f"benchmark-{f.stem}",
+                None,
+                {
+                    "rsb.stage": f"benchmark@{f.stem}",
+                    "rsb.kind": "benchmark",
+                    "rsb.output_digest": key,
+                    "rsb.backfill_of": key,
+                },
+                system_metrics=False,
+            )
             t.log_metrics({f"bench/{k}": v for k, v in _numbers(f).items()})
             t.end()
             done.append(f"benchmark@{f.stem}")

@@ -1,4 +1,5 @@
 """The model registry: each grid model registered as `rsb-<arch>`, aliased by recipe (and DVC experiment)."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ def promote(arch: str, recipe: str, exp: str) -> str:
     try:
         version = client.get_model_version_by_alias(registered, model_alias(recipe, exp)).version
     except MlflowException as e:
-        raise ValueError(f"no model {registered}@{model_alias(recipe, exp)} in {redact(tracking_uri())}: did "
-                         f"experiment {exp!r} train {arch}-{recipe}? (`dvc exp show`)") from e
+        raise ValueError(
+            f"no model {registered}@{model_alias(recipe, exp)} in {redact(tracking_uri())}: did "
+            f"experiment {exp!r} train {arch}-{recipe}? (`dvc exp show`)"
+        ) from e
     client.set_registered_model_alias(registered, recipe, version)
     return str(version)
 
@@ -55,14 +58,18 @@ def _log_model(t: MlflowTracker, model, name: str, arch: str, recipe: str, examp
         with torch.no_grad():
             signature = infer_signature(example.numpy(), model(example).numpy())
         with mlflow.start_run(run_id=t.run_id):
-            info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example.numpy(),
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                              f"timm=={timm.__version__}"],
-                                            registered_model_name=registered, await_registration_for=60,
-                                            serialization_format="pickle")  # any batch size, eager timm
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                signature=signature,
+                input_example=example.numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+                registered_model_name=registered,
+                await_registration_for=60,
+                serialization_format="pickle",
+            )  # any batch size, eager timm
         ts = int(time.time() * 1000)
-        t.client.log_batch(t.run_id, [Metric(k, float(v), ts, 0, model_id=info.model_id)
-                                      for k, v in metrics.items()])
+        t.client.log_batch(t.run_id, [Metric(k, float(v), ts, 0, model_id=info.model_id) for k, v in metrics.items()])
         version = t.client.get_model_version(registered, str(info.registered_model_version))
         t.client.set_model_version_tag(registered, version.version, "rsb.recipe", recipe)
         t.client.set_model_version_tag(registered, version.version, "rsb.dvc_exp", exp or "workspace")

@@ -5,6 +5,7 @@ Store: MLFLOW_TRACKING_URI when set, else `sqlite:///<project>/mlflow.db` with a
 where <project> is the repository that `dvc exp run --temp/--queue` copied from (they run under
 <project>/.dvc/tmp/exps/...), so every run of the project lands in one store.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,8 @@ EXPS_MARKER = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    cwd = str((cwd or Path.cwd()).resolve())
-    return Path(cwd.split(EXPS_MARKER)[0]) if EXPS_MARKER in cwd else Path(cwd)
+    here = str((cwd or Path.cwd()).resolve())
+    return Path(here.split(EXPS_MARKER)[0]) if EXPS_MARKER in here else Path(here)
 
 
 def tracking_uri() -> str:
@@ -42,15 +43,19 @@ def redact(uri: str) -> str:
 
 def git_commit(cwd: Path | None = None) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def digest(value) -> str:
     """A short stable hash of a params section (dataclass or dict): the `rsb.params_hash` tag."""
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -64,10 +69,20 @@ def provenance(stage: str, params_hash: str, prepared: Path | None = None) -> di
     """The tags that lead an MLflow run back to its code, params and data: git commit, DVC experiment, stage, params
     hash and the prepared data's content digest (prepare's info.json)."""
     info = Path(prepared) / "info.json" if prepared else None
-    data = "none (synthetic input)" if info is None else \
-        read_json(info).get("digest", "unknown") if info.is_file() else "unknown"
-    return {"rsb.stage": stage, "rsb.params_hash": params_hash, "rsb.data_digest": data,
-            "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME") or "workspace", "mlflow.source.git.commit": git_commit()}
+    data = (
+        "none (synthetic input)"
+        if info is None
+        else read_json(info).get("digest", "unknown")
+        if info.is_file()
+        else "unknown"
+    )
+    return {
+        "rsb.stage": stage,
+        "rsb.params_hash": params_hash,
+        "rsb.data_digest": data,
+        "rsb.dvc_exp": os.environ.get("DVC_EXP_NAME") or "workspace",
+        "mlflow.source.git.commit": git_commit(),
+    }
 
 
 KIND = {"mlflow.experimentKind": "custom_model_development"}  # a model-training experiment, not a GenAI one
