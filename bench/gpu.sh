@@ -39,12 +39,27 @@ if [ "$mode" = rehearse ]; then
   # build from this environment's sources there would replace this machine's own, and its next run builds it again
   export TORCH_EXTENSIONS_DIR="$env/torch_extensions"
 fi
+if [ "$mode" = gpu ] && ! ls "$whl"/*.whl >/dev/null 2>&1; then
+  echo "error: $whl: no wheels; run bash bench/gpu_wheels.sh here first and carry .whl (every step needs deepspeed)" >&2
+  exit 1
+fi
 if [ "$mode" != dry ] && ls "$whl"/*.whl >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$whl"/*.whl \
     || exit 1
   export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RSB_TRACKING=off
+# first, what the machine is (kept even if everything after it is cut)
+"$py" - <<'PY' 2>&1 | tee "$out/versions.txt"
+import importlib.metadata as md, platform
+import torch
+names = ("torch", "timm", "numpy", "typing_extensions", "deepspeed", "pydantic")
+print("python", platform.python_version(), *(f"{n} {md.version(n) if n in {d.metadata['Name'].replace('-', '_').lower() for d in md.distributions()} else '-'}" for n in names))
+if torch.cuda.is_available():
+    print("cuda", torch.version.cuda, "driver-visible devices", torch.cuda.device_count(), torch.cuda.get_device_name(torch.device("cuda", 0)))
+else:
+    print("no CUDA device")
+PY
 status=0
 t_tests=180 t_stage=90 t_bench=200  # on the GPU machine; the CPU (rehearsal, dry run) has no such budget
 [ "$mode" = gpu ] || t_tests=900 t_stage=900 t_bench=900

@@ -185,15 +185,17 @@ def evaluate_stage(trained: Path, d: Path, prepared: Path, monkeypatch, precisio
     return json.loads((d / "metrics/eval" / f"{NAME}.json").read_text())
 
 
-def validate_py(d: Path, extracted: Path, precision: str, prefetcher: bool = False) -> dict:
-    """timm's validate.py on the weights in `d`: val with --real-labels, then V2 (its class-index folders)."""
+def validate_py(
+    d: Path, extracted: Path, precision: str, prefetcher: bool = False, recipe: str = "a3", device: str = "cpu"
+) -> dict:
+    """timm's validate.py on the weights in `d` (test_resnet-<recipe>), on `device` ("cuda:0", not "cuda": every
+    CUDA device carries its index): val with --real-labels, then V2 (its class-index folders)."""
     raw = yaml.safe_load((d / "params.yaml").read_text())
-    args = ref.args_for(raw, "a3", "test_resnet", 20, 8, 1, raw["scale"]["batch_size"] // 8, precision)
-    weights, batch = d / "models" / f"{NAME}.safetensors", raw["evaluate"]["batch_size"]
-    val = ref.validate_py(
-        ref.validate_py_args(args, extracted / "val", weights, batch, extracted / "real.json", prefetcher)
-    )
-    v2 = ref.validate_py(ref.validate_py_args(args, extracted / "v2", weights, batch, prefetcher=prefetcher))
+    args = ref.args_for(raw, recipe, "test_resnet", 20, 8, 1, raw["scale"]["batch_size"] // 8, precision)
+    weights, batch = d / "models" / f"test_resnet-{recipe}.safetensors", raw["evaluate"]["batch_size"]
+    real = extracted / "real.json"
+    val = ref.validate_py(ref.validate_py_args(args, extracted / "val", weights, batch, real, prefetcher, device))
+    v2 = ref.validate_py(ref.validate_py_args(args, extracted / "v2", weights, batch, None, prefetcher, device))
     return {"val": val, "real": {k.removeprefix("real_"): v for k, v in val.items() if k.startswith("real_")}, "v2": v2}
 
 

@@ -650,10 +650,11 @@ def run(
     timeout: float = 600,
     device: str = "cpu",
 ) -> Result:
-    """train.py on `world` processes for `epochs` (default: all of them), on the CPU or (one process) on `device`
-    "cuda". `plant` is for tests that show a bug would be seen: {"loss_scale": f} multiplies the loss;
-    {"init_scale": s} starts fp16's loss scaler at s (both sides of a test get it: a forced overflow)."""
-    assert device == "cpu" or world == 1, "the reference runs one process per CUDA test"
+    """train.py on `world` processes for `epochs` (default: all of them), on the CPU (gloo) or on `device` "cuda":
+    process r on GPU r (torch.device("cuda", r)), NCCL between them, as torchrun runs train.py. `plant` is for tests
+    that show a bug would be seen: {"loss_scale": f} multiplies the loss; {"init_scale": s} starts fp16's loss scaler
+    at s (both sides of a test get it: a forced overflow)."""
+    assert device in ("cpu", "cuda"), device
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     with tempfile.TemporaryDirectory(prefix="timm-ref-") as tmp:
@@ -682,7 +683,9 @@ def run(
 
 def _process(rank: int, world: int, cfg: dict) -> None:
     torch.set_num_threads(1)
-    args, device = copy.deepcopy(cfg["args"]), torch.device(cfg["device"])
+    args = copy.deepcopy(cfg["args"])
+    # train.py's device: its local rank's GPU (an index is required by set_device), or the CPU
+    device = torch.device("cuda", rank) if cfg["device"] == "cuda" else torch.device("cpu")
     args.rank, args.distributed = rank, world > 1
     if device.type == "cuda":  # train.py's main() on a GPU
         torch.cuda.set_device(device)
@@ -698,7 +701,11 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     )
     if args.distributed:
         dist.init_process_group(
-            "gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world, timeout=timedelta(seconds=300)
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"file://{cfg['store']}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=300),
         )
     model = model_of_rank(args, rank).to(device)
     if args.channels_last:
@@ -710,7 +717,8 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     original = loader_train.loader if prefetcher else None
     val_set = ImageFolder(cfg["val_dir"], transform=eval_transform(args, model)) if cfg["val_dir"] else None
     if args.distributed:
-        model = DistributedDataParallel(model, broadcast_buffers=False)  # train.py --no-ddp-bb
+        ids = [device.index] if device.type == "cuda" else None  # train.py: DDP(model, device_ids=[device])
+        model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)  # train.py --no-ddp-bb
     sampler = create_sampler(train_set, args, world, rank)
     batches = len(sampler) // args.batch_size
     updates_per_epoch = (batches + args.grad_accum_steps - 1) // args.grad_accum_steps
@@ -850,8 +858,10 @@ def validate(model, dataset, args: Namespace, autocast, world: int, rank: int) -
         with autocast():
             output = model(input)
         counts += torch.tensor([(output.argmax(1).cpu() == target).sum().item(), len(target)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(counts)
+    if world > 1:  # on the model's device: NCCL reduces CUDA tensors only
+        on_device = counts.to(next(model.parameters()).device)
+        dist.all_reduce(on_device)
+        counts = on_device.cpu()
     return float(100 * counts[0] / counts[1])
 
 
@@ -954,6 +964,9 @@ def validate_py(args: Namespace) -> dict:
     from timm.models import load_checkpoint, resolve_model_input_args
     from timm.utils import AverageMeter, accuracy
 
+    if torch.cuda.is_available():  # validate.py, first thing
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
     amp_autocast = (
         partial(
