@@ -41,7 +41,9 @@ triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkz
 zipp""".split()
 )
 ROOTS = ("deepspeed",)  # what the GPU check needs beyond the image
-PINNED = ("timm",)  # carried even though the image has one: the check runs the version the project pins
+# carried even though the image has one: timm at the version the project pins; typing-extensions because the carried
+# pydantic and pydantic-core require >= 4.14.1 and the image's version is not known (a pure-Python wheel, 45 KB)
+PINNED = ("timm", "typing-extensions")
 TARGET = {
     "python_version": "3.12",
     "python_full_version": "3.12.3",

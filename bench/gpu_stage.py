@@ -6,7 +6,7 @@ train (through `rsb.launch`, the real launcher) -> evaluate, each a fresh proces
 
 At tiny sizes (test_resnet, 32 px, 2 epochs, timm's prefetcher on as on a GPU): it shows that every import,
 subprocess and launcher path works where the wheels were carried, not how fast anything is (bench/gpu.py measures).
-Writes DIR/stage.json.
+Writes DIR/stage.json after every step.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{' '.join(cmd)}: rc {rc}{' (timed out)' if rc == 124 else ''}, {result['steps'][-1]['s']} s", flush=True
         )
+        (args.out / "stage.json").write_text(json.dumps(result, indent=2) + "\n")  # each step kept if a later is cut
         if rc:
             print(log[-8000:], file=sys.stderr)
             break

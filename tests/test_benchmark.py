@@ -71,11 +71,28 @@ def test_gpu_rehearsal_on_a_clean_clone(tmp_path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wheels = sorted(p.name.split("-")[0] for p in (clone / ".whl").glob("*.whl"))
-    assert wheels == ["annotated_types", "deepspeed", "hjson", "pydantic", "pydantic_core", "timm", "typing_inspection"]
+    assert wheels == [
+        "annotated_types",
+        "deepspeed",
+        "hjson",
+        "pydantic",
+        "pydantic_core",
+        "timm",
+        "typing_extensions",
+        "typing_inspection",
+    ]
     assert "6 skipped" in (clone / "out/gpu-tests.log").read_text()
     stage = json.loads((clone / "out/stage.json").read_text())
     assert stage["devices"] == 2 and [s["rc"] for s in stage["steps"]] == [0, 0, 0, 0]
     assert stage["eval"]["val/count"] == 16, "evaluate scored the whole mini val (4 classes x 4)"
     result = json.loads((clone / "out/gpu.json").read_text())  # bench/gpu.py's dry run, in the image's packages
     assert result["dry_run"] and result["train"]["bare_img_s"] > 0 and result["train"]["ours_img_s"] > 0
+    assert result["train"]["ceiling_img_s"] > 0 and result["window_updates"] >= 30
     assert result["loader"]["img_s_per_worker"] > 0 and result["benchmark"]["peak_mem_mb"] > 0
+    # the phases in the order they ran, each done, and the script's own order of steps in what it wrote
+    assert list(result["phases"]) == ["data", "train", "ceiling", "loader", "benchmark"], result["phases"]
+    assert all(v.startswith("done") for v in result["phases"].values()), result["phases"]
+    assert "| phase ceiling | done" in (clone / "out/gpu.md").read_text()
+    versions = (clone / "out/versions.txt").read_text()
+    assert "torch" in versions and "typing_extensions" in versions and "no CUDA device" in versions
+    assert (clone / "out/gpu-tests-summary.txt").is_file()
