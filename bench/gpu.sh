@@ -75,10 +75,11 @@ else
   # 1. the user's path: the pipeline's commands through the real launcher on this device (stage.log, stage.json)
   timeout $t_stage "$py" -m bench.gpu_stage --out "$out" --devices "$devices" 2>&1 | tee "$out/stage.log"
   rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || status=1; [ "$rc" -ne 124 ] || cut "$out/stage.log" $t_stage
-  # 2. the gpu tests, one line each as it finishes (-v); the image has pytest but not pytest-xdist: the project's
-  # addopts (-n auto) are replaced; gpu-tests-summary.txt holds the finished tests' lines even when the step is cut
+  # 2. the gpu tests, one line each as it finishes (-v), in one process on the one card (the project's addopts, -n
+  # auto, replaced), at most 90 s a test (the image's pytest-timeout); gpu-tests-summary.txt holds the finished
+  # tests' lines even when the step is cut
   timeout $t_tests "$py" -m pytest -v -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="--strict-markers -ra" \
-    --durations=10 2>&1 | tee "$out/gpu-tests.log"
+    --timeout 90 --durations=10 2>&1 | tee "$out/gpu-tests.log"
   rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || status=1; [ "$rc" -ne 124 ] || cut "$out/gpu-tests.log" $t_tests
   grep -E "(PASSED|FAILED|SKIPPED|ERROR)( |$)" "$out/gpu-tests.log" > "$out/gpu-tests-summary.txt" || true
 fi
