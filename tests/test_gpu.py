@@ -53,7 +53,7 @@ def ran_on(run_file, device: str) -> None:
     assert name.startswith("cpu") == (device == "cpu"), f"asked for {device}, ran on {name}"
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])  # cpu: 11 s, CI runs it
 def test_fp32_equals_train_py_on_the_same_device(tmp_path, prepared, extracted, device):
     """fp32 (TF32 off on CUDA): lr, loss and every gradient tensor per update, final weights and BatchNorm
     statistics, val top-1, at the tolerance for sums in another order (REORDERED: on CUDA the two processes'
