@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import write_params
 
+from rsb.paramfile import ConfigError
+
 
 @pytest.mark.parametrize(
     "cuda, cuda_bf16, flags, expect",
@@ -30,6 +32,6 @@ def test_precision_the_device_lacks_is_refused(tmp_path, prepared, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     p = write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp16"})
-    with pytest.raises(ValueError, match="train.precision=fp16 is not supported on the CPU"):
+    with pytest.raises(ConfigError, match="train.precision = fp16 on the CPU"):
         main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(p)])
     assert not (tmp_path / "checkpoints").exists()

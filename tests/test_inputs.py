@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import ROOT, clean_env, write_params
 
@@ -267,6 +268,50 @@ def test_a_training_whose_image_vanished_is_one_line(extracted, tmp_path):
         f.write_bytes(b"\0" * f.stat().st_size)
     out = cli(tmp_path, "stages.train", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p))
     one_line(out, f"{raw / 'train'}: image ", "cannot be decoded", "rank 0 of 1")
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: ~12 s through deepspeed
+def test_a_check_that_fails_inside_the_ranks_is_one_line_per_rank(tmp_path, prepared, devices):
+    """A refusal raised inside a training process (a train set too small for one update of the global batch) is
+    the one error line every refusal is, on each rank that raises it, naming the folder and the key to change; no
+    traceback, exit 1, through the real launcher (deepspeed's for 2 processes)."""
+    p = write_params(
+        tmp_path / "params.yaml",
+        prepared,
+        {"scale.batch_size": 1024, "train.micro_batch": 512, "train.devices": devices, "train.precision": "fp32"},
+    )
+    out = cli(
+        tmp_path,
+        "rsb.launch",
+        "--devices",
+        str(devices),
+        "stages.train",
+        "--arch",
+        "test_resnet",
+        "--recipe",
+        "a3",
+        "--params",
+        str(p),
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert sorted(ln.rsplit(" [", 1)[1] for ln in lines) == [f"rank {r} of {devices}]" for r in range(devices)], lines
+    for ln in lines:
+        assert f"{prepared}: 162 train images make no full update of batch 1024; lower scale.batch_size" in ln
+
+
+def test_fp16_on_the_cpu_is_one_line_naming_the_key(tmp_path, prepared):
+    """train.precision fp16 where no loss-scaled reference exists (the CPU) is refused in one line, as a key."""
+    p = write_params(tmp_path / "params.yaml", prepared, {"train.precision": "fp16"})
+    (tmp_path / "models").mkdir()
+    save_weights(
+        tmp_path / "models/test_resnet-a1.safetensors", timm.create_model("test_resnet", num_classes=20).state_dict()
+    )
+    one_line(
+        cli(tmp_path, "stages.evaluate", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)),
+        "train.precision = fp16 on the CPU",
+        "use bf16 or fp32",
+    )
 
 
 @pytest.mark.parametrize("stage", ["train", pytest.param("evaluate", marks=pytest.mark.slow)])  # 9 s each

@@ -232,6 +232,23 @@ def test_bad_input_fails_clearly_and_leaves_nothing_complete(release_copy, tmp_p
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
 
 
+@pytest.mark.parametrize("source", ["mini", "folder"])
+def test_a_v2_without_every_class_is_refused_by_both_readers(release_copy, extracted, tmp_path, source):
+    """The archives and an extracted folder go through one list of checks: a V2 missing its last class folder is
+    refused by both, with the same words, naming what the user gave."""
+    if source == "folder":
+        raw = tmp_path / "extracted"
+        shutil.copytree(extracted, raw)
+        shutil.rmtree(raw / "v2" / str(TINY.classes - 1))
+        named = raw / "v2"
+    else:
+        _damage_v2_folder(raw := release_copy)
+        named = raw / ARCHIVES["v2"]
+    with pytest.raises(ArchiveError) as err:
+        build(raw, tmp_path / "prepared", source, False)
+    assert str(err.value).startswith(f"{named}: class folders missing (1, first: {TINY.classes - 1}); ImageNetV2")
+
+
 def test_failed_run_keeps_the_previous_complete_output(release_copy, tmp_path):
     out = tmp_path / "prepared"
     build(release_copy, out, "mini", False)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from rsb.paramfile import ConfigError
+
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -59,12 +61,12 @@ def checked_precision(precision: str, device: torch.device) -> str:
     """`auto` resolved and the choice checked against the device; `AUTOCAST[...]` of it is the autocast dtype."""
     precision = auto_precision() if precision == "auto" else precision
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError(
-            "train.precision=fp16 is not supported on the CPU (no fp16 autocast kernels for "
-            "convolutions there); use bf16 or fp32"
+        raise ConfigError(
+            "train.precision = fp16 on the CPU: fp16 trains with a loss scaler, which timm's train.py makes on CUDA "
+            "only, so no reference run exists to equal; use bf16 or fp32"
         )
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
+        raise ConfigError(
             f"train.precision=bf16 is not supported on {torch.cuda.get_device_name(device)}; "
             "use fp16 (V100 and older) or fp32"
         )

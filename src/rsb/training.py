@@ -15,7 +15,7 @@ from timm.utils import distribute_bn
 
 from rsb import checkpoint, distributed, engine, hardware
 from rsb import loader as loaders
-from rsb.config import Resolved
+from rsb.config import ConfigError, Resolved
 from rsb.data.datasets import Split, load_classes
 from rsb.data.folder import Folder
 from rsb.data.folder import check as folder_check
@@ -101,8 +101,8 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     updates_per_epoch = loaders.MicroBatchSampler(
         train_set, r.micro_batch, r.grad_accum, r.world_size, run.rank, r.recipe.aug_repeats
     ).updates
-    if updates_per_epoch == 0:
-        raise ValueError(
+    if updates_per_epoch == 0:  # a check inside the ranks: RsbError, so one `error:` line there too
+        raise ConfigError(
             f"{run.folder or run.prepared}: {len(train_set)} train images make no full update of batch "
             f"{r.batch_size}; lower scale.batch_size"
         )

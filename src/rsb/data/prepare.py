@@ -117,9 +117,16 @@ def scan(raw: Path, tmp: Path, source: str, paths: dict, devkit: archives.Devkit
         entries = sorted(found[split])
         labels = [label_of(split, PurePosixPath(e[0]), index_of, devkit, n_classes, paths[split]) for e in entries]
         out[split] = (sources[split], entries, labels)
+    # the checks of what the splits hold, one list for both readers (the archives and an extracted folder)
     missing = sorted(set(devkit.wnids) - {devkit.wnids[y] for y in out["train"][2]})
     if missing:
         raise ArchiveError(f"{paths['train']}: no images for {len(missing)} devkit classes (first: {missing[0]})")
+    absent = sorted(set(range(n_classes)) - set(out["v2"][2]))
+    if absent:
+        raise ArchiveError(
+            f"{paths['v2']}: class folders missing ({len(absent)}, first: {absent[0]}); ImageNetV2 "
+            f"matched-frequency has one folder per class 0..{n_classes - 1}"
+        )
     return out
 
 
