@@ -10,9 +10,14 @@ up. The patches only decide *when*; the stage runs its real code up to that mome
   evaluation       in the evaluate stage, after val is scored, while V2 is being predicted
   rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
   prepare-index    in prepare, once V2's repacked tar is written into the partial folder, before the decode check
+A full disk is real too: the process's file-size limit (RLIMIT_FSIZE, FSIZE_LIMIT bytes) is set just before a write,
+so the kernel refuses it (EFBIG), as a full disk or quota would (ENOSPC, EDQUOT):
+  full-disk-checkpoint  before epoch 2's checkpoint is written
+  full-disk-weights     before the final weights file is written
 """
 
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -20,6 +25,11 @@ import sys
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def limit_file_size() -> None:
+    limit = int(os.environ.get("FSIZE_LIMIT", "10000"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def arm(point: str) -> None:
@@ -64,6 +74,25 @@ def arm(point: str) -> None:
                 die()
 
         checkpoint.save = killing_save
+    elif point == "full-disk-checkpoint":
+        save = checkpoint.save
+
+        def limited_save(engine_, ckpt_dir, epoch, *args, **kwargs):
+            if epoch == 2:
+                limit_file_size()
+            save(engine_, ckpt_dir, epoch, *args, **kwargs)
+
+        checkpoint.save = limited_save
+    elif point == "full-disk-weights":
+        from rsb import trainer
+
+        save_weights = trainer.save_weights
+
+        def limited_save_weights(*args, **kwargs):
+            limit_file_size()
+            save_weights(*args, **kwargs)
+
+        trainer.save_weights = limited_save_weights
     elif point == "evaluation":  # the stage runs as __main__ and imports `predict` then: patch it at the source
         predict = engine.predict
 

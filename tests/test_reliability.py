@@ -84,6 +84,37 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, prepared, straig
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("point", ["full-disk-checkpoint", "full-disk-weights"])
+def test_a_write_the_disk_refuses_keeps_what_was_published_and_says_so(tmp_path, prepared, straight, point):
+    """A real refusal by the kernel (a file-size limit set just before the write, EFBIG, as ENOSPC or EDQUOT on a
+    full disk or quota): epoch 2's checkpoint, or the final weights. One line naming the folder or file and the
+    bytes it needs, exit 1, no traceback; its own partial files removed; the last published checkpoint kept,
+    verified and resumed by the same command, which ends bit-identical to an uninterrupted run."""
+    tmp = tmp_path / point
+    tmp.mkdir()
+    p = write_params(tmp / "params.yaml", prepared, OVER)
+    out = run(tmp, str(FAULTS), point, *train_args(p))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    (ckpts,) = (tmp / "checkpoints" / NAME).iterdir()
+    if point == "full-disk-checkpoint":
+        where = ckpts.relative_to(tmp)  # as the stage names it, from where it runs
+        assert f"{where}: the checkpoint epoch2 could not be written (" in line and "epoch1 is kept" in line, line
+        assert sorted(p.name for p in ckpts.iterdir()) == ["epoch1", "latest"], "the partial epoch2 is removed"
+        assert checkpoint.latest_tag(ckpts) == "epoch1"
+        checkpoint.verify(ckpts / "epoch1")
+    else:
+        weights = Path("models") / f"{NAME}.safetensors"
+        assert f"{weights}: the weights file could not be written" in line, line
+        assert not list((tmp / "models").iterdir()), "no weights and no partial file"
+        assert checkpoint.latest_tag(ckpts) == "epoch3"
+    assert re.search(r"it needs about \d+\.\d MB", line), line
+    again = run(tmp, "-m", *train_args(p))
+    assert again.returncode == 0 and "resumed" in again.stdout, again.stderr[-3000:]
+    assert_same_result(straight, tmp)
+
+
+@pytest.mark.slow
 def test_killed_evaluation_reruns_cleanly(tmp_path, prepared, straight):
     args = ["stages.evaluate", "--arch", "test_resnet", "--recipe", "a1", "--params", str(straight / "params.yaml")]
     first = run(straight, "-m", *args)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from rsb import code
 from rsb.distributed import barrier, is_main
 from rsb.errors import RsbError
-from rsb.io import read_json, sha256
+from rsb.io import NoRoom, megabytes, no_room, read_json, sha256, why_no_room
 
 
 class CheckpointMismatch(RsbError, RuntimeError):
@@ -60,9 +60,16 @@ def peek(ckpt_dir: Path) -> dict:
 
 
 def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
-    """Collective: every rank must call it (DeepSpeed writes per-rank files). Keeps the newest epoch only."""
+    """Collective: every rank must call it (DeepSpeed writes per-rank files). Keeps the newest epoch only. A write
+    the disk refuses (full, over quota, a file-size limit) removes its own partial folder and stops with one line;
+    `latest` still names the previous checkpoint, which the rerun resumes."""
     tag = f"epoch{epoch}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:
+        if not no_room(e):
+            raise
+        _refused(ckpt_dir, tag, engine, e)
     barrier()
     if is_main():
         meta = {k: client_state.get(k) for k in ("digest", "epoch", "mlflow_run_id")}
@@ -74,6 +81,24 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
         for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def _refused(ckpt_dir: Path, tag: str, engine, e: BaseException) -> None:
+    """The new checkpoint did not fit: its own folder goes (never `latest`'s), and one line says what it needs."""
+    ckpt_dir = Path(ckpt_dir)
+    previous = latest_tag(ckpt_dir)
+    if tag != previous:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    if previous:  # the same model and optimizer: the last checkpoint's size is the next one's
+        need = sum(f.stat().st_size for f in (ckpt_dir / previous).iterdir())
+    else:  # weights and the optimizer's two moments (Adam, LAMB), fp32
+        need = 3 * sum(p.numel() * 4 for p in engine.module.parameters())
+    kept = f"{previous} is kept and the rerun resumes from it" if previous else "no earlier checkpoint exists"
+    raise NoRoom(
+        f"{ckpt_dir}: the checkpoint {tag} could not be written ({why_no_room(e)}): it needs about "
+        f"{megabytes(need)} there; its partial files were removed and {kept}. Free space (or raise the quota or "
+        "file-size limit) and rerun"
+    ) from None
 
 
 def verify(tag_dir: Path) -> None:

@@ -5,9 +5,11 @@ output may overlap an input, and a folder is removed only when the project's own
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -46,12 +48,54 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+class NoRoom(InputError):
+    """A write that the disk, the quota or a file-size limit refused: what was published before is kept."""
+
+
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# how torch's and safetensors' writers report the same refusal (no errno on the exception)
+NO_ROOM_TEXT = re.compile(r"No space left|Disk quota|File too large|os error (28|122|27)\b|unexpected pos \d+ vs \d+")
+
+
+def no_room(e: BaseException) -> bool:
+    """Whether `e` is a write refused for space: ENOSPC, EDQUOT, EFBIG (RLIMIT_FSIZE), as an OSError or as torch's
+    stream writer and safetensors report it."""
+    return (isinstance(e, OSError) and e.errno in NO_ROOM_ERRNOS) or bool(NO_ROOM_TEXT.search(str(e)))
+
+
+def why_no_room(e: BaseException) -> str:
+    """The refusal in words: the OS's own (No space left on device, ...), or what a writer's opaque message means."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for words in ("No space left on device", "Disk quota exceeded", "File too large"):
+        if words in text:
+            return words
+    return "the write was refused: a full disk, a quota or a file-size limit"
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def save_weights(path: Path, state_dict: dict) -> None:
-    """A model's weights as safetensors (no pickle: loading them runs no code; timm reads them), atomically."""
+    """A model's weights as safetensors (no pickle: loading them runs no code; timm reads them), atomically; a disk
+    that refuses them is one NoRoom line naming the file and the bytes needed (the partial file is removed)."""
     from safetensors.torch import save_file
 
-    with atomic(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    try:
+        with atomic(path) as tmp:
+            save_file(tensors, str(tmp))
+    except Exception as e:
+        if not no_room(e):
+            raise
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise NoRoom(
+            f"{path}: the weights file could not be written ({why_no_room(e)}): it needs about "
+            f"{megabytes(need)} in {path.parent}; free space (or raise the quota or file-size limit) and rerun: the "
+            "training resumes from its last checkpoint"
+        ) from None
 
 
 def load_weights(path: Path, what: str = "weights") -> dict:
