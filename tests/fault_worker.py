@@ -9,6 +9,7 @@ up. The patches only decide *when*; the stage runs its real code up to that mome
   between-epochs   right after epoch 1's checkpoint is published, before epoch 2 starts
   evaluation       in the evaluate stage, after val is scored, while V2 is being predicted
   rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
+  rank1-stop       rank 1 stops itself (SIGSTOP) at its 3rd micro-step: alive, silent, never continuing
   prepare-index    in prepare, once V2's repacked tar is written into the partial folder, before the decode check
 A full disk is real too: the process's file-size limit (RLIMIT_FSIZE, FSIZE_LIMIT bytes) is set just before a write,
 so the kernel refuses it (EFBIG), as a full disk or quota would (ENOSPC, EDQUOT):
@@ -113,6 +114,16 @@ def arm(point: str) -> None:
             return forward_backward(*args, **kwargs)
 
         engine.forward_backward = crashing
+    elif point == "rank1-stop":
+        forward_backward = engine.forward_backward
+
+        def stopping(*args, **kwargs):
+            calls["n"] += 1
+            if os.environ.get("RANK") == "1" and calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return forward_backward(*args, **kwargs)
+
+        engine.forward_backward = stopping
     elif point == "prepare-index":
         from rsb.data import archives
 

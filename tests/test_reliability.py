@@ -163,6 +163,33 @@ def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
     assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_a_stopped_rank_is_found_by_its_peer_which_writes_its_stacks_and_one_line(tmp_path, prepared):
+    """Rank 1 stops itself (SIGSTOP: alive, holding its place in the collective, never continuing). Rank 0, waiting
+    in the all-reduce, makes no progress for train.stall_s = 5 s: its watchdog writes every thread's stack and one
+    line naming the rank and the last update, and exits EXIT_STALLED; the launcher stops the rest, in seconds, not
+    the process group's 30 minutes. The last checkpoint is what a rerun resumes (tested above for kills)."""
+    from rsb.watchdog import EXIT_STALLED
+
+    p = write_params(tmp_path / "params.yaml", prepared, {"train.devices": 2, "train.stall_s": 5})
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", "rank1-stop", *train_args(p)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"),
+    )
+    both = out.stdout + out.stderr
+    assert out.returncode != 0 and time.time() - t0 < 120, (out.returncode, both[-3000:])
+    assert "Thread 0x" in both and "rsb/engine.py" in both, "every thread's stack, the main one inside the step"
+    lines = [ln for ln in both.splitlines() if ln.startswith("error: rank 0 of 2: no progress for ")]
+    assert len(lines) == 1 and "(train.stall_s = 5) after update 1;" in lines[0], both[-3000:]
+    assert f"exits with return code = {EXIT_STALLED}" in both or "Traceback" not in out.stderr
+    assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
+
+
 # --- security: checkpoints are verified before DeepSpeed's full unpickler runs, on the resume path -----------------
 
 

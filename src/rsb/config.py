@@ -206,6 +206,11 @@ class Train:
         0, domain=D.number(0, integer=True), source="torch threads per process; 0 = cores / processes"
     )
     eval_every: int = D.param(1, domain=D.number(0, integer=True), source="val top-1 every N epochs; 0 = at the end")
+    stall_s: int = D.param(
+        1800,
+        domain=D.number(0, integer=True),
+        source="seconds a rank may go without a batch or an update before it dumps its stacks and stops; 0 = off",
+    )
     zero_stage: int = D.param(
         0,
         domain=D.one_of(0, 1, 2),
@@ -518,6 +523,7 @@ class Resolved:
             "workers",
             "threads",
             "eval_every",
+            "stall_s",
             "hostfile",
             "master_port",
             "devices",

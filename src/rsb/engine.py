@@ -36,6 +36,7 @@ class Step:
     num_updates: int = 0
     log_every: int = 10
     on_log: Callable[[list[dict]], None] = field(default=lambda rows: None)
+    beat: Callable[[int], None] = field(default=lambda update: None)  # rsb.watchdog: progress, per micro-batch
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -122,6 +123,7 @@ def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_
             if s.mixup_fn is not None:
                 images, labels = s.mixup_fn(images, labels)
             losses.append(forward_backward(s, images, labels))
+            s.beat(s.num_updates)
             slots.leave(i % accum)
             seen += images.shape[0]
             if (i + 1) % accum:

@@ -13,13 +13,14 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn
 
-from rsb import checkpoint, distributed, engine, hardware
+from rsb import checkpoint, distributed, engine, errors, hardware
 from rsb import loader as loaders
 from rsb.config import ConfigError, Resolved
 from rsb.data.datasets import Split, load_classes
 from rsb.data.folder import Folder
 from rsb.data.folder import check as folder_check
 from rsb.models import create_model
+from rsb.watchdog import Watchdog
 
 if TYPE_CHECKING:  # the logging is not the math: rsb.tracking stays out of the training's code (rsb.code)
     from rsb.tracking import Tracker
@@ -119,34 +120,39 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     start = _resume(run, step)
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
     val_loader = loaders.eval_loader(val_shard, run.eval_batch, r.workers)
-    for epoch in range(start, r.epochs):
-        began = time.perf_counter()
-        slots = engine.Slots(
-            ds_engine.module,
-            [
-                loaders.stream_seed(r.train.seed, epoch, v)
-                for v in range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)
-            ],
-            run.device,
-        )
-        stats = engine.train_one_epoch(
-            step,
-            loaders.train_loader(train_set, r, run.rank, epoch, run.device, loaders.normalization(model)),
-            epoch,
-            slots,
-            r.grad_accum,
-            show_progress=run.rank == 0,
-        )
-        if r.world_size > 1:
-            distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce
-        last = epoch == r.epochs - 1
-        if last or (r.train.eval_every and (epoch + 1) % r.train.eval_every == 0):
-            val = engine.evaluate(ds_engine.module, val_loader, run.device, dtype, r.train.channels_last)
-            stats.update({"val/top1": val["top1"], "val/top5": val["top5"], "val/count": val["count"]})
-        row = {"epoch": epoch + 1, **stats, "train/wall_s": time.perf_counter() - began}  # the epoch's cost
-        run.history.append(row)
-        run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        checkpoint.save(ds_engine, run.ckpt_dir, epoch + 1, _client_state(run, step, epoch + 1))
+    # a rank that stops making progress dumps its stacks and stops in one line (rsb.watchdog)
+    with Watchdog(r.train.stall_s, errors.rank()) as dog:
+        step.beat = dog.beat
+        for epoch in range(start, r.epochs):
+            began = time.perf_counter()
+            slots = engine.Slots(
+                ds_engine.module,
+                [
+                    loaders.stream_seed(r.train.seed, epoch, v)
+                    for v in range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)
+                ],
+                run.device,
+            )
+            stats = engine.train_one_epoch(
+                step,
+                loaders.train_loader(train_set, r, run.rank, epoch, run.device, loaders.normalization(model)),
+                epoch,
+                slots,
+                r.grad_accum,
+                show_progress=run.rank == 0,
+            )
+            if r.world_size > 1:
+                distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce
+            last = epoch == r.epochs - 1
+            dog.beat()  # an evaluation and a checkpoint each get the whole stall_s
+            if last or (r.train.eval_every and (epoch + 1) % r.train.eval_every == 0):
+                val = engine.evaluate(ds_engine.module, val_loader, run.device, dtype, r.train.channels_last)
+                stats.update({"val/top1": val["top1"], "val/top5": val["top5"], "val/count": val["count"]})
+            row = {"epoch": epoch + 1, **stats, "train/wall_s": time.perf_counter() - began}  # the epoch's cost
+            run.history.append(row)
+            run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            dog.beat()
+            checkpoint.save(ds_engine, run.ckpt_dir, epoch + 1, _client_state(run, step, epoch + 1))
     return ds_engine.module, {"updates_per_epoch": updates_per_epoch}
 
 
