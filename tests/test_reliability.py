@@ -145,18 +145,23 @@ def test_killed_prepare_leaves_no_partial_folder_and_reruns(release, prepared, t
     )
 
 
+def launch_fault(cwd: Path, point: str, params: Path, timeout: int) -> subprocess.CompletedProcess:
+    """The training on 2 processes through the real launcher, each rank running tests/fault_worker.py's `point`."""
+    return subprocess.run(
+        [sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", point, *train_args(params)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"),
+    )
+
+
 @pytest.mark.slow
 def test_a_crashed_rank_stops_the_run_and_is_named(tmp_path, prepared):
     p = write_params(tmp_path / "params.yaml", prepared, {"train.devices": 2})
     t0 = time.time()
-    out = subprocess.run(
-        [sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", "rank1-crash", *train_args(p)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"),
-    )
+    out = launch_fault(tmp_path, "rank1-crash", p, timeout=600)
     assert out.returncode != 0
     assert time.time() - t0 < 300, "the surviving rank must not wait for the dead one"
     assert "error: rank 1 of 2 failed: RuntimeError: injected fault on this rank" in out.stdout + out.stderr
@@ -173,14 +178,7 @@ def test_a_stopped_rank_is_found_by_its_peer_which_writes_its_stacks_and_one_lin
 
     p = write_params(tmp_path / "params.yaml", prepared, {"train.devices": 2, "train.stall_s": 5})
     t0 = time.time()
-    out = subprocess.run(
-        [sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", "rank1-stop", *train_args(p)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"),
-    )
+    out = launch_fault(tmp_path, "rank1-stop", p, timeout=300)
     both = out.stdout + out.stderr
     assert out.returncode != 0 and time.time() - t0 < 120, (out.returncode, both[-3000:])
     assert "Thread 0x" in both and "rsb/engine.py" in both, "every thread's stack, the main one inside the step"
