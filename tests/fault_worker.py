@@ -11,6 +11,13 @@ up. The patches only decide *when*; the stage runs its real code up to that mome
   rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
   rank1-stop       rank 1 stops itself (SIGSTOP) at its 3rd micro-step: alive, silent, never continuing
   prepare-index    in prepare, once V2's repacked tar is written into the partial folder, before the decode check
+Stop signals, sent at rank 0's (or rank 1's) 3rd micro-step, inside an update; the stage must save at the next
+update and exit errors.EXIT_STOPPED:
+  term-launcher    SIGTERM to the session leader (the test starts the launcher in a session of its own), which
+                   forwards it to the ranks
+  usr1-rank1       SIGUSR1 to rank 1 alone: rank 0 learns it from the ranks' agreement
+  term-twice       SIGTERM to this process, and again while the checkpoint's files are being written
+  usr1-step        SIGUSR1 to every process under the stand-in `srun`, as SLURM's `--signal` reaches a job step
 A full disk is real too: the process's file-size limit (RLIMIT_FSIZE, FSIZE_LIMIT bytes) is set just before a write,
 so the kernel refuses it (EFBIG), as a full disk or quota would (ENOSPC, EDQUOT):
   full-disk-checkpoint  before epoch 2's checkpoint is written
@@ -31,6 +38,19 @@ def die() -> None:
 def limit_file_size() -> None:
     limit = int(os.environ.get("FSIZE_LIMIT", "10000"))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def send(point: str) -> None:
+    if point == "term-launcher":
+        os.kill(os.getsid(0), signal.SIGTERM)
+    elif point == "usr1-step":
+        import psutil
+
+        step = next(p for p in psutil.Process().parents() if "srun" in " ".join(p.cmdline()))
+        for p in step.children(recursive=True):
+            p.send_signal(signal.SIGUSR1)
+    else:
+        os.kill(os.getpid(), signal.SIGTERM if point == "term-twice" else signal.SIGUSR1)
 
 
 def arm(point: str) -> None:
@@ -69,19 +89,19 @@ def arm(point: str) -> None:
     elif point == "between-epochs":
         save = checkpoint.save
 
-        def killing_save(engine_, ckpt_dir, epoch, *args, **kwargs):
-            save(engine_, ckpt_dir, epoch, *args, **kwargs)
-            if epoch == 1:
+        def killing_save(engine_, ckpt_dir, tag, *args, **kwargs):
+            save(engine_, ckpt_dir, tag, *args, **kwargs)
+            if tag == "epoch1":
                 die()
 
         checkpoint.save = killing_save
     elif point == "full-disk-checkpoint":
         save = checkpoint.save
 
-        def limited_save(engine_, ckpt_dir, epoch, *args, **kwargs):
-            if epoch == 2:
+        def limited_save(engine_, ckpt_dir, tag, *args, **kwargs):
+            if tag == "epoch2":
                 limit_file_size()
-            save(engine_, ckpt_dir, epoch, *args, **kwargs)
+            save(engine_, ckpt_dir, tag, *args, **kwargs)
 
         checkpoint.save = limited_save
     elif point == "full-disk-weights":
@@ -124,6 +144,27 @@ def arm(point: str) -> None:
             return forward_backward(*args, **kwargs)
 
         engine.forward_backward = stopping
+    elif point in ("term-launcher", "usr1-rank1", "term-twice", "usr1-step"):
+        forward_backward = engine.forward_backward
+        rank = "1" if point == "usr1-rank1" else "0"
+
+        def signalling(*args, **kwargs):
+            calls["n"] += 1
+            if os.environ.get("RANK", "0") == rank and calls["n"] == 3:
+                send(point)
+            return forward_backward(*args, **kwargs)
+
+        engine.forward_backward = signalling
+        if point == "term-twice":
+            from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+            write = TorchCheckpointEngine.save
+
+            def signalled_write(self, state_dict, path):
+                os.kill(os.getpid(), signal.SIGTERM)  # the second signal, in the middle of the save
+                write(self, state_dict, path)
+
+            TorchCheckpointEngine.save = signalled_write
     elif point == "prepare-index":
         from rsb.data import archives
 
@@ -134,7 +175,7 @@ def arm(point: str) -> None:
             die()
 
         archives.repack_v2 = killing_repack
-    else:
+    elif point != "none":  # none: the stage as it is (a rerun through the same launcher)
         sys.exit(f"unknown fault point {point!r}")
 
 

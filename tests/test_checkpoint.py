@@ -75,7 +75,7 @@ def saved(tmp_path, world) -> tuple[object, Path]:
     """A real DeepSpeed checkpoint of a real engine, and that engine to resume into."""
     eng = tiny_engine(tmp_path)
     ckpt = tmp_path / "ck"
-    checkpoint.save(eng, ckpt, 1, {"digest": "d", "epoch": 1, "mlflow_run_id": None})
+    checkpoint.save(eng, ckpt, "epoch1", {"digest": "d", "epoch": 1, "mlflow_run_id": None})
     assert checkpoint.load(eng, ckpt, "d")["epoch"] == 1  # the untouched checkpoint resumes
     return eng, ckpt
 
@@ -158,3 +158,48 @@ def test_resume_digest_follows_recipe_code_and_versions(tmp_path, monkeypatch):
         monkeypatch.setattr(md, "version", lambda name, pkg=pkg: "0.0.1" if name == pkg else real(name))
         assert checkpoint.resume_digest("recipe", "rsb.trainer", src) != base, pkg
     monkeypatch.setattr(md, "version", real)
+
+
+def test_a_new_checkpoint_replaces_the_old_only_once_it_is_published(saved, monkeypatch):
+    """keep_checkpoints = 1: a write that fails half-way (the disk full after the first file) leaves epoch1 published
+    and intact; a complete one is published first, and only then the older one goes."""
+    import errno
+
+    from rsb.io import NoRoom
+
+    eng, ckpt = saved
+    save = eng.save_checkpoint
+
+    def fails_half_way(save_dir, tag, **kw):
+        (Path(save_dir) / tag).mkdir()
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eng, "save_checkpoint", fails_half_way)
+    with pytest.raises(NoRoom, match="the checkpoint epoch1.3 could not be written"):
+        checkpoint.save(eng, ckpt, "epoch1.3", {"digest": "d", "epoch": 1, "position": 3, "mlflow_run_id": None})
+    assert checkpoint.latest_tag(ckpt) == "epoch1" and sorted(p.name for p in ckpt.iterdir()) == ["epoch1", "latest"]
+    checkpoint.verify(ckpt / "epoch1")
+    monkeypatch.setattr(eng, "save_checkpoint", save)
+    checkpoint.save(eng, ckpt, "epoch1.3", {"digest": "d", "epoch": 1, "position": 3, "mlflow_run_id": None})
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch1.3", "latest"]
+
+
+def test_the_newest_complete_checkpoints_are_kept(saved):
+    """keep_checkpoints = 2, in the run's order (epoch1 < epoch1.3 < epoch1.10 < epoch2: not the names' order); a
+    folder an interrupted write left (no rsb.json, or beyond `latest`) goes, a complete one is never counted twice."""
+    eng, ckpt = saved
+    for tag, epoch, position in (("epoch1.3", 1, 3), ("epoch1.10", 1, 10)):
+        checkpoint.save(eng, ckpt, tag, {"digest": "d", "epoch": epoch, "position": position}, keep=2)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch1.10", "epoch1.3", "latest"]
+    (ckpt / "epoch1.12").mkdir()  # a write killed before rsb.json
+    checkpoint.save(eng, ckpt, "epoch2", {"digest": "d", "epoch": 2}, keep=2)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch1.10", "epoch2", "latest"]
+    assert checkpoint.load(eng, ckpt, "d")["epoch"] == 2
+    assert [checkpoint.order(t) for t in ("epoch1", "epoch1.3", "epoch1.10", "epoch2", "x")] == [
+        (1, 0),
+        (1, 3),
+        (1, 10),
+        (2, 0),
+        (-1, -1),
+    ]

@@ -71,3 +71,35 @@ def test_scores_equal_an_independent_count_with_ties_and_multi_label_real():
     real = [[0, 1], [1, 2], [], [4], [2, 3]]  # image 2 unscored; ties at image 1 are right either way
     by_hand = {"top1": 3, "top5": 4, "count": 4}  # top-1 hits: images 0, 1, 4; top-5 adds image 3 (label 4)
     assert real_correct(top, real) == by_hand
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_slots_state_restores_every_stream_and_its_batchnorm_statistics(tmp_path, slots):
+    """What a checkpoint inside an epoch holds of the slots (virtual ranks): after state() and more draws and
+    BatchNorm updates, restore() gives each slot the Python, NumPy and torch draws and the statistics it had, also
+    through torch.save / torch.load(weights_only=True), as the checkpoint is verified."""
+    import random
+
+    import numpy as np
+
+    from rsb.engine import Slots
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    s = Slots(model, list(range(7, 7 + slots)), torch.device("cpu"))
+
+    def run_slot(k: int) -> tuple:
+        s.enter(k)
+        model(torch.randn(2, 3, 4, 4))  # a forward in train mode: this slot's BatchNorm statistics move
+        draws = random.random(), float(np.random.rand()), float(torch.rand(1))
+        s.leave(k)
+        return draws
+
+    for k in range(slots):
+        run_slot(k)
+    torch.save(s.state(), tmp_path / "slots.pt")
+    first = [run_slot(k) for k in range(slots)]
+    bn_first = [b.clone() for b in s.bn]
+    s.restore(torch.load(tmp_path / "slots.pt", weights_only=True))
+    again = [run_slot(k) for k in range(slots)]
+    assert again == first, "every stream of every slot continues as before"
+    assert all(torch.equal(a, b) for a, b in zip(bn_first, s.bn)), "BatchNorm statistics and counters restored"

@@ -239,10 +239,12 @@ def test_two_nodes_without_ssh_equal_one_process_accumulating(tmp_path, prepared
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # Stands in for SLURM's srun on a machine without SLURM: runs the command once per node of the allocation
-# (--nodes=N, one task per node) with SLURM_NODEID set, as srun does, and fails if any task fails.
+# (--nodes=N, one task per node) with SLURM_NODEID set, as srun does, and exits with the tasks' highest status.
+# Its options go to srun.log beside it.
+echo "$@" > "$(dirname "$0")/srun.log"
 n=1; while [[ "$1" == --* ]]; do [[ "$1" == --nodes=* ]] && n="${1#--nodes=}"; shift; done
 pids=(); for ((i=0; i<n; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
-rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc
+rc=0; for p in "${pids[@]}"; do wait "$p"; s=$?; (( s > rc )) && rc=$s; done; exit $rc
 """
 
 

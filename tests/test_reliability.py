@@ -7,7 +7,9 @@ same command again, as `dvc repro` would run it. On the CPU the result must be b
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,15 +147,29 @@ def test_killed_prepare_leaves_no_partial_folder_and_reruns(release, prepared, t
     )
 
 
-def launch_fault(cwd: Path, point: str, params: Path, timeout: int) -> subprocess.CompletedProcess:
-    """The training on 2 processes through the real launcher, each rank running tests/fault_worker.py's `point`."""
+def launch_fault(
+    cwd: Path, point: str, params: Path, timeout: int, devices: int = 2, env: dict | None = None, *launcher: str
+) -> subprocess.CompletedProcess:
+    """The training on `devices` processes through the real launcher, each rank running tests/fault_worker.py's
+    `point`; in a session of its own, so that a fault can signal the launcher (the session leader)."""
     return subprocess.run(
-        [sys.executable, "-m", "rsb.launch", "--devices", "2", "fault_worker", point, *train_args(params)],
+        [
+            sys.executable,
+            "-m",
+            "rsb.launch",
+            "--devices",
+            str(devices),
+            *launcher,
+            "fault_worker",
+            point,
+            *train_args(params),
+        ],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}"),
+        start_new_session=True,
+        env=clean_env(RSB_TRACKING="off", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}:{ROOT / 'tests'}", **(env or {})),
     )
 
 
@@ -186,6 +202,202 @@ def test_a_stopped_rank_is_found_by_its_peer_which_writes_its_stacks_and_one_lin
     assert len(lines) == 1 and "(train.stall_s = 5) after update 1;" in lines[0], both[-3000:]
     assert f"exits with return code = {EXIT_STALLED}" in both or "Traceback" not in out.stderr
     assert not (tmp_path / "models" / f"{NAME}.safetensors").exists()
+
+
+# --- inside an epoch: checkpoints on a schedule, stop signals, requeue ------------------------------------------------
+
+
+def train_here(d: Path, prepared: Path, over: dict, monkeypatch) -> dict:
+    """stages.train in this process (a world of one): the final weights and the per-update and per-epoch logs."""
+    from stages.train import main
+
+    d.mkdir(exist_ok=True)
+    monkeypatch.chdir(d)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    main(["--arch", "test_resnet", "--recipe", "a1", "--params", str(write_params(d / "params.yaml", prepared, over))])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before, "handlers given back"
+    return outputs(d)
+
+
+def outputs(d: Path) -> dict:
+    return {
+        "weights": load_weights(d / "models" / f"{NAME}.safetensors"),
+        "updates": (d / "plots/train" / f"{NAME}.updates.csv").read_text(),
+        "loss": json.loads((d / "metrics/train" / f"{NAME}.json").read_text())["train/loss"],
+        "epochs": [ln.split(",")[:3] for ln in (d / "plots/train" / f"{NAME}.csv").read_text().splitlines()],
+    }
+
+
+def assert_same_outputs(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys()
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]), "weights differ"
+    assert a["updates"] == b["updates"], "the per-update losses and lrs differ"
+    assert a["loss"] == b["loss"] and a["epochs"] == b["epochs"], "the epochs' losses differ"
+
+
+def test_a_checkpoint_inside_an_epoch_resumes_bit_identically(tmp_path, prepared, monkeypatch, world):
+    """train.checkpoint_every = 3 updates (10 updates an epoch, accumulation 2, A1: Mixup/CutMix, drop path,
+    repeated augmentation): saving inside epochs changes nothing, and a run resumed from a checkpoint inside epoch 1
+    (update 3) or epoch 2 (update 2, 12 in all) continues to the same weights, the same loss and lr at every update,
+    across the epoch boundaries after it. The resume must restore the sampler's position, each slot's Python, NumPy
+    and torch streams and BatchNorm statistics, the scheduler and the epoch's rows."""
+    plain = train_here(tmp_path / "plain", prepared, OVER, monkeypatch)
+    saving = train_here(
+        tmp_path / "saving", prepared, {**OVER, "train.checkpoint_every": 3, "train.keep_checkpoints": 100}, monkeypatch
+    )
+    assert_same_outputs(plain, saving)
+    (ckpts,) = (tmp_path / "saving" / "checkpoints" / NAME).iterdir()
+    tags = sorted((p.name for p in ckpts.iterdir() if p.name != "latest"), key=checkpoint.order)
+    assert tags[:5] == ["epoch0.3", "epoch0.6", "epoch0.9", "epoch1", "epoch1.2"], tags
+    for tag in ("epoch0.3", "epoch1.2"):
+        d = tmp_path / tag
+        target = d / "checkpoints" / NAME / ckpts.name
+        target.mkdir(parents=True)
+        shutil.copytree(ckpts / tag, target / tag)
+        (target / "latest").write_text(tag)
+        resumed = train_here(d, prepared, OVER, monkeypatch)
+        assert_same_outputs(plain, resumed)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_saves_at_the_next_update_and_the_rerun_is_identical(tmp_path, prepared, monkeypatch, world, sig):
+    """The signal arrives inside update 2 (at its 3rd micro-batch: accumulation 2), and again while the checkpoint's
+    files are written: the stage finishes update 2, saves `epoch0.2` whole, and stops with errors.Stopped (exit 76
+    through errors.run) naming the signal, the update and the checkpoint; the same command resumes there and ends
+    as the uninterrupted run, bit for bit."""
+    import os
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from rsb import engine, errors
+
+    plain = train_here(tmp_path / "plain", prepared, OVER, monkeypatch)
+    calls = {"n": 0}
+    forward_backward, write = engine.forward_backward, TorchCheckpointEngine.save
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return forward_backward(*args, **kwargs)
+
+    def signalled_write(self, state_dict, path):
+        os.kill(os.getpid(), getattr(signal, sig))  # a second signal in the middle of the save
+        write(self, state_dict, path)
+
+    monkeypatch.setattr(engine, "forward_backward", signalled)
+    monkeypatch.setattr(TorchCheckpointEngine, "save", signalled_write)
+    d = tmp_path / "stopped"
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(errors.Stopped) as stopped:
+        train_here(d, prepared, OVER, monkeypatch)
+    (ckpts,) = (d / "checkpoints" / NAME).iterdir()
+    assert f"rank 0 of 1: {sig} at update 2: the checkpoint checkpoints/{NAME}/{ckpts.name}/epoch0.2 is saved" in str(
+        stopped.value
+    )
+    assert checkpoint.latest_tag(ckpts) == "epoch0.2" and not (d / "models").exists()
+    checkpoint.verify(ckpts / "epoch0.2")
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, "ignored after"
+    signal.signal(signal.SIGTERM, before[0])
+    signal.signal(signal.SIGUSR1, before[1])
+    monkeypatch.undo()
+    assert_same_outputs(plain, train_here(d, prepared, OVER, monkeypatch))
+
+
+def stop_lines(out: subprocess.CompletedProcess) -> list[str]:
+    """Every `stopped:` line (a rank's may follow another rank's progress bar on the same terminal line)."""
+    return re.findall(r"stopped: [^\r\n]*", out.stdout + out.stderr)
+
+
+@pytest.mark.slow
+def test_sigterm_twice_to_a_training_process_saves_stops_and_resumes(tmp_path, prepared, straight):
+    """One process through rsb.launch (it is the rank): SIGTERM inside update 2, again during the save; exit 76,
+    one `stopped:` line, `epoch0.2` published; the same command resumes there and equals the uninterrupted run."""
+    from rsb.errors import EXIT_STOPPED
+
+    p = write_params(tmp_path / "params.yaml", prepared, OVER)
+    out = launch_fault(tmp_path, "term-twice", p, timeout=300, devices=1)
+    assert out.returncode == EXIT_STOPPED and "Traceback" not in out.stderr, out.stderr[-3000:]
+    (line,) = stop_lines(out)
+    assert "rank 0 of 1: SIGTERM at update 2: the checkpoint " in line and line.endswith("requeues the job)"), line
+    again = run(tmp_path, "-m", "rsb.launch", *train_args(p))
+    assert again.returncode == 0 and "at epoch 0/3 + 2 updates" in again.stdout, again.stderr[-3000:]
+    assert_same_result(straight, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def straight2(tmp_path_factory, prepared) -> Path:
+    """The uninterrupted run on 2 processes through the launcher."""
+    d = tmp_path_factory.mktemp("straight2")
+    p = write_params(d / "params.yaml", prepared, {**OVER, "train.devices": 2})
+    out = run(d, "-m", "rsb.launch", "--devices", "2", *train_args(p), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_update(tmp_path, prepared, straight2):
+    """Two processes; SIGUSR1 reaches rank 1 alone (inside update 3: each rank's 3rd micro-batch). The ranks agree
+    after update 3: both save `epoch0.3` (rank 0 learning it from the agreement), both stop with 76, and the same
+    command resumes and equals the uninterrupted 2-process run bit for bit."""
+    from rsb.errors import EXIT_STOPPED
+
+    p = write_params(tmp_path / "params.yaml", prepared, {**OVER, "train.devices": 2})
+    out = launch_fault(tmp_path, "usr1-rank1", p, timeout=600)
+    assert out.returncode == EXIT_STOPPED, (out.stdout + out.stderr)[-3000:]
+    lines = stop_lines(out)
+    assert any("rank 1 of 2: SIGUSR1 at update 3" in ln for ln in lines), lines
+    assert any("rank 0 of 2: a peer's stop signal at update 3" in ln for ln in lines), lines
+    (ckpts,) = (tmp_path / "checkpoints" / NAME).iterdir()
+    assert checkpoint.latest_tag(ckpts) == "epoch0.3"
+    again = run(tmp_path, "-m", "rsb.launch", "--devices", "2", *train_args(p), timeout=600)
+    assert again.returncode == 0 and "at epoch 0/3 + 3 updates" in again.stdout, again.stderr[-3000:]
+    assert_same_result(straight2, tmp_path)
+
+
+# Stands in for SLURM's scontrol: expands a plain host list, and records any other request in scontrol.log
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1 $2" == "show hostnames" ]]; then echo "$3" | tr , '\\n'; exit 0; fi
+echo "$@" >> "$(dirname "$0")/scontrol.log"
+"""
+
+
+@pytest.mark.slow
+def test_the_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(tmp_path, prepared, straight2):
+    """train.launcher slurm, 1 node x 2 processes: rsb.launch -> srun (a stand-in that runs its command as srun does;
+    it records its options) -> rsb.launch per node -> deepspeed -> 2 ranks. SIGUSR1 goes to every process of the
+    step, as SLURM's `--signal=USR1@N` delivers it N s before the time limit: the ranks save and stop, the launcher
+    runs `scontrol requeue <job>` (a stand-in that records it) and exits 76. The requeued job (the same command)
+    resumes and equals the uninterrupted 2-process run."""
+    from test_launch import FAKE_SRUN
+
+    from rsb.errors import EXIT_STOPPED
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    for f in ("srun", "scontrol"):
+        (bin_dir / f).chmod(0o755)
+    over = {**OVER, "train.devices": 2, "train.launcher": "slurm", "train.slurm_signal_s": 240}
+    p = write_params(tmp_path / "params.yaml", prepared, over)
+    env = {"SLURM_JOB_NODELIST": "nodeA", "SLURM_JOB_ID": "42", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    slurm = ("--launcher", "slurm", "--master-addr", "127.0.0.1", "--slurm-signal-s", "240")
+    out = launch_fault(tmp_path, "usr1-step", p, 600, 2, env, *slurm)
+    assert out.returncode == EXIT_STOPPED, (out.stdout + out.stderr)[-3000:]
+    assert (
+        (bin_dir / "srun.log")
+        .read_text()
+        .startswith("--nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 --signal=USR1@240 ")
+    )
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 42\n"
+    assert "stopped: the training saved and stopped before the time limit; job 42 is requeued" in out.stderr
+    (ckpts,) = (tmp_path / "checkpoints" / NAME).iterdir()
+    assert checkpoint.order(checkpoint.latest_tag(ckpts) or "") == (0, 3)
+    again = launch_fault(tmp_path, "none", p, 600, 2, env, *slurm)
+    assert again.returncode == 0 and "at epoch 0/3 + 3 updates" in again.stdout, again.stderr[-3000:]
+    assert_same_result(straight2, tmp_path)
 
 
 # --- security: checkpoints are verified before DeepSpeed's full unpickler runs, on the resume path -----------------

@@ -1,8 +1,10 @@
 """Save and resume: DeepSpeed checkpoints (model + optimizer) plus client state (scheduler, epoch, history, run id).
 
-Layout: checkpoints/<arch>-<recipe>/<digest>/{epoch<N>/, latest}. The digest covers the resolved recipe (everything
-that changes the math), the training code and the library versions, so a changed recipe or a code fix starts fresh
-beside the old run instead of resuming a different one.
+Layout: checkpoints/<arch>-<recipe>/<digest>/{epoch<N>/, epoch<N>.<U>/, latest}: `epoch<N>` after N epochs,
+`epoch<N>.<U>` U updates into the next one (train.checkpoint_every, or a stop signal: rsb.stopping). The newest
+train.keep_checkpoints complete ones are kept; older ones go only after the new one is published. The digest covers
+the resolved recipe (everything that changes the math), the training code and the library versions, so a changed
+recipe or a code fix starts fresh beside the old run instead of resuming a different one.
 `latest` is written only after every rank has finished writing its files, and atomically (write, then rename): a
 checkpoint whose write was interrupted is never the one that is loaded. rsb.json records the sha256 of every file;
 before DeepSpeed loads a checkpoint (with a full unpickler) each file must match its hash and load with
@@ -15,6 +17,7 @@ import hashlib
 import importlib.metadata as md
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -59,11 +62,25 @@ def peek(ckpt_dir: Path) -> dict:
     return read_json(meta) if tag and meta.is_file() else {}
 
 
-def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
-    """Collective: every rank must call it (DeepSpeed writes per-rank files). Keeps the newest epoch only. A write
-    the disk refuses (full, over quota, a file-size limit) removes its own partial folder and stops with one line;
-    `latest` still names the previous checkpoint, which the rerun resumes."""
-    tag = f"epoch{epoch}"
+TAG = re.compile(r"epoch(\d+)(?:\.(\d+))?")
+
+
+def tag_for(epochs_done: int, position: int = 0) -> str:
+    """The checkpoint after `epochs_done` epochs and `position` updates of the next."""
+    return f"epoch{epochs_done}" + (f".{position}" if position else "")
+
+
+def order(tag: str) -> tuple[int, int]:
+    """Where a tag is in the run: (epochs done, updates into the next); (-1, -1) for a name not written here."""
+    m = TAG.fullmatch(tag)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (-1, -1)
+
+
+def save(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int = 1) -> None:
+    """Collective: every rank must call it (DeepSpeed writes per-rank files). Once the new checkpoint is complete
+    and published (`latest`), only the newest `keep` complete ones stay. A write the disk refuses (full, over quota,
+    a file-size limit) removes its own partial folder and stops with one line; `latest` still names the previous
+    checkpoint, which the rerun resumes."""
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     except Exception as e:
@@ -72,15 +89,30 @@ def save(engine, ckpt_dir: Path, epoch: int, client_state: dict) -> None:
         _refused(ckpt_dir, tag, engine, e)
     barrier()
     if is_main():
-        meta = {k: client_state.get(k) for k in ("digest", "epoch", "mlflow_run_id")}
+        meta = {k: client_state.get(k) for k in ("digest", "epoch", "position", "mlflow_run_id")}
         meta["files"] = {f.name: sha256(f) for f in sorted((Path(ckpt_dir) / tag).iterdir()) if f.name != "rsb.json"}
         (Path(ckpt_dir) / tag / "rsb.json").write_text(json.dumps(meta))
         tmp = Path(ckpt_dir) / f".latest.{os.getpid()}"
         tmp.write_text(tag)
         os.replace(tmp, Path(ckpt_dir) / "latest")
-        for old in sorted(Path(ckpt_dir).glob("epoch*"), key=lambda p: int(p.name[5:]))[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(Path(ckpt_dir), keep)
     barrier()
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """After `latest` is published: the newest `keep` complete checkpoints up to it stay; everything else this
+    module wrote goes (older ones, and the partial or unpublished folders of an interrupted write)."""
+    newest = latest_tag(ckpt_dir)
+    if newest is None:
+        return
+    tags = [d for d in ckpt_dir.iterdir() if d.is_dir() and TAG.fullmatch(d.name)]
+    good = sorted(
+        (d for d in tags if order(d.name) <= order(newest) and (d / "rsb.json").is_file()), key=lambda d: order(d.name)
+    )
+    kept = {d.name for d in good[-keep:]} | {newest}
+    for d in tags:
+        if d.name not in kept:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _refused(ckpt_dir: Path, tag: str, engine, e: BaseException) -> None:

@@ -165,6 +165,30 @@ class Scale:
     )
 
 
+EVERY = re.compile(r"(\d+)\s*min")
+
+
+def parse_every(value: int | str) -> tuple[int, float]:
+    """train.checkpoint_every as (updates, seconds): 0 = only at epoch ends, N = every N updates, "N min" = every N
+    minutes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value, 0.0
+    m = EVERY.fullmatch(str(value).strip())
+    if isinstance(value, bool) or not m or int(m.group(1)) < 1:
+        raise ConfigError(
+            f"train.checkpoint_every = {value!r}: use 0 (epoch ends only), a number of updates, or minutes as '30min'"
+        )
+    return 0, 60.0 * int(m.group(1))
+
+
+def _every_ok(v) -> bool:
+    try:
+        parse_every(v)
+    except ConfigError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Train:
     """The machine side of training: nothing here changes the recipe's math."""
@@ -210,6 +234,27 @@ class Train:
         1800,
         domain=D.number(0, integer=True),
         source="seconds a rank may go without a batch or an update before it dumps its stacks and stops; 0 = off",
+    )
+    checkpoint_every: int | str = D.param(
+        0,
+        domain=D.Domain(
+            "0 (epoch ends only), an integer >= 1 (updates), or minutes as '<N>min'",
+            lambda v, h: _every_ok(v),
+            lambda h: [0, 500, "30min"],
+            lambda h: [-1, "30", "0min", 1.5],
+        ),
+        source="a checkpoint inside the epoch as well (resumed bit-identically); at epoch ends always",
+    )
+    keep_checkpoints: int = D.param(
+        1, domain=D.number(1, integer=True), source="the newest N complete checkpoints stay; older ones go after"
+    )
+    slurm_signal_s: int = D.param(
+        300,
+        domain=D.number(0, integer=True),
+        source=(
+            "train.launcher slurm: srun --signal=USR1@N asks SLURM for SIGUSR1 N s before the time limit; the run "
+            "saves at its next update and requeues the job (0: no signal)"
+        ),
     )
     zero_stage: int = D.param(
         0,
@@ -524,6 +569,9 @@ class Resolved:
             "threads",
             "eval_every",
             "stall_s",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "slurm_signal_s",
             "hostfile",
             "master_port",
             "devices",

@@ -89,6 +89,35 @@ class Slots:
         if self.saved_bn is not None:
             torch._foreach_copy_(self.saved_bn[k], self.bn)
 
+    def state(self) -> list[dict]:
+        """Each slot's random streams and BatchNorm statistics, as a checkpoint holds them inside an epoch (plain
+        ints and tensors: it loads with torch.load(weights_only=True))."""
+        out = []
+        for k, (py, npy, cpu, cuda) in enumerate(self.rng):
+            bn = self.saved_bn[k] if self.saved_bn is not None else self.bn
+            out.append(
+                {
+                    "python": py,
+                    "numpy": (torch.from_numpy(npy[1].astype(np.int64)), *map(_plain, npy[2:])),
+                    "torch": cpu.clone(),
+                    "cuda": None if cuda is None else cuda.clone(),
+                    "bn": [b.detach().clone().cpu() for b in bn],
+                }
+            )
+        return out
+
+    def restore(self, states: list[dict]) -> None:
+        """The inverse of `state`: the streams and statistics each slot had at the checkpoint's update."""
+        assert len(states) == len(self.rng), (len(states), len(self.rng))
+        for k, st in enumerate(states):
+            keys, pos, has_gauss, gauss = st["numpy"]
+            npy = ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+            py = st["python"]
+            self.rng[k] = (py[0], tuple(py[1]), py[2]), npy, st["torch"], st["cuda"]
+            with torch.no_grad():
+                target = self.saved_bn[k] if self.saved_bn is not None else self.bn
+                torch._foreach_copy_(target, [b.to(t.device) for b, t in zip(st["bn"], target)])
+
     def reduce_bn(self) -> None:
         if self.saved_bn is not None:
             for i, b in enumerate(self.bn):
@@ -97,6 +126,11 @@ class Slots:
                     if i < self.reduced
                     else self.saved_bn[0][i]
                 )
+
+
+def _plain(x):
+    """A NumPy scalar as the Python number it holds."""
+    return x.item() if hasattr(x, "item") else x
 
 
 def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,64 +143,101 @@ def forward_backward(s: Step, images: torch.Tensor, targets: torch.Tensor) -> to
     return loss.detach()
 
 
-def train_one_epoch(s: Step, loader, epoch: int, slots: Slots, accum: int, show_progress: bool) -> dict:
-    """Micro-batch i is slot i % accum: it runs with that slot's random streams and BatchNorm statistics."""
+def train_one_epoch(
+    s: Step,
+    loader,
+    epoch: int,
+    slots: Slots,
+    accum: int,
+    show_progress: bool,
+    done: list[dict] | None = None,
+    boundary: Callable[[EpochLog], None] | None = None,
+) -> dict:
+    """Micro-batch i is slot i % accum: it runs with that slot's random streams and BatchNorm statistics. `done`:
+    the rows of this epoch's updates before a resume inside it (the loader starts after them); `boundary` runs after
+    every update (a checkpoint on schedule or on a stop signal: rsb.training)."""
     s.engine.train()
-    losses, rows, seen, t0 = [], [], 0, time.perf_counter()
-    bar = tqdm(
-        total=len(loader) // accum, desc=f"epoch {epoch}", disable=not show_progress, leave=False, dynamic_ncols=True
-    )
-    try:  # closed on a failure too, so an error line is not printed after the bar
+    log = EpochLog(s, epoch, list(done or []), len(loader) // accum, show_progress)
+    try:  # the bar is closed on a failure too, so an error line is not printed after it
         for i, (images, labels) in enumerate(loader):
             slots.enter(i % accum)
             images, labels = s.to_device(images), labels.to(s.device, non_blocking=True)
             if s.mixup_fn is not None:
                 images, labels = s.mixup_fn(images, labels)
-            losses.append(forward_backward(s, images, labels))
+            losses = forward_backward(s, images, labels)
+            log.pending.append(losses)
             s.beat(s.num_updates)
             slots.leave(i % accum)
-            seen += images.shape[0]
+            log.seen += images.shape[0]
             if (i + 1) % accum:
                 continue
             lr = s.engine.optimizer.param_groups[0]["lr"]  # the lr this update used
             s.num_updates += 1
             s.scheduler.step_update(num_updates=s.num_updates)
-            rows.append({"step": s.num_updates, "lr": lr, "loss": torch.stack(losses[-accum:]).mean()})
-            if len(rows) % s.log_every == 0:
-                _flush(s, rows[-s.log_every :], epoch, bar, seen / (time.perf_counter() - t0))
-            bar.update(1)
-        if tail := len(rows) % s.log_every:
-            _flush(s, rows[-tail:], epoch, bar, seen / (time.perf_counter() - t0))
+            log.add({"step": s.num_updates, "lr": lr, "loss": torch.stack(log.pending).mean()})
+            if boundary is not None:
+                boundary(log)
+        log.flush()
     finally:
-        bar.close()
+        log.bar.close()
     slots.reduce_bn()
-    elapsed = time.perf_counter() - t0
+    rows, elapsed = log.rows, time.perf_counter() - log.t0
     return {
         "train/loss": sum(r["loss"] for r in rows) / max(1, len(rows)),
         "train/lr": rows[-1]["lr"] if rows else 0.0,
-        "train/img_per_s": seen / elapsed,
+        "train/img_per_s": log.seen / elapsed,
         "train/epoch_s": elapsed,
         "train/updates": len(rows),
     }
 
 
-def _flush(s: Step, rows: list[dict], epoch: int, bar, img_per_s: float) -> None:
-    """Turn a window of loss tensors into numbers (one sync per window, not per step) and check they are finite.
-    Each is the mean over the whole global batch: averaged over this rank's slots, then over ranks."""
-    values = torch.stack([r["loss"] for r in rows]).float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    numbers = values.cpu().tolist()
-    for r, v in zip(rows, numbers):
-        r["loss"] = v
-        if not math.isfinite(v):
-            raise NonFiniteLoss(
-                f"non-finite loss {v} at update {r['step']} (epoch {epoch}); the last good "
-                "checkpoint is kept. Lower the lr or use precision fp32/bf16"
-            )
-    bar.set_postfix(loss=f"{numbers[-1]:.4f}", lr=f"{rows[-1]['lr']:.2e}", img_s=f"{img_per_s:.0f}")
-    s.on_log(rows)
+class EpochLog:
+    """One epoch's update rows. Loss tensors become numbers in windows of `log_every` (one sync per window, not per
+    update), checked finite there, and go to `on_log`; `flush` turns the rest into numbers now (before a
+    checkpoint, which holds them)."""
+
+    def __init__(self, s: Step, epoch: int, done: list[dict], remaining: int, show_progress: bool):
+        self.s, self.epoch, self.rows, self.flushed = s, epoch, done, len(done)
+        self.pending: list[torch.Tensor] = []
+        self.seen, self.t0 = 0, time.perf_counter()
+        self.bar = tqdm(
+            total=len(done) + remaining,
+            initial=len(done),
+            desc=f"epoch {epoch}",
+            disable=not show_progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.pending = []
+        self.bar.update(1)
+        if len(self.rows) - self.flushed >= self.s.log_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Each row's loss is the mean over the whole global batch: averaged over this rank's slots, then over
+        ranks. Collective: every rank flushes at the same updates."""
+        rows = self.rows[self.flushed :]
+        if not rows:
+            return
+        values = torch.stack([r["loss"] for r in rows]).float()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        numbers = values.cpu().tolist()
+        for r, v in zip(rows, numbers):
+            r["loss"] = v
+            if not math.isfinite(v):
+                raise NonFiniteLoss(
+                    f"non-finite loss {v} at update {r['step']} (epoch {self.epoch}); the last good "
+                    "checkpoint is kept. Lower the lr or use precision fp32/bf16"
+                )
+        self.flushed = len(self.rows)
+        img_per_s = self.seen / (time.perf_counter() - self.t0)
+        self.bar.set_postfix(loss=f"{numbers[-1]:.4f}", lr=f"{rows[-1]['lr']:.2e}", img_s=f"{img_per_s:.0f}")
+        self.s.on_log(rows)
 
 
 @torch.no_grad()

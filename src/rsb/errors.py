@@ -25,6 +25,15 @@ class InputError(RsbError, ValueError):
     an output)."""
 
 
+# A run that stopped on a signal after saving a checkpoint (rsb.stopping): not a failure, and not finished. The same
+# command resumes it; rsb.launch's SLURM path requeues the job on it. Documented in RELIABILITY.md.
+EXIT_STOPPED = 76
+
+
+class Stopped(RsbError):
+    """The run saved a checkpoint at an update and stopped, as a stop signal asked."""
+
+
 EXPECTED = (RsbError, OSError)
 _WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 _LAST = re.compile(r"^[\w.]+: (.*)$")
@@ -62,6 +71,9 @@ def run(main: Callable[[], object], where: str = "") -> None:
         main()
     except KeyboardInterrupt:
         sys.exit("error: interrupted")
+    except Stopped as e:
+        print(f"stopped: {message(e)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
     except Exception as e:
         if expected(e):
             if os.environ.get("RSB_DEBUG") == "1":

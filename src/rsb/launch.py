@@ -15,7 +15,15 @@ BENCHMARKS.md). More go through `deepspeed`, the launcher DeepSpeed documents, i
 
 Either way every worker trains with the DeepSpeed engine. Before anything starts, the options go through their
 params.yaml keys' domains (rsb.config, ~0.1 s to import), and a fixed rendezvous port this node would open must be
-free. This module imports only the standard library itself.
+free. This module imports only the standard library itself (psutil, a DeepSpeed dependency, when it forwards a signal).
+
+Stop signals (rsb.stopping). With more than one process this launcher stays the parent: a SIGTERM or SIGUSR1 it
+receives goes on as SIGUSR1 to every process under it (DeepSpeed's launchers are started ignoring both, so neither
+dies of it nor kills the ranks mid-save; its per-node launcher, signalled itself, still ends the ranks after 30 s).
+The ranks save at their next update and exit with errors.EXIT_STOPPED, which this launcher returns. Under
+train.launcher slurm it also asks SLURM for SIGUSR1 train.slurm_signal_s seconds before the time limit
+(`srun --signal=USR1@N`, which reaches every process of the step) and, when the training stopped on it, requeues the
+job (`scontrol requeue $SLURM_JOB_ID`): the requeued job's `dvc repro` resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from rsb.errors import RsbError
+from rsb.errors import EXIT_STOPPED, RsbError
 from rsb.net import check_port, free_port
 
 LAUNCHERS = ("pdsh", "no_ssh", "slurm")
@@ -127,16 +136,17 @@ def command(
     launcher: str = "pdsh",
     master_addr: str = "auto",
     env=os.environ,
+    slurm_signal_s: int = 0,
 ) -> list[str]:
     """The command line that starts `module` on nodes x devices processes (checked before anything starts)."""
     if nodes < 1 or devices < 1:
         raise LaunchError(f"train.nodes={nodes}, train.devices={devices}: both must be at least 1")
     if launcher not in LAUNCHERS:
         raise LaunchError(f"train.launcher={launcher!r}: use one of {', '.join(LAUNCHERS)}")
+    if launcher == "slurm":  # one node too: srun carries the signal before the time limit
+        return _slurm(nodes, devices, master_port, module, args, master_addr, env, slurm_signal_s)
     if nodes == 1 and devices == 1:
         return [sys.executable, "-m", module, *args]
-    if launcher == "slurm" and nodes > 1:
-        return _slurm(nodes, devices, master_port, module, args, master_addr, env)
     if launcher == "no_ssh" and nodes > 1:
         return _no_ssh(nodes, devices, hostfile, master_port, module, args, master_addr, env)
     if master_port:
@@ -145,7 +155,7 @@ def command(
     if nodes > 1:
         check_hosts(hostfile, nodes, devices)
         cmd += ["--hostfile", str(hostfile)]
-    elif hostfile.is_file():
+    elif hostfile.is_file() and launcher != "no_ssh":  # no_ssh on one node (SLURM's): this node, nothing remote
         cmd += ["--hostfile", str(hostfile)]
     return [*cmd, "--module", module, *args]
 
@@ -181,7 +191,7 @@ def _no_ssh(nodes, devices, hostfile, master_port, module, args, master_addr, en
     ]
 
 
-def _slurm(nodes, devices, master_port, module, args, master_addr, env) -> list[str]:
+def _slurm(nodes, devices, master_port, module, args, master_addr, env, signal_s) -> list[str]:
     hosts = slurm_hosts(env)
     if len(hosts) < nodes:
         raise LaunchError(
@@ -196,6 +206,7 @@ def _slurm(nodes, devices, master_port, module, args, master_addr, env) -> list[
         f"--nodes={nodes}",
         "--ntasks-per-node=1",
         "--kill-on-bad-exit=1",
+        *([f"--signal=USR1@{signal_s}"] if signal_s else []),
         sys.executable,
         "-m",
         "rsb.launch",
@@ -224,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--master-port", type=int, default=0)
     p.add_argument("--launcher", default="pdsh")
     p.add_argument("--master-addr", default="auto")
+    p.add_argument("--slurm-signal-s", type=int, default=0)
     p.add_argument("module")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
@@ -234,11 +246,78 @@ def main(argv: list[str] | None = None) -> None:
         ("--devices", "devices"),
         ("--master-port", "master_port"),
         ("--launcher", "launcher"),
+        ("--slurm-signal-s", "slurm_signal_s"),
     ):
         check_option(Train, key, getattr(a, key), flag)
-    cmd = command(a.nodes, a.devices, a.hostfile, a.master_port, a.module, a.args, a.launcher, a.master_addr)
+    cmd = command(
+        a.nodes,
+        a.devices,
+        a.hostfile,
+        a.master_port,
+        a.module,
+        a.args,
+        a.launcher,
+        a.master_addr,
+        slurm_signal_s=a.slurm_signal_s,
+    )
     sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+    if cmd[0] == sys.executable:  # one process: it is the rank, and receives the signals itself
+        os.execvp(cmd[0], cmd)
+    sys.exit(supervise(cmd, requeue=a.launcher == "slurm"))
+
+
+STOP = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _ignore_stop_signals() -> None:  # in the child, before exec: inherited by DeepSpeed's launchers
+    for s in STOP:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def supervise(cmd: list[str], requeue: bool, env=None) -> int:
+    """Run the launcher `cmd` as a child, forwarding stop signals to every process under it; its exit status. On a
+    stop under SLURM that came from the job's time limit (not a SIGTERM to this process: scancel, pre-emption,
+    which SLURM handles itself), the job is requeued."""
+    received: list[str] = []
+
+    def forward(signum, frame):
+        import psutil
+
+        received.append(signal.Signals(signum).name)
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.send_signal(signal.SIGUSR1)
+            except psutil.Error:
+                pass
+
+    child = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, env=env)
+    for s in STOP:
+        signal.signal(s, forward)
+    code = child.wait()
+    if code == EXIT_STOPPED or (received and code != 0):
+        print(_requeue() if requeue and "SIGTERM" not in received else _stopped(received), file=sys.stderr)
+        return EXIT_STOPPED
+    return code if code >= 0 else 128 - code
+
+
+def _stopped(received: list[str]) -> str:
+    why = f"on {received[0]}" if received else "on a stop signal"
+    return f"stopped: the training stopped {why}; rerun the same command (`dvc repro`) to resume from its checkpoint"
+
+
+def _requeue() -> str:
+    """`scontrol requeue` this job (SLURM puts it back in the queue; it then runs the batch script again)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return _stopped([])
+    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if out.returncode != 0:
+        detail = " ".join((out.stderr or out.stdout).split()) or f"exit status {out.returncode}"
+        return (
+            f"stopped: the training saved and stopped before the time limit, but `scontrol requeue {job}` failed "
+            f"({detail}); submit the same batch script again: it resumes from the checkpoint"
+        )
+    return f"stopped: the training saved and stopped before the time limit; job {job} is requeued (scontrol requeue)"
 
 
 if __name__ == "__main__":

@@ -135,12 +135,21 @@ def virtual_sampler(dataset: Dataset, virtual: int, v: int, aug_repeats: int) ->
 
 class MicroBatchSampler(Sampler[list[tuple[int, int]]]):
     """This rank's micro-batches, as lists of (dataset index, augmentation seed): update u, slot k holds positions
-    [u*micro, (u+1)*micro) of virtual rank `rank * accum + k`."""
+    [u*micro, (u+1)*micro) of virtual rank `rank * accum + k`. `start`: the updates of the epoch already done (a
+    resume inside an epoch): the epoch's order is drawn whole, as before, and its first `start` updates skipped."""
 
     def __init__(
-        self, dataset: Dataset, micro_batch: int, accum: int, world: int, rank: int, aug_repeats: int, seed: int = 0
+        self,
+        dataset: Dataset,
+        micro_batch: int,
+        accum: int,
+        world: int,
+        rank: int,
+        aug_repeats: int,
+        seed: int = 0,
+        start: int = 0,
     ):
-        self.micro_batch, self.seed, self.epoch = micro_batch, seed, 0
+        self.micro_batch, self.seed, self.epoch, self.start = micro_batch, seed, 0, start
         self.ranks = range(rank * accum, (rank + 1) * accum)
         self.samplers = [virtual_sampler(dataset, world * accum, v, aug_repeats) for v in self.ranks]
         self.updates = min(len(s) for s in self.samplers) // micro_batch
@@ -156,17 +165,17 @@ class MicroBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self):
         orders = [list(s) for s in self.samplers]
-        for u in range(self.updates):
+        for u in range(self.start, self.updates):
             positions = range(u * self.micro_batch, (u + 1) * self.micro_batch)
             for order, s in zip(orders, self.streams()):
                 yield [(order[p], sample_seed(s, p), sample_seed(s, f"mix{u}")) for p in positions]
 
     def erase_seeds(self) -> list[int]:
         """The seed of each micro-batch's random erasing on the device, in the order the loader yields them."""
-        return [sample_seed(s, f"erase{u}") for u in range(self.updates) for s in self.streams()]
+        return [sample_seed(s, f"erase{u}") for u in range(self.start, self.updates) for s in self.streams()]
 
     def __len__(self) -> int:
-        return self.updates * len(self.samplers)
+        return (self.updates - self.start) * len(self.samplers)
 
 
 class Seeded(Dataset):
@@ -246,13 +255,20 @@ def check_worker_sockets(workers: int) -> None:
 
 
 def train_loader(
-    dataset: Split | Folder, r: Resolved, rank: int, epoch: int, device: torch.device, mean_std: dict | None = None
+    dataset: Split | Folder,
+    r: Resolved,
+    rank: int,
+    epoch: int,
+    device: torch.device,
+    mean_std: dict | None = None,
+    start: int = 0,
 ):
-    """A fresh loader per epoch over this rank's micro-batches; augmentation does not depend on the worker count.
-    With the prefetcher (`mean_std`: the model's normalization), timm's PrefetchLoader on `device` around it, as
-    create_loader(use_prefetcher=True) builds it, its erasing seeded per micro-batch."""
+    """A fresh loader per epoch over this rank's micro-batches, from update `start` of the epoch; augmentation does
+    not depend on the worker count. With the prefetcher (`mean_std`: the model's normalization), timm's
+    PrefetchLoader on `device` around it, as create_loader(use_prefetcher=True) builds it, its erasing seeded per
+    micro-batch."""
     sampler = MicroBatchSampler(
-        dataset, r.micro_batch, r.grad_accum, r.world_size, rank, r.recipe.aug_repeats, seed=r.train.seed
+        dataset, r.micro_batch, r.grad_accum, r.world_size, rank, r.recipe.aug_repeats, seed=r.train.seed, start=start
     )
     sampler.set_epoch(epoch)
     loader = worker_loader(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rsb import checkpoint, distributed, hardware, tracking
+from rsb import checkpoint, distributed, errors, hardware, tracking
 from rsb.config import Params, Resolved, flatten, resolve
 from rsb.data.datasets import load_classes
 from rsb.io import refuse_overlap, save_weights, write_csv, write_json
@@ -108,6 +108,9 @@ def train_job(job: Job, r: Resolved) -> dict:
     t0 = time.perf_counter()
     try:
         model, extra = train(run)
+    except errors.Stopped:
+        tracker.end("KILLED")  # MLflow's status for a run stopped from outside; the resume sets it RUNNING again
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise

@@ -13,7 +13,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn
 
-from rsb import checkpoint, distributed, engine, errors, hardware
+from rsb import checkpoint, distributed, engine, errors, hardware, stopping
 from rsb import loader as loaders
 from rsb.config import ConfigError, Resolved
 from rsb.data.datasets import Split, load_classes
@@ -117,29 +117,42 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
         channels_last=r.train.channels_last,
         on_log=lambda rows: _log_updates(run, rows),
     )
-    start = _resume(run, step)
+    resumed = _resume(run, step)
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
     val_loader = loaders.eval_loader(val_shard, run.eval_batch, r.workers)
-    # a rank that stops making progress dumps its stacks and stops in one line (rsb.watchdog)
-    with Watchdog(r.train.stall_s, errors.rank()) as dog:
+    # a rank that stops making progress dumps its stacks and stops in one line (rsb.watchdog); a stop signal saves
+    # at the next update and stops (rsb.stopping)
+    with Watchdog(r.train.stall_s, errors.rank()) as dog, stopping.StopSignals() as signals:
         step.beat = dog.beat
-        for epoch in range(start, r.epochs):
+        agree = stopping.Agreement(signals, r.train.checkpoint_every)
+        for epoch in range(resumed.epoch, r.epochs):
             began = time.perf_counter()
             slots = engine.Slots(
                 ds_engine.module,
-                [
-                    loaders.stream_seed(r.train.seed, epoch, v)
-                    for v in range(run.rank * r.grad_accum, (run.rank + 1) * r.grad_accum)
-                ],
+                [loaders.stream_seed(r.train.seed, epoch, v) for v in _virtual_ranks(run)],
                 run.device,
             )
+            inside = resumed.epoch == epoch and resumed.position > 0  # a resume inside this epoch
+            if inside:
+                slots.restore([resumed.slots[v] for v in _virtual_ranks(run)])
+            at = Boundary(run, step, agree, slots, epoch, updates_per_epoch)
             stats = engine.train_one_epoch(
                 step,
-                loaders.train_loader(train_set, r, run.rank, epoch, run.device, loaders.normalization(model)),
+                loaders.train_loader(
+                    train_set,
+                    r,
+                    run.rank,
+                    epoch,
+                    run.device,
+                    loaders.normalization(model),
+                    start=resumed.position if inside else 0,
+                ),
                 epoch,
                 slots,
                 r.grad_accum,
                 show_progress=run.rank == 0,
+                done=resumed.rows if inside else None,
+                boundary=at,
             )
             if r.world_size > 1:
                 distribute_bn(ds_engine.module, r.world_size, reduce=True)  # timm's --dist-bn reduce
@@ -148,12 +161,66 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
             if last or (r.train.eval_every and (epoch + 1) % r.train.eval_every == 0):
                 val = engine.evaluate(ds_engine.module, val_loader, run.device, dtype, r.train.channels_last)
                 stats.update({"val/top1": val["top1"], "val/top5": val["top5"], "val/count": val["count"]})
-            row = {"epoch": epoch + 1, **stats, "train/wall_s": time.perf_counter() - began}  # the epoch's cost
+            wall = time.perf_counter() - began + (resumed.wall_s if inside else 0.0)
+            row = {"epoch": epoch + 1, **stats, "train/wall_s": wall}  # the epoch's cost, across a resume inside it
             run.history.append(row)
             run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             dog.beat()
-            checkpoint.save(ds_engine, run.ckpt_dir, epoch + 1, _client_state(run, step, epoch + 1))
+            tag = checkpoint.tag_for(epoch + 1)
+            checkpoint.save(ds_engine, run.ckpt_dir, tag, _client_state(run, step, epoch + 1), r.train.keep_checkpoints)
+            agree.saved()
+            if not last and agree.decide(step.num_updates)[1]:  # a signal during the evaluation or the save
+                raise _stopped(run, signals, step, tag)
     return ds_engine.module, {"updates_per_epoch": updates_per_epoch}
+
+
+def _virtual_ranks(run: Run) -> range:
+    return range(run.rank * run.r.grad_accum, (run.rank + 1) * run.r.grad_accum)
+
+
+class Boundary:
+    """After each update of an epoch: a checkpoint inside the epoch when the schedule or a stop signal asks (agreed
+    by every rank), then the stop. At the epoch's last update nothing is saved here: the epoch's own checkpoint
+    follows, and a stop then happens after it."""
+
+    def __init__(self, run: Run, step: engine.Step, agree: stopping.Agreement, slots: engine.Slots, epoch: int, n: int):
+        self.run, self.step, self.agree, self.slots, self.epoch, self.n = run, step, agree, slots, epoch, n
+        self.began = time.perf_counter()
+
+    def __call__(self, log: engine.EpochLog) -> None:
+        position = len(log.rows)
+        if position >= self.n:
+            return
+        save, stop = self.agree.decide(self.step.num_updates)
+        if not save:
+            return
+        log.flush()  # the rows' losses as numbers (and checked finite) before a checkpoint holds them
+        run = self.run
+        states: dict[int, dict] = {}
+        for part in self.agree.gather(dict(zip(_virtual_ranks(run), self.slots.state()))):
+            states.update(part)
+        client = {
+            **_client_state(run, self.step, self.epoch),
+            "position": position,
+            "epoch_rows": log.rows,
+            "slots": states,
+            "epoch_wall_s": time.perf_counter() - self.began,
+        }
+        self.step.beat(self.step.num_updates)
+        tag = checkpoint.tag_for(self.epoch, position)
+        checkpoint.save(self.step.engine, run.ckpt_dir, tag, client, run.r.train.keep_checkpoints)
+        self.step.beat(self.step.num_updates)
+        self.agree.saved()
+        if stop:
+            raise _stopped(run, self.agree.signals, self.step, tag)
+
+
+def _stopped(run: Run, signals: stopping.StopSignals, step: engine.Step, tag: str) -> errors.Stopped:
+    why = signals.received or "a peer's stop signal"
+    return errors.Stopped(
+        f"{errors.rank()}: {why} at update {step.num_updates}: the checkpoint {run.ckpt_dir / tag} is saved; "
+        "the same command resumes from it (rsb.launch's SLURM path requeues the job)"
+    )
 
 
 def _log_updates(run: Run, rows: list[dict]) -> None:
@@ -173,15 +240,30 @@ def _client_state(run: Run, step: engine.Step, epochs_done: int) -> dict:
     }
 
 
-def _resume(run: Run, step: engine.Step) -> int:
+@dataclass
+class Resumed:
+    """Where a run continues: at epoch `epoch`, `position` updates into it (0: at its start)."""
+
+    epoch: int = 0
+    position: int = 0
+    rows: list[dict] = field(default_factory=list)  # the epoch's update rows before `position`
+    slots: dict[int, dict] = field(default_factory=dict)  # each virtual rank's streams and BatchNorm statistics
+    wall_s: float = 0.0  # the epoch's time before the checkpoint
+
+
+def _resume(run: Run, step: engine.Step) -> Resumed:
     client = checkpoint.load(step.engine, run.ckpt_dir, run.ckpt_dir.name)
     if client is None:
-        return 0
+        return Resumed()
     step.num_updates = client["num_updates"]
     step.scheduler.load_state_dict(client["scheduler"])
     step.scheduler.step_update(num_updates=step.num_updates)  # the lr of the next update, as the loop leaves it
     run.history[:] = client["history"]
     run.updates[:] = client["updates"]
+    position = client.get("position", 0)
     if run.rank == 0:
-        print(f"resumed {run.ckpt_dir} at epoch {client['epoch']}/{run.r.epochs}")
-    return client["epoch"]
+        where = f" + {position} updates" if position else ""
+        print(f"resumed {run.ckpt_dir} at epoch {client['epoch']}/{run.r.epochs}{where}")
+    return Resumed(
+        client["epoch"], position, client.get("epoch_rows", []), client.get("slots", {}), client.get("epoch_wall_s", 0)
+    )
