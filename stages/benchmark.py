@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsb import errors, profiling
+from rsb import errors, profiling, watchdog
 from rsb.config import load_params
 
 
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", required=True)
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
-    metrics = profiling.benchmark(load_params(args.params), args.arch)
+    params = load_params(args.params)
+    with watchdog.stage(params.train.stall_s, f"benchmark@{args.arch}"):
+        metrics = profiling.benchmark(params, args.arch)
     print(
         f"{args.arch}: {metrics['params_m']:.2f} M params, {metrics['gmacs']:.3f} GMACs, "
         f"{metrics['img_per_s']:.1f} img/s, {metrics['peak_mem_mb']:.0f} MB on {metrics['device']}"

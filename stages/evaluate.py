@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsb import errors
+from rsb import errors, watchdog
 from rsb.config import Train, check_option, load_params
 from rsb.evaluation import evaluate_run
 from rsb.outputs import STUDY_RUNS, Outputs
@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=None, help="the seed study's run <arch>-<recipe>-seed<N>")
     args = p.parse_args(argv)
     check_option(Train, "seed", args.seed, "--seed")
-    m = evaluate_run(load_params(args.params), args.arch, args.recipe, args.study, args.seed)
+    params = load_params(args.params)
     name = Outputs.of(args.arch, args.recipe, args.study, args.seed).name
+    with watchdog.stage(params.train.stall_s, f"evaluate@{name}"):  # stuck outside a loader: stacks and one line
+        m = evaluate_run(params, args.arch, args.recipe, args.study, args.seed)
     print(f"{name}: val {m['val/top1']:.2f}  ReaL {m['real/top1']:.2f}  V2 {m['v2/top1']:.2f}")
     return m
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rsb import errors
+from rsb import errors, watchdog
 from rsb.data.prepare import build
 from rsb.data.spec import Data
 from rsb.paramfile import load_section
@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
     # there never reruns hours of indexing ImageNet (its DVC deps are what it imports: rsb.code)
     data = load_section(args.params, "data", Data)
     source, raw, out = args.source or data.source, args.raw or Path(data.raw), args.out or Path(data.prepared)
-    info = build(raw, out, source, data.verify_md5 and source == "imagenet", "--out" if args.out else "data.prepared")
+    with watchdog.stage(watchdog.STAGE_STALL_S, "prepare", "rsb.watchdog.STAGE_STALL_S"):
+        info = build(
+            raw, out, source, data.verify_md5 and source == "imagenet", "--out" if args.out else "data.prepared"
+        )
     print(f"prepared {out}: {info['classes']} classes, {info['images']}")
     return info
 

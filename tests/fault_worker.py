@@ -10,6 +10,7 @@ up. The patches only decide *when*; the stage runs its real code up to that mome
   evaluation       in the evaluate stage, after val is scored, while V2 is being predicted
   rank1-crash      rank 1 raises at its 3rd micro-step (the other rank is left waiting in an all-reduce)
   rank1-stop       rank 1 stops itself (SIGSTOP) at its 3rd micro-step: alive, silent, never continuing
+  evaluate-hang    in the evaluate stage's main process, after the first batch: asleep, outside any loader
   prepare-index    in prepare, once V2's repacked tar is written into the partial folder, before the decode check
 Stop signals, sent at rank 0's (or rank 1's) 3rd micro-step, inside an update; the stage must save at the next
 update and exit errors.EXIT_STOPPED:
@@ -165,6 +166,20 @@ def arm(point: str) -> None:
                 write(self, state_dict, path)
 
             TorchCheckpointEngine.save = signalled_write
+    elif point == "evaluate-hang":
+        import time
+
+        predict = engine.predict
+
+        def hanging_predict(model, loader, *args, **kwargs):
+            def first_batch_then_hang():
+                it = iter(loader)
+                yield next(it)
+                time.sleep(3600)
+
+            return predict(model, first_batch_then_hang(), *args, **kwargs)
+
+        engine.predict = hanging_predict
     elif point == "prepare-index":
         from rsb.data import archives
 

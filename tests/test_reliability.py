@@ -46,9 +46,9 @@ def run(cwd: Path, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess
     )
 
 
-def killed_then_rerun(tmp: Path, prepared: Path, point: str) -> subprocess.CompletedProcess:
+def killed_then_rerun(tmp: Path, prepared: Path, point: str, over: dict = OVER) -> subprocess.CompletedProcess:
     tmp.mkdir()
-    p = write_params(tmp / "params.yaml", prepared, OVER)
+    p = write_params(tmp / "params.yaml", prepared, over)
     out = run(tmp, str(FAULTS), point, *train_args(p))
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     assert not (tmp / "models" / f"{NAME}.safetensors").exists(), "a killed stage must not look finished"
@@ -83,6 +83,21 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, prepared, straig
     assert_same_result(straight, tmp_path / point)
     (ckpts,) = (tmp_path / point / "checkpoints" / NAME).iterdir()
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch3", "latest"], "partial epoch folders are cleaned up"
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_checkpoint_inside_the_epoch(tmp_path, prepared, straight):
+    """train.checkpoint_every = 2 updates, keep 2: `kill -9` at update 13 (the 3rd of epoch 2) loses one update,
+    not the epoch: the rerun resumes from `epoch1.2` (update 12) and ends bit-identical to an uninterrupted run,
+    with the newest two checkpoints left."""
+    tmp = tmp_path / "every2"
+    again = killed_then_rerun(
+        tmp, prepared, "mid-epoch", {**OVER, "train.checkpoint_every": 2, "train.keep_checkpoints": 2}
+    )
+    assert "at epoch 1/3 + 2 updates" in again.stdout, again.stdout[-2000:]
+    assert_same_result(straight, tmp)
+    (ckpts,) = (tmp / "checkpoints" / NAME).iterdir()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch2.8", "epoch3", "latest"]
 
 
 @pytest.mark.slow
@@ -129,6 +144,27 @@ def test_killed_evaluation_reruns_cleanly(tmp_path, prepared, straight):
     drop = ("eval_s",)
     a, b = (json.loads(t) for t in (clean, (straight / "metrics/eval" / f"{NAME}.json").read_text()))
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+@pytest.mark.slow
+def test_a_stage_stuck_outside_its_loader_writes_its_stacks_and_one_line(tmp_path, straight):
+    """The evaluate stage's main process hangs after its first batch (asleep, no loader involved). With
+    train.stall_s = 3 its watchdog (rsb.watchdog.stage) writes every thread's stack and one line naming the stage
+    and the batch, and exits 75, in seconds; no metrics file is left."""
+    from rsb.watchdog import EXIT_STALLED
+
+    p = write_params(
+        tmp_path / "params.yaml",
+        Path(load_params(straight / "params.yaml").data.prepared),
+        {**OVER, "train.stall_s": 3},
+    )
+    args = ["stages.evaluate", "--arch", "test_resnet", "--recipe", "a1", "--params", str(p)]
+    t0 = time.time()
+    out = run(straight, str(FAULTS), "evaluate-hang", *args, timeout=120)
+    assert out.returncode == EXIT_STALLED and time.time() - t0 < 60, (out.returncode, out.stderr[-3000:])
+    assert "Thread 0x" in out.stderr and "fault_worker.py" in out.stderr, "every thread's stack, the main one asleep"
+    (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert line.startswith(f"error: evaluate@{NAME}: no progress for ") and "(train.stall_s = 3) after batch 0;" in line
 
 
 @pytest.mark.slow

@@ -233,7 +233,10 @@ class Train:
     stall_s: int = D.param(
         1800,
         domain=D.number(0, integer=True),
-        source="seconds a rank may go without a batch or an update before it dumps its stacks and stops; 0 = off",
+        source=(
+            "seconds a rank (or the evaluate or benchmark stage) may go without a batch or an update before it dumps "
+            "its stacks and stops; 0 = off"
+        ),
     )
     checkpoint_every: int | str = D.param(
         0,

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from rsb import watchdog
 from rsb.errors import RsbError
 from rsb.hardware import autocast
 
@@ -247,7 +248,8 @@ def predict(
     """Top-k class indices and labels for every sample of `loader`, in order."""
     model.eval()
     tops, labels = [], []
-    for images, y in loader:
+    for i, (images, y) in enumerate(loader):
+        watchdog.beat(i)  # the stage's watchdog (rsb.watchdog.stage): a batch arrived
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from pathlib import Path
 import timm
 import torch
 
-from rsb import hardware, tracking
+from rsb import hardware, tracking, watchdog
 from rsb.config import Params, check_arch
 from rsb.hardware import autocast
 from rsb.io import write_json
@@ -53,6 +53,7 @@ def throughput(
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
+            watchdog.beat(i)
             sync()
             t0 = time.perf_counter()
             with autocast(device, dtype):

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from rsb import io as rio
+from rsb import watchdog
 from rsb.data import archives, index
 from rsb.data.archives import ArchiveError
 from rsb.data.index import OFFICIAL_COUNTS, SPLITS, Reader, source_path
@@ -67,6 +68,7 @@ def check_images(splits: dict, root: Path, bar: tqdm) -> dict[str, str]:
                     )
                 hashes[f"{split}/{name}"] = digest
             bar.update(len(chunk))
+            watchdog.beat(len(hashes))
     return hashes
 
 
