@@ -468,8 +468,8 @@ def test_a_run_resumed_in_a_fresh_process_equals_train_pys_uninterrupted_run(
     p = params_file(tmp_path, prepared, cfg)
     save = checkpoint.save
 
-    def save_then_stop(engine, ckpt_dir, epoch, client_state):
-        save(engine, ckpt_dir, epoch, client_state)
+    def save_then_stop(engine, ckpt_dir, tag, *args):
+        save(engine, ckpt_dir, tag, *args)
         raise StopAfterEpoch
 
     monkeypatch.setattr(checkpoint, "save", save_then_stop)
