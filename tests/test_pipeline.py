@@ -267,6 +267,13 @@ def test_studies_run_with_one_command_and_rerun_only_what_changed(repo, tmp_path
         assert (repo / "reports" / f"{name}.csv").is_file() and (repo / "reports" / f"{name}.png").is_file()
     assert "| ImageNet-val | 2 |" in (repo / "reports/seeds.md").read_text()
     assert re.search(r"\| test_vit \| [\d.]+ \(\) \| [\d.]+ \(\) \|", (repo / "reports/procedures.md").read_text())
+    # T2 keeps DeiT's model EMA (a DVC-tracked folder of its own); A1 keeps none (the folder says so)
+    ema = repo / "studies/procedures/ema"
+    assert (ema / "test_vit-t2/model_ema.safetensors").is_file() and not (
+        ema / "test_vit-a1/model_ema.safetensors"
+    ).exists()
+    assert json.loads((ema / "test_vit-a1/ema.json").read_text()) == {"model_ema": False}
+    assert "| test_vit | t2 |" in (repo / "reports/procedures.md").read_text().split("model EMA")[-1]
     md = (repo / "reports/transfer.md").read_text()
     assert "Fine-tuning: recipes.ft" in md
     assert re.search(r"\| a1 \| [\d.]+ \(80.40\) \| [\d.]+ \| [\d.]+ \|", md), md  # the grid's own val top-1

@@ -317,4 +317,30 @@ def test_a_vit_trains_and_evaluates_at_the_scaled_size(tmp_path, prepared, monke
     train(args)
     metrics = evaluate(args)
     assert metrics["val/count"] == Split(prepared, "val").__len__() and metrics["transform"]["crop_pct"] == 0.875
-    assert Outputs.of("test_vit", "t2", "procedures").eval_metrics.is_file()
+    o = Outputs.of("test_vit", "t2", "procedures")
+    assert o.eval_metrics.is_file()
+    # T2 keeps DeiT's model EMA: its own weights in the study's EMA folder, scored beside the model, in the report
+    info = json.loads((o.ema_dir / "ema.json").read_text())
+    assert info["model_ema"] and o.ema_weights.is_file() and 0 < info["decay_per_update"] < 0.99996
+    assert info["decay_per_update"] == pytest.approx(0.99996 ** (300 * 625 / info["updates"]), rel=1e-12)
+    assert metrics["ema/val/count"] == metrics["val/count"] and "ema/real/top1" in metrics and "ema/v2/top1" in metrics
+    from stages import studies as stage
+
+    stage.main(["procedures", "--params", p])
+    md = (tmp_path / "reports/procedures.md").read_text()
+    assert "## With and without the model EMA (DeiT's --model-ema)" in md
+    row = f"| test_vit | t2 | {metrics['val/top1']:.2f} | {metrics['ema/val/top1']:.2f} |"
+    assert row in md, md
+
+
+def test_a_model_ema_is_kept_only_where_its_weights_are_declared(tmp_path, prepared, monkeypatch):
+    """A recipe with model_ema trained in the grid (whose DVC stage declares no EMA folder) is refused before any
+    work, in one line naming the key and the study that keeps one."""
+    from stages.train import main as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    p = str(write_params(tmp_path / "params.yaml", prepared, {"recipes.a3.model_ema": True}))
+    with pytest.raises(ConfigError, match=r"recipes.a3.model_ema: true, but only the procedures study's stages"):
+        train(["--arch", "test_resnet", "--recipe", "a3", "--params", p])
+    assert not (tmp_path / "checkpoints").exists()

@@ -507,6 +507,51 @@ def test_a_run_resumed_in_a_fresh_process_equals_train_pys_uninterrupted_run(
     assert_same_run(read_outputs(tmp_path, first + second, NAME), reference_run(p, extracted, 1, 2, cfg))
 
 
+def test_the_model_ema_across_a_stop_and_a_resume_equals_deits(tmp_path, prepared, extracted, monkeypatch, world):
+    """DeiT's --model-ema (timm.utils.ModelEma, updated after each optimizer step, in its checkpoint) through
+    stages.train in the procedures study, one process accumulating 2: stopped by SIGTERM inside epoch 1 (after
+    update 7, a checkpoint inside the epoch), resumed in process, two epochs in all. The EMA's weights and
+    BatchNorm statistics equal DeiT's loop driving timm's class on train.py's 2 processes (rank 0's, as DeiT saves
+    it), as do the model's updates and weights; the decay is DeiT's 0.99996 rescaled to this run's 20 updates."""
+    import os
+    import signal
+
+    from rsb import engine, errors
+    from rsb.io import read_json
+    from stages.train import main
+
+    cfg = {**PARITY, "train.micro_batch": 8, "recipes.a1.model_ema": True, "recipes.a1.model_ema_decay": 0.99996}
+    p = params_file(tmp_path, prepared, cfg)
+    args = ["--arch", "test_resnet", "--recipe", "a1", "--params", str(p), "--study", "procedures"]
+    calls, forward_backward = {"n": 0}, engine.forward_backward
+
+    def signalled(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 13:  # inside update 7 (accumulation 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward_backward(*a, **k)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSB_TRACKING", "off")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    with monkeypatch.context() as m, recorded_grads() as first, pytest.raises(errors.Stopped):
+        m.setattr(engine, "forward_backward", signalled)
+        main(args)
+    signal.signal(signal.SIGTERM, before[0])
+    signal.signal(signal.SIGUSR1, before[1])
+    with recorded_grads() as second:
+        main(args)
+    assert len(first) == 7 and len(second) == 13
+    study = tmp_path / "studies" / "procedures"
+    ours, theirs = read_outputs(study, first + second, NAME), reference_run(p, extracted, 1, 2, cfg)
+    assert_same_run(ours, theirs)
+    info = read_json(study / "ema" / NAME / "ema.json")
+    assert info["decay_per_update"] == pytest.approx(0.99996 ** (600 * 625 / 20), rel=1e-12)
+    assert theirs.ema is not None
+    assert_same_state(load_weights(study / "ema" / NAME / "model_ema.safetensors"), theirs.ema, EXACT[2])
+    assert any(off(theirs.ema[k], theirs.state[k]) > 1e-2 for k in theirs.state), "the EMA is not the model"
+
+
 @pytest.mark.slow  # 8 s; T2's components stay fast (test_mixup_loss_transform_equal_train_py[t2], ...)
 def test_t2_updates_equal_train_py_with_deits_flags(tmp_path, prepared, extracted, monkeypatch, world):
     """T2 (DeiT's procedure: AdamW, SoftTargetCrossEntropy on Mixup 0.8 / CutMix 1.0 with smoothing 0.1, random

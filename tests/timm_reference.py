@@ -51,7 +51,7 @@ from timm.data.distributed_sampler import OrderedDistributedSampler, RepeatAugSa
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import NativeScaler, distribute_bn, random_seed, reduce_tensor
+from timm.utils import ModelEma, NativeScaler, distribute_bn, random_seed, reduce_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision.datasets import ImageFolder
@@ -92,7 +92,7 @@ PAPER_TABLE = Path(__file__).parent / "reference" / "rsb_recipes.csv"
 # --amp (the paper trains in mixed precision).
 TRAIN_PY_2021 = {"warmup_lr": 1e-4, "min_lr": 1e-6, "hflip": 0.5, "train_interpolation": "random", "amp": True}
 # facebookresearch/deit main.py, get_args_parser() defaults (read 2026-11-29), in timm train.py option names, at the
-# paper's batch 2048 (lr: main.py's linear rule 5e-4 x batch / 512); the paper's T2 has no EMA.
+# paper's batch 2048 (lr: main.py's linear rule 5e-4 x batch / 512).
 DEIT_MAIN_PY = {
     "epochs": 300,
     "img_size": 224,
@@ -116,9 +116,11 @@ DEIT_MAIN_PY = {
     "cutmix": 1.0,
     "reprob": 0.25,
     "hflip": 0.5,
-    "model_ema": False,
+    "model_ema": True,  # main.py: --model-ema is on by default (timm.utils.ModelEma, updated after each step)
     "amp": True,
     "train_interpolation": "bicubic",
+    "model_ema_decay": 0.99996,
+    "model_ema_force_cpu": False,
 }
 # The transfer study's fine-tune is this project's own procedure (no published values could be read); pinned here so
 # that an unintended change of params.yaml's `recipes.ft` fails a test.
@@ -263,6 +265,8 @@ TRAIN_PY_DEFAULTS = dict(
     bn_eps=None,
     dist_bn="reduce",
     model_ema=False,
+    model_ema_decay=0.9998,  # train.py's default (DeiT's main.py: 0.99996)
+    model_ema_force_cpu=False,
     seed=42,
     amp=False,
     amp_dtype="float16",
@@ -311,6 +315,9 @@ def args_for(
     args.channels_last = params["train"]["channels_last"]  # train.py --channels-last (memory layout only)
     args.prefetcher = params["train"].get("prefetcher", "auto")  # train.py's default prefetcher, or --no-prefetcher
     args.batch_size, args.grad_accum_steps, args.world_size = micro_batch, accum, world
+    # DeiT's EMA decay is per update of its own run (the recipe's epochs at ImageNet's 1,281,167 images and the
+    # recipe's batch); a shorter run keeps its horizon the same fraction: decay ** (those updates / this run's)
+    args.ema_paper_updates = rec["epochs"] * (1_281_167 // rec["batch_size"])
     assert micro_batch * accum * world == scale["batch_size"], "the reference runs the params' global batch"
     args.sched_on_updates = True  # the schedule is stepped per update (timm's --sched-on-updates)
     args.amp = rec["amp"] and precision != "fp32"
@@ -635,6 +642,7 @@ class Result:
     log: list[dict]  # per update: loss (mean over the global batch), lr used, gradients handed to step()
     # (None where fp16's scaler skipped the step)
     state: dict  # rank 0's final state_dict (BatchNorm statistics after distribute_bn)
+    ema: dict | None = None  # rank 0's model EMA (DeiT's --model-ema), when the recipe keeps one
     val: list[float] = field(default_factory=list)  # top-1 (%) after each epoch, when a val folder was given
     info: dict = field(default_factory=dict)  # loss and optimizer classes, updates per epoch
     steps: int = 0  # optimizer steps that ran (fp16: updates minus skipped ones)
@@ -710,6 +718,12 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     model = model_of_rank(args, rank).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    # DeiT main.py: the EMA is made after model.to(device), before the DDP wrapper (timm.utils.ModelEma)
+    model_ema = (
+        ModelEma(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else "")
+        if args.model_ema
+        else None
+    )
     optimizer = create_optimizer(model, args)
     prefetcher = uses_prefetcher(args, device)
     train_set = ImageFolder(cfg["train_dir"], transform=None if prefetcher else train_transform(args, model))
@@ -723,6 +737,8 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     batches = len(sampler) // args.batch_size
     updates_per_epoch = (batches + args.grad_accum_steps - 1) // args.grad_accum_steps
     scheduler = create_scheduler(optimizer, args, updates_per_epoch)
+    if model_ema is not None:
+        model_ema.decay = args.model_ema_decay ** (args.ema_paper_updates / (args.epochs * updates_per_epoch))
     loss_fn, mixup_fn = create_loss(args), create_mixup(args, prefetcher)
     if "loss_scale" in cfg["plant"]:
         inner, factor = loss_fn, cfg["plant"]["loss_scale"]
@@ -734,6 +750,7 @@ def _process(rank: int, world: int, cfg: dict) -> None:
     ctx = Epoch(
         model, optimizer, scheduler, loss_fn, mixup_fn, amp_autocast(args, device), args, world, device, scaler, steps
     )
+    ctx.model_ema = model_ema
     log, val = [], []
     for epoch in range(cfg["epochs"]):
         sampler.set_epoch(epoch)  # train.py: loader_train.sampler.set_epoch(epoch)
@@ -758,6 +775,9 @@ def _process(rank: int, world: int, cfg: dict) -> None:
             {
                 "log": log,
                 "state": {k: v.cpu().clone() for k, v in unwrapped.state_dict().items()},
+                "ema": None
+                if model_ema is None
+                else {k: v.cpu().clone() for k, v in model_ema.ema.state_dict().items()},
                 "val": val,
                 "steps": len(steps),
                 "info": {
@@ -788,6 +808,7 @@ class Epoch:
     device: torch.device
     scaler: NativeScaler | None = None
     steps: list = field(default_factory=list)  # filled by the optimizer's pre-hook (`_process`)
+    model_ema: ModelEma | None = None  # DeiT's engine.py: model_ema.update(model) after each optimizer step
 
     def train_one_epoch(self, epoch: int, loader, stream: int) -> list[dict]:
         model, optimizer, args = self.model, self.optimizer, self.args
@@ -834,6 +855,8 @@ class Epoch:
                 grads = self.steps[-1] if len(self.steps) > ran else None  # None: the scaler skipped an overflow
             num_updates += 1
             optimizer.zero_grad()
+            if self.model_ema is not None:
+                self.model_ema.update(model)  # the DDP-wrapped model: ModelEma adds the `module.` prefix
             mean = torch.stack(losses).mean()
             losses = []
             log.append(

@@ -122,12 +122,26 @@ class Recipe:
     cutmix: float = D.param(domain=D.number(0), source="timm Mixup cutmix_alpha (0: off)")
     reprob: float = D.param(domain=PROBABILITY, source="timm RandomErasing probability")
     hflip: float = D.param(domain=PROBABILITY, source="timm create_transform hflip probability")
-    model_ema: bool = D.param(domain=D.one_of(False), source=f"{TRAIN_PY} --model-ema; EMA is not part of A1-A3")
+    model_ema: bool = D.param(
+        domain=D.flag(),
+        source=(
+            "DeiT main.py --model-ema: timm's ModelEma (the class DeiT uses) updated after each update; not part of "
+            "A1-A3; only in the procedures study (its stages declare the EMA's weights)"
+        ),
+    )
     amp: bool = D.param(domain=D.flag(), source=f"{TRAIN_PY} --amp; false: fp32 whatever train.precision says")
     train_interpolation: str = D.param(
         "random",
         domain=D.one_of("random", "bilinear", "bicubic"),
         source=f"{TRAIN_PY} --train-interpolation (its default: random)",
+    )
+    model_ema_decay: float = D.param(
+        0.9998,
+        domain=D.number(0, 1, lo_open=True, hi_open=True),
+        source="DeiT main.py --model-ema-decay (0.99996), per update at the paper's scale; rescaled by `scale`",
+    )
+    model_ema_force_cpu: bool = D.param(
+        False, domain=D.flag(), source="DeiT main.py --model-ema-force-cpu: the EMA kept on the CPU"
     )
 
     def check(self, where: str) -> None:
@@ -165,6 +179,7 @@ class Scale:
     )
 
 
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC2012 train: the paper's epoch
 EVERY = re.compile(r"(\d+)\s*min")
 
 
@@ -559,6 +574,14 @@ class Resolved:
         """train.workers with `auto` decided (resolve() does)."""
         assert isinstance(self.train.workers, int), self.train.workers
         return self.train.workers
+
+    def ema_decay(self, updates: int) -> float:
+        """The model EMA's decay per update of a run of `updates` updates. The recipe's decay is per update at the
+        paper's scale (the recipe's epochs x ImageNet's 1,281,167 images // the recipe's batch: T2's 187,500); its
+        horizon 1/(1 - decay) is kept the same fraction of this run: decay ** (paper updates / `updates`). At the
+        paper's scale (scale.epochs 1, batch 2048, ImageNet) it is the recipe's value."""
+        paper = self.recipe.epochs * (IMAGENET_TRAIN_IMAGES // self.recipe.batch_size)
+        return self.recipe.model_ema_decay ** (paper / updates)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ class Step:
     log_every: int = 10
     on_log: Callable[[list[dict]], None] = field(default=lambda rows: None)
     beat: Callable[[int], None] = field(default=lambda update: None)  # rsb.watchdog: progress, per micro-batch
+    ema: Any = None  # timm's ModelEma (DeiT's --model-ema), updated after each update
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -119,6 +120,12 @@ class Slots:
                 target = self.saved_bn[k] if self.saved_bn is not None else self.bn
                 torch._foreach_copy_(target, [b.to(t.device) for b, t in zip(st["bn"], target)])
 
+    def first_slots_bn(self) -> None:
+        """Slot 0's BatchNorm statistics into the model, between updates (the process's rank's own, where its
+        slots were separate processes: what a model EMA of that rank reads)."""
+        if self.saved_bn is not None:
+            torch._foreach_copy_(self.bn, self.saved_bn[0])
+
     def reduce_bn(self) -> None:
         if self.saved_bn is not None:
             for i, b in enumerate(self.bn):
@@ -175,6 +182,9 @@ def train_one_epoch(
             lr = s.engine.optimizer.param_groups[0]["lr"]  # the lr this update used
             s.num_updates += 1
             s.scheduler.step_update(num_updates=s.num_updates)
+            if s.ema is not None:  # DeiT's engine: model_ema.update(model) after each optimizer step
+                slots.first_slots_bn()
+                s.ema.update(s.engine.module)
             log.add({"step": s.num_updates, "lr": lr, "loss": torch.stack(log.pending).mean()})
             if boundary is not None:
                 boundary(log)

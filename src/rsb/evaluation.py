@@ -21,7 +21,7 @@ from rsb.data.datasets import Split
 from rsb.engine import predict, topk_correct
 from rsb.io import read_json, refuse_overlap, write_json
 from rsb.models import load_model
-from rsb.outputs import Outputs
+from rsb.outputs import EMA_STUDY, Outputs
 
 
 def real_labels(val: Split) -> list[list[int]]:
@@ -109,6 +109,19 @@ def evaluate_run(params: Params, arch: str, recipe: str, study: str | None = Non
         params.evaluate.workers,
         r.train.precision,
     )
+    if out.study == EMA_STUDY and read_json(out.ema_dir / "ema.json").get("model_ema"):
+        # the model EMA (T2: DeiT's --model-ema), scored the same way beside the model: ema/val/top1, ...
+        ema = load_model(arch, out.ema_weights, num_classes, out.stage, r.img_size)
+        scores = evaluate_model(
+            ema,
+            prepared,
+            r.test_img_size,
+            r.recipe.crop_pct,
+            params.evaluate.batch_size,
+            params.evaluate.workers,
+            r.train.precision,
+        )
+        metrics.update({f"ema/{k}": v for k, v in scores.items() if "/" in k})
     metrics["eval_s"] = time.perf_counter() - t0
     write_json(out.eval_metrics, metrics)
 

@@ -18,6 +18,7 @@ GRID = "grid"  # the `rsb.study` tag of the main (models x run) trainings
 TRANSFER = "transfer"  # the transfer study's fine-tunes
 STARTS = Path("studies/transfer/starts")  # the transfer study's checked starts (<name>.safetensors + .json)
 STUDY_RUNS = ("seeds", "procedures")  # the studies that train with stages.train (--study): a name, never a path
+EMA_STUDY = "procedures"  # the one study whose stages declare a model EMA's weights (T2: DeiT's --model-ema)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class Outputs:
         return self.root / "models" / f"{self.name}.safetensors"
 
     @property
+    def ema_dir(self) -> Path:
+        """The model EMA's folder (procedures study): ema.json always, model_ema.safetensors when the recipe keeps
+        one (DVC declares the folder: the same outputs for every recipe)."""
+        return self.root / "ema" / self.name
+
+    @property
+    def ema_weights(self) -> Path:
+        return self.ema_dir / "model_ema.safetensors"
+
+    @property
     def train_metrics(self) -> Path:
         return self.root / "metrics" / "train" / f"{self.name}.json"
 
@@ -74,6 +85,7 @@ class Outputs:
             "run record": self.run_file,
             "history": self.history,
             "checkpoints": checkpoints / self.name,
+            **({"model EMA": self.ema_dir} if self.study == EMA_STUDY else {}),
         }
 
     @property

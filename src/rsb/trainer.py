@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from rsb import checkpoint, distributed, errors, hardware, tracking
-from rsb.config import Params, Resolved, flatten, resolve
+from rsb.config import ConfigError, Params, Resolved, flatten, resolve
 from rsb.data.datasets import load_classes
 from rsb.io import refuse_overlap, save_weights, write_csv, write_json
-from rsb.outputs import Outputs
+from rsb.outputs import EMA_STUDY, Outputs
 from rsb.training import Run, train
 
 
@@ -74,6 +74,12 @@ def train_recipe(params: Params, arch: str, recipe: str, study: str | None = Non
 def train_job(job: Job, r: Resolved) -> dict:
     """One training on this process's rank, from the process group to the declared outputs: a grid or study
     training (images from `job.prepared`), or a fine-tune (`job.folder`, `job.start`)."""
+    if r.recipe.model_ema and job.out.study != EMA_STUDY:
+        raise ConfigError(
+            f"recipes.{r.recipe_name}.model_ema: true, but only the {EMA_STUDY} study's stages declare a model "
+            f"EMA's weights ({job.stage} does not); set it false, or train {r.recipe_name} in "
+            f"studies/dvc.yaml:{EMA_STUDY}-train"
+        )
     rank, local_rank, _ = distributed.init()
     threads = distributed.set_threads(r.train.threads)
     device = hardware.device_for(local_rank)
@@ -150,10 +156,14 @@ def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, ext
             "resolved": resolved,
         },
     )
+    if out.study == EMA_STUDY:
+        _export_ema(out, extra["ema"], run.r, extra["updates_per_epoch"] * run.r.epochs)
     save_weights(out.weights, model.state_dict())
     t = run.tracker
     t.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=run.r.epochs)
     artifacts = [(out.run_file, "config"), (out.history, "history"), (out.updates, "history")]
+    if out.study == EMA_STUDY:
+        artifacts.append((out.ema_dir / "ema.json", "ema"))
     if out.in_grid:  # a study's weights stay DVC outputs only (100 seeds of ResNet-50 would be 10 GB of artifacts)
         artifacts.append((out.weights, "weights"))
     for path, where in artifacts:
@@ -164,3 +174,23 @@ def _outputs(run: Run, model: torch.nn.Module, out: Outputs, seconds: float, ext
         f"{metrics['train/time_s']:.0f} s"
     )
     return metrics
+
+
+def _export_ema(out: Outputs, ema, r: Resolved, updates: int) -> None:
+    """The EMA's own weights (rank 0's, as DeiT saves it) and what it is, in the study's declared EMA folder."""
+    import shutil
+
+    shutil.rmtree(out.ema_dir, ignore_errors=True)  # the stage's own folder (DVC removes it before a rerun too)
+    info: dict = {"model_ema": ema is not None}
+    if ema is not None:
+        info.update(
+            {
+                "class": "timm.utils.ModelEma (DeiT main.py's)",
+                "decay": r.recipe.model_ema_decay,
+                "decay_per_update": ema.decay,
+                "updates": updates,
+                "device": "cpu" if r.recipe.model_ema_force_cpu else "the model's",
+            }
+        )
+        save_weights(out.ema_weights, ema.ema.state_dict())
+    write_json(out.ema_dir / "ema.json", info)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import distribute_bn
+from timm.utils import ModelEma, distribute_bn
 
 from rsb import checkpoint, distributed, engine, errors, hardware, stopping
 from rsb import loader as loaders
@@ -78,6 +78,7 @@ class Run:
     folder: Path | None = None  # fine-tuning: a downstream ImageFolder dataset instead of `prepared`
     start: Path | None = None  # fine-tuning: the start's weights (rsb.transfer checked them)
     eval_batch: int = 100  # the validation between epochs: evaluate.batch_size, as the evaluate stage
+    ema: Any = None  # timm's ModelEma when the recipe keeps one (rank 0's is saved and exported)
 
     def split(self, name: str, transform) -> Split | Folder:
         return Split(self.prepared, name, transform) if self.folder is None else Folder(self.folder, name, transform)
@@ -97,6 +98,10 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
     ds_engine = distributed.initialize(model, optimizer, r)
     if r.train.channels_last:  # after initialize: DeepSpeed's parameter broadcast needs contiguous tensors
         ds_engine.module.to(memory_format=torch.channels_last)
+    # DeiT main.py: the EMA is made after the model is on its device, before the DDP wrapper (here: compile)
+    ema = None
+    if r.recipe.model_ema:  # the decay is set below, once the run's update count is known
+        ema = ModelEma(ds_engine.module, decay=1.0, device="cpu" if r.recipe.model_ema_force_cpu else "")
     if r.train.compile:
         ds_engine.compile()
     updates_per_epoch = loaders.MicroBatchSampler(
@@ -117,6 +122,9 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
         channels_last=r.train.channels_last,
         on_log=lambda rows: _log_updates(run, rows),
     )
+    if ema is not None:
+        ema.decay = r.ema_decay(updates_per_epoch * r.epochs)
+        step.ema = run.ema = ema
     resumed = _resume(run, step)
     val_shard = torch.utils.data.Subset(val_set, range(run.rank, len(val_set), r.world_size))
     val_loader = loaders.eval_loader(val_shard, run.eval_batch, r.workers)
@@ -171,7 +179,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
             agree.saved()
             if not last and agree.decide(step.num_updates)[1]:  # a signal during the evaluation or the save
                 raise _stopped(run, signals, step, tag)
-    return ds_engine.module, {"updates_per_epoch": updates_per_epoch}
+    return ds_engine.module, {"updates_per_epoch": updates_per_epoch, "ema": ema}
 
 
 def _virtual_ranks(run: Run) -> range:
@@ -237,6 +245,7 @@ def _client_state(run: Run, step: engine.Step, epochs_done: int) -> dict:
         "history": run.history,
         "updates": run.updates,
         "mlflow_run_id": run.tracker.run_id,
+        "model_ema": None if run.ema is None else run.ema.ema.state_dict(),
     }
 
 
@@ -260,6 +269,8 @@ def _resume(run: Run, step: engine.Step) -> Resumed:
     step.scheduler.step_update(num_updates=step.num_updates)  # the lr of the next update, as the loop leaves it
     run.history[:] = client["history"]
     run.updates[:] = client["updates"]
+    if run.ema is not None:  # DeiT main.py: _load_checkpoint_for_ema(model_ema, checkpoint['model_ema'])
+        run.ema.ema.load_state_dict(client["model_ema"])
     position = client.get("position", 0)
     if run.rank == 0:
         where = f" + {position} updates" if position else ""
