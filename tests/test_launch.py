@@ -295,3 +295,13 @@ def test_slurm_launcher_trains_across_two_nodes_through_srun(tmp_path, prepared)
     run = json.loads((tmp_path / "runs/test_resnet-a3.json").read_text())
     assert run["resolved"]["world_size"] == 2
     assert (tmp_path / "hostfile.slurm-5").read_text() == "nodeA slots=1\nnodeB slots=1\n"
+
+
+def test_a_claimed_gpu_slot_is_handed_to_deepspeed_as_its_visible_devices(tmp_path):
+    """With a slot's GPUs in CUDA_VISIBLE_DEVICES, DeepSpeed's runner must be given no GPU count (it then takes
+    CUDA_VISIBLE_DEVICES as its --include; a count would make it ignore them and start on GPUs 0..n-1)."""
+    cmd = command(1, 2, tmp_path / "hostfile", 0, "stages.train", ["--arch", "x"], visible=True)
+    assert "--num_gpus" not in cmd and "--num_nodes" not in cmd and "--include" not in cmd
+    assert cmd[cmd.index("--module") :] == ["--module", "stages.train", "--arch", "x"]
+    whole = command(1, 2, tmp_path / "hostfile", 0, "stages.train", ["--arch", "x"])
+    assert whole[whole.index("--num_gpus") + 1] == "2"

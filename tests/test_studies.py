@@ -4,15 +4,21 @@ reports' scale statement and published numbers, the parent/child runs in a real 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import write_params
+import torch
+from conftest import clean_env, write_params
 
 from rsb import tracking
 from rsb.config import ConfigError, load_params
 from rsb.data.datasets import Split
+from rsb.io import load_weights
 from rsb.outputs import Outputs
 from rsb.studies import common, procedures, seeds
 
@@ -236,6 +242,64 @@ def test_a_killed_seed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, pre
     same = all(torch.equal(weights["killed"][k], weights["straight"][k]) for k in weights["straight"])
     assert same, "the resumed seed run differs from an uninterrupted one"
     assert not all(torch.equal(weights["other"][k], weights["straight"][k]) for k in weights["straight"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPU slots need two cores")
+def test_two_seeds_side_by_side_equal_the_same_seeds_in_turn(tmp_path, prepared):
+    """train.slots: 2 on the CPU: seeds 1 and 2 start together through rsb.launch (as `dvc queue start -j 2` starts
+    them), each claims its own slot (its own core) and trains there; their weights, evaluations and seed-report rows
+    equal those of the same seeds trained one after another with the whole node, bit for bit."""
+    from rsb.studies.seeds import seed_rows
+
+    over = {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2], "train.slots": 2}
+    env = clean_env(RSB_TRACKING="off", RSB_SLOT_DIR=str(tmp_path / "slots"), CUDA_VISIBLE_DEVICES="")
+
+    def stage(d: Path, module: str, seed: int, slots: int) -> subprocess.Popen:
+        args = ["--arch", "test_resnet", "--recipe", "a3", "--study", "seeds", "--seed", str(seed)]
+        launch = (
+            [sys.executable, "-m", "rsb.launch", "--slots", str(slots), module]
+            if module == "stages.train"
+            else [sys.executable, "-m", module]
+        )
+        return subprocess.Popen(
+            [*launch, *args, "--params", str(d / "params.yaml")],
+            cwd=d,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def finish(procs: list[subprocess.Popen]) -> None:
+        for pr in procs:
+            out, err = pr.communicate(timeout=600)
+            assert pr.returncode == 0, err[-3000:]
+
+    side, turn = tmp_path / "side", tmp_path / "turn"
+    for d in (side, turn):
+        d.mkdir()
+        write_params(d / "params.yaml", prepared, over)
+    finish([stage(side, "stages.train", 1, 2), stage(side, "stages.train", 2, 2)])  # at once
+    for seed in (1, 2):
+        finish([stage(turn, "stages.train", seed, 0)])
+    for d in (side, turn):
+        finish([stage(d, "stages.evaluate", seed, 0) for seed in (1, 2)])
+    slots = {
+        json.loads(Outputs.of("test_resnet", "a3", "seeds", s, side).run_file.read_text())["tags"]["rsb.slot"]
+        for s in (1, 2)
+    }
+    assert {s.split(" (")[0] for s in slots} == {"slot 0 of 2", "slot 1 of 2"}, slots
+    for seed in (1, 2):
+        a, b = (load_weights(Outputs.of("test_resnet", "a3", "seeds", seed, d).weights) for d in (side, turn))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}: weights differ"
+    drop = ("run_id", "train_s")
+    rows = [
+        [{k: v for k, v in r.items() if k not in drop} for r in seed_rows("test_resnet", "a3", [1, 2], d)]
+        for d in (side, turn)
+    ]
+    assert rows[0] == rows[1], "the seed report's rows"
+    assert rows[0][0] != rows[0][1], "two seeds, two results"
 
 
 def test_a_seed_run_trains_with_its_seed_into_the_studys_folders(tmp_path, prepared, monkeypatch):

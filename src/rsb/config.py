@@ -274,6 +274,14 @@ class Train:
             "saves at its next update and requeues the job (0: no signal)"
         ),
     )
+    slots: int = D.param(
+        0,
+        domain=D.number(0, integer=True),
+        source=(
+            "trainings sharing this node at once (dvc queue start -j N): each claims one of N slots of its GPUs (or "
+            "cores) and uses only those; 0 = the whole node (rsb.claim)"
+        ),
+    )
     zero_stage: int = D.param(
         0,
         domain=D.one_of(0, 1, 2),
@@ -598,6 +606,7 @@ class Resolved:
             "checkpoint_every",
             "keep_checkpoints",
             "slurm_signal_s",
+            "slots",
             "hostfile",
             "master_port",
             "devices",

@@ -73,7 +73,7 @@ def set_threads(threads: int) -> int:
     """Torch threads per process: the launcher does not set OMP_NUM_THREADS, and N processes x all cores thrash."""
     if threads == 0:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        threads = max(1, (os.cpu_count() or 1) // local)
+        threads = max(1, len(os.sched_getaffinity(0)) // local)  # this process's cores (a slot's: rsb.claim)
     torch.set_num_threads(threads)
     return threads
 

@@ -111,7 +111,7 @@ def slurm_hosts(env) -> list[str]:
     return expand_nodelist(nodelist)
 
 
-def _deepspeed(nodes: int, devices: int, port: int) -> list[str]:
+def _deepspeed(nodes: int, devices: int, port: int, visible: bool = False) -> list[str]:
     """DeepSpeed's launcher: its console script, or the same runner as a module where none is installed (wheels put
     on PYTHONPATH with `pip install --target` install no scripts; the runner starts workers with sys.executable, so
     they inherit this PYTHONPATH)."""
@@ -123,6 +123,8 @@ def _deepspeed(nodes: int, devices: int, port: int) -> list[str]:
         raise LaunchError(
             "deepspeed is neither on PATH nor importable; install the project (`pip install -e .`) in this environment"
         )
+    if visible:  # a claimed slot's GPUs: DeepSpeed's runner takes CUDA_VISIBLE_DEVICES when given no count
+        return [*runner, "--master_port", str(port)]
     return [*runner, "--num_nodes", str(nodes), "--num_gpus", str(devices), "--master_port", str(port)]
 
 
@@ -137,6 +139,7 @@ def command(
     master_addr: str = "auto",
     env=os.environ,
     slurm_signal_s: int = 0,
+    visible: bool = False,
 ) -> list[str]:
     """The command line that starts `module` on nodes x devices processes (checked before anything starts)."""
     if nodes < 1 or devices < 1:
@@ -151,7 +154,7 @@ def command(
         return _no_ssh(nodes, devices, hostfile, master_port, module, args, master_addr, env)
     if master_port:
         check_port(master_port)
-    cmd = _deepspeed(nodes, devices, master_port or free_port())
+    cmd = _deepspeed(nodes, devices, master_port or free_port(), visible)
     if nodes > 1:
         check_hosts(hostfile, nodes, devices)
         cmd += ["--hostfile", str(hostfile)]
@@ -235,11 +238,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--master-port", type=int, default=0)
     p.add_argument("--launcher", default="pdsh")
     p.add_argument("--master-addr", default="auto")
-    p.add_argument("--slurm-signal-s", type=int, default=0)
+    # machine-side keys read from params.yaml, not from the stage's command: changing them reruns no stage
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="train.slots, train.slurm_signal_s")
+    p.add_argument("--slurm-signal-s", type=int, default=None, help="instead of params' train.slurm_signal_s")
+    p.add_argument("--slots", type=int, default=None, help="instead of params' train.slots")
     p.add_argument("module")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     from rsb.config import Train, check_option
+
+    if a.slots is None or a.slurm_signal_s is None:
+        from rsb.paramfile import load_section
+
+        train = load_section(a.params, "train", Train) if a.params.is_file() else Train()
+        a.slots = train.slots if a.slots is None else a.slots
+        a.slurm_signal_s = train.slurm_signal_s if a.slurm_signal_s is None else a.slurm_signal_s
 
     for flag, key in (
         ("--nodes", "nodes"),
@@ -247,8 +260,21 @@ def main(argv: list[str] | None = None) -> None:
         ("--master-port", "master_port"),
         ("--launcher", "launcher"),
         ("--slurm-signal-s", "slurm_signal_s"),
+        ("--slots", "slots"),
     ):
         check_option(Train, key, getattr(a, key), flag)
+    held = None
+    if a.slots:  # a node shared by several trainings: this one's slot, claimed before anything starts
+        if a.nodes > 1 or a.launcher == "slurm":
+            raise LaunchError(
+                f"train.slots={a.slots} shares one node between trainings; a run on several nodes (or through "
+                "SLURM, which allocates its own) takes whole nodes: set train.slots: 0"
+            )
+        from rsb import claim
+
+        held = claim.claim(a.slots, a.devices)
+        claim.apply(held, os.environ)
+        print(f"rsb.launch: {held.describe()} for {a.module}", file=sys.stderr, flush=True)
     cmd = command(
         a.nodes,
         a.devices,
@@ -259,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         a.launcher,
         a.master_addr,
         slurm_signal_s=a.slurm_signal_s,
+        visible=bool(held and held.gpus),
     )
     sys.stdout.flush()
     if cmd[0] == sys.executable:  # one process: it is the rank, and receives the signals itself
         os.execvp(cmd[0], cmd)
-    sys.exit(supervise(cmd, requeue=a.launcher == "slurm"))
+    sys.exit(supervise(cmd, requeue=a.launcher == "slurm", keep=() if held is None else (held.fd,)))
 
 
 STOP = (signal.SIGTERM, signal.SIGUSR1)
@@ -274,7 +301,7 @@ def _ignore_stop_signals() -> None:  # in the child, before exec: inherited by D
         signal.signal(s, signal.SIG_IGN)
 
 
-def supervise(cmd: list[str], requeue: bool, env=None) -> int:
+def supervise(cmd: list[str], requeue: bool, env=None, keep: tuple[int, ...] = ()) -> int:
     """Run the launcher `cmd` as a child, forwarding stop signals to every process under it; its exit status. On a
     stop under SLURM that came from the job's time limit (not a SIGTERM to this process: scancel, pre-emption,
     which SLURM handles itself), the job is requeued."""
@@ -290,7 +317,7 @@ def supervise(cmd: list[str], requeue: bool, env=None) -> int:
             except psutil.Error:
                 pass
 
-    child = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, env=env)
+    child = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, env=env, pass_fds=keep)  # keep: a slot's lock
     for s in STOP:
         signal.signal(s, forward)
     code = child.wait()

@@ -93,6 +93,7 @@ def train_job(job: Job, r: Resolved) -> dict:
         **job.tags,
         "rsb.scale": f"epochs x{r.scale.epochs}, {r.img_size}px, batch {r.batch_size}",
         "rsb.device": hardware.device_name(device),
+        "rsb.slot": os.environ.get("RSB_SLOT", "the whole node"),  # rsb.claim (train.slots)
     }
     tracker = tracking.start(rank == 0, job.experiment, out.name, checkpoint.peek(ckpt_dir).get("mlflow_run_id"), tags)
     resolved = {**r.to_dict(), "digest": r.digest(), "threads": threads, "ds_config": distributed.ds_config(r)}
