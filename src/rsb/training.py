@@ -143,7 +143,7 @@ def train(run: Run) -> tuple[torch.nn.Module, dict]:
             inside = resumed.epoch == epoch and resumed.position > 0  # a resume inside this epoch
             if inside:
                 slots.restore([resumed.slots[v] for v in _virtual_ranks(run)])
-            at = Boundary(run, step, agree, slots, epoch, updates_per_epoch)
+            at = Boundary(run, step, agree, slots, epoch, updates_per_epoch, resumed.wall_s if inside else 0.0)
             stats = engine.train_one_epoch(
                 step,
                 loaders.train_loader(
@@ -191,9 +191,18 @@ class Boundary:
     by every rank), then the stop. At the epoch's last update nothing is saved here: the epoch's own checkpoint
     follows, and a stop then happens after it."""
 
-    def __init__(self, run: Run, step: engine.Step, agree: stopping.Agreement, slots: engine.Slots, epoch: int, n: int):
+    def __init__(
+        self,
+        run: Run,
+        step: engine.Step,
+        agree: stopping.Agreement,
+        slots: engine.Slots,
+        epoch: int,
+        n: int,
+        before: float = 0.0,
+    ):
         self.run, self.step, self.agree, self.slots, self.epoch, self.n = run, step, agree, slots, epoch, n
-        self.began = time.perf_counter()
+        self.began = time.perf_counter() - before  # the epoch's time before a resume inside it counts too
 
     def __call__(self, log: engine.EpochLog) -> None:
         position = len(log.rows)
