@@ -100,28 +100,18 @@ def evaluate_run(params: Params, arch: str, recipe: str, study: str | None = Non
     t0 = time.perf_counter()
     num_classes = Split(prepared, "val").num_classes
     model = load_model(arch, out.weights, num_classes, None if out.in_grid else out.stage, r.img_size)
-    metrics = evaluate_model(
-        model,
-        prepared,
-        r.test_img_size,
-        r.recipe.crop_pct,
-        params.evaluate.batch_size,
-        params.evaluate.workers,
-        r.train.precision,
-    )
+
+    def scores(m: torch.nn.Module) -> dict:
+        e = params.evaluate
+        return evaluate_model(
+            m, prepared, r.test_img_size, r.recipe.crop_pct, e.batch_size, e.workers, r.train.precision
+        )
+
+    metrics = scores(model)
     if out.study == EMA_STUDY and read_json(out.ema_dir / "ema.json").get("model_ema"):
         # the model EMA (T2: DeiT's --model-ema), scored the same way beside the model: ema/val/top1, ...
-        ema = load_model(arch, out.ema_weights, num_classes, out.stage, r.img_size)
-        scores = evaluate_model(
-            ema,
-            prepared,
-            r.test_img_size,
-            r.recipe.crop_pct,
-            params.evaluate.batch_size,
-            params.evaluate.workers,
-            r.train.precision,
-        )
-        metrics.update({f"ema/{k}": v for k, v in scores.items() if "/" in k})
+        ema = scores(load_model(arch, out.ema_weights, num_classes, out.stage, r.img_size))
+        metrics.update({f"ema/{k}": v for k, v in ema.items() if "/" in k})
     metrics["eval_s"] = time.perf_counter() - t0
     write_json(out.eval_metrics, metrics)
 
