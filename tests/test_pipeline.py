@@ -375,12 +375,13 @@ def test_the_seed_study_runs_side_by_side_through_the_queue_and_reports_from_the
     experiment per seed and runs both at once (`dvc queue start -j 2`), each training on its own slot (its own core);
     the report's `dvc repro` then restores both trainings and evaluations from DVC's run-cache (nothing trains
     again) and reports both seeds; a later `dvc repro` of the study has nothing to do."""
-    set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [1, 2], "train.slots": 2})
+    # seeds no other test of this module trains: the run-cache would restore them instead of the queue training them
+    set_params(repo, {"seeds.arch": "test_resnet", "seeds.recipe": "a3", "seeds.seeds": [5, 6], "train.slots": 2})
     commit(repo, "two seeds, two slots")
     out = subprocess.run(
         [sys.executable, "-m", "rsb.studies.parallel", "-j", "2", "--poll", "5"],
         cwd=repo,
-        env=clean_env(PYTHONPATH=str(repo / "src")),
+        env=clean_env(PYTHONPATH=str(repo / "src"), RSB_SLOT_DIR=str(repo.parent / "slots"), CUDA_VISIBLE_DEVICES=""),
         capture_output=True,
         text=True,
         timeout=900,
@@ -389,7 +390,7 @@ def test_the_seed_study_runs_side_by_side_through_the_queue_and_reports_from_the
     report = out.stdout + out.stderr
     assert "Running stage 'studies/dvc.yaml:seed-train@" not in report, report[-3000:]
     assert "Running stage 'studies/dvc.yaml:seeds-report'" in report, report[-3000:]
-    runs = [json.loads((repo / f"studies/seeds/runs/test_resnet-a3-seed{s}.json").read_text()) for s in (1, 2)]
+    runs = [json.loads((repo / f"studies/seeds/runs/test_resnet-a3-seed{s}.json").read_text()) for s in (5, 6)]
     assert {r["tags"]["rsb.slot"].split(" (")[0] for r in runs} == {"slot 0 of 2", "slot 1 of 2"}, runs
     assert "| ImageNet-val | 2 |" in (repo / "reports/seeds.md").read_text()
     assert "Running stage" not in sh(repo, "dvc", "repro", "studies/dvc.yaml:seeds-report").stdout

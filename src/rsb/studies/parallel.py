@@ -5,7 +5,7 @@
 Each seed k of `seeds.seeds` becomes one queued DVC experiment, `dvc exp run --queue -n <tag>-seed<k>
 -S seeds.seeds=[k] studies/dvc.yaml:seed-evaluate@k`; `dvc queue start -j N` runs N of them at once, each in its own
 copy of the project, and each training claims its own slot of the node's GPUs (or cores) through rsb.launch
-(rsb.claim). Every output of a seed's training and evaluation is cached or a metric or plot, so DVC's run-cache keeps
+(rsb.claim). Every output of a seed's training and evaluation is cached (or a metric), so DVC's run-cache keeps
 each run; `dvc repro studies/dvc.yaml:seeds-report` in this workspace then restores every seed from it (nothing is
 trained twice: the stage of seed k is the same whatever the list) and writes the report, as the sequential
 `dvc repro` would. A seed that failed is named with the command that shows its log; the report is not made.
