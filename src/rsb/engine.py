@@ -172,8 +172,7 @@ def train_one_epoch(
             images, labels = s.to_device(images), labels.to(s.device, non_blocking=True)
             if s.mixup_fn is not None:
                 images, labels = s.mixup_fn(images, labels)
-            losses = forward_backward(s, images, labels)
-            log.pending.append(losses)
+            log.pending.append(forward_backward(s, images, labels))
             s.beat(s.num_updates)
             slots.leave(i % accum)
             log.seen += images.shape[0]

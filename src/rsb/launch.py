@@ -301,7 +301,7 @@ def _ignore_stop_signals() -> None:  # in the child, before exec: inherited by D
         signal.signal(s, signal.SIG_IGN)
 
 
-def supervise(cmd: list[str], requeue: bool, env=None, keep: tuple[int, ...] = ()) -> int:
+def supervise(cmd: list[str], requeue: bool, keep: tuple[int, ...] = ()) -> int:
     """Run the launcher `cmd` as a child, forwarding stop signals to every process under it; its exit status. On a
     stop under SLURM that came from the job's time limit (not a SIGTERM to this process: scancel, pre-emption,
     which SLURM handles itself), the job is requeued."""
@@ -317,7 +317,7 @@ def supervise(cmd: list[str], requeue: bool, env=None, keep: tuple[int, ...] = (
             except psutil.Error:
                 pass
 
-    child = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, env=env, pass_fds=keep)  # keep: a slot's lock
+    child = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, pass_fds=keep)  # keep: a slot's lock
     for s in STOP:
         signal.signal(s, forward)
     code = child.wait()
